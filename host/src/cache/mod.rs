@@ -1,0 +1,127 @@
+//! `agora:platform/cache`: a key-value cache with expiry.
+//!
+//! Each component gets its own key space: the host prefixes every key with
+//! `<component>:` before it reaches the backend, so components sharing one
+//! Redis cannot read each other's entries.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::bindings::cache::{self as wit, Error};
+use crate::capability::Capability;
+use crate::plugins::{CacheBackend as BackendChoice, ComponentSpec, Grant};
+use crate::state::InstanceState;
+
+pub use memory::MemoryCache;
+
+#[async_trait]
+pub trait CacheBackend: Send + Sync {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    async fn set(&self, key: &str, value: Vec<u8>, ttl: Option<Duration>) -> Result<(), Error>;
+    async fn delete(&self, key: &str) -> Result<bool, Error>;
+    /// Integers are stored as decimal text, as Redis does.
+    async fn increment(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, Error>;
+    async fn ping(&self) -> Result<(), Error>;
+}
+
+/// A component's view of the cache: its keys only.
+#[derive(Clone)]
+pub struct Namespace {
+    prefix: String,
+    backend: Arc<dyn CacheBackend>,
+}
+
+impl Namespace {
+    fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+}
+
+pub struct CacheCapability {
+    backend: Arc<dyn CacheBackend>,
+}
+
+impl CacheCapability {
+    pub async fn init(choice: &BackendChoice) -> Result<Self> {
+        let backend: Arc<dyn CacheBackend> = match choice {
+            BackendChoice::Memory => MemoryCache::start(),
+        };
+        Ok(CacheCapability { backend })
+    }
+}
+
+#[async_trait]
+impl Capability for CacheCapability {
+    const GRANT: Grant = Grant::Cache;
+    const INTERFACES: &'static [&'static str] = &["agora:platform/cache"];
+    type ComponentState = Namespace;
+
+    fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+    }
+
+    async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Namespace> {
+        Ok(Namespace {
+            prefix: format!("{component}:"),
+            backend: self.backend.clone(),
+        })
+    }
+
+    async fn ready(&self) -> Result<()> {
+        self.backend
+            .ping()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    }
+}
+
+impl InstanceState {
+    fn cache(&self) -> wasmtime::Result<&Namespace> {
+        self.caps
+            .cache
+            .as_ref()
+            .ok_or_else(|| wasmtime::format_err!("cache is not granted to `{}`", self.caps.name))
+    }
+}
+
+fn ttl(ms: Option<u64>) -> Option<Duration> {
+    ms.map(Duration::from_millis)
+}
+
+impl wit::Host for InstanceState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, Error>> {
+        let ns = self.cache()?;
+        Ok(ns.backend.get(&ns.key(&key)).await)
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<(), Error>> {
+        let ns = self.cache()?;
+        Ok(ns.backend.set(&ns.key(&key), value, ttl(ttl_ms)).await)
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<Result<bool, Error>> {
+        let ns = self.cache()?;
+        Ok(ns.backend.delete(&ns.key(&key)).await)
+    }
+
+    async fn increment(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Result<i64, Error>> {
+        let ns = self.cache()?;
+        Ok(ns.backend.increment(&ns.key(&key), delta, ttl(ttl_ms)).await)
+    }
+}

@@ -1,0 +1,293 @@
+//! A loaded component version: compiled, checked against its grants,
+//! linked, migrated, and ready to instantiate.
+//!
+//! Everything that can fail happens in [`ComponentVersion::load`], off the
+//! request path; a version that fails there is never routed to. Serving is
+//! then one fresh instance per request or message from the pre-linked
+//! [`InstancePre`]: no state leaks between requests, and a trap poisons
+//! nothing but its own instance.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use sha2::{Digest, Sha256};
+use tokio::sync::{oneshot, Semaphore};
+use tokio::time::timeout_at;
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyIndices;
+use wasmtime_wasi_http::WasiHttpView;
+
+use crate::bindings::messaging::Message;
+use crate::bindings::{schema, subscriber};
+use crate::capability::{Capabilities, ComponentCaps};
+use crate::plugins::ComponentSpec;
+use crate::response::{self, Body};
+use crate::state::InstanceState;
+use crate::storage::Migration;
+
+pub struct ComponentVersion {
+    pub name: String,
+    /// The first 12 hex digits of the binary's SHA-256.
+    pub version: String,
+    pub spec: ComponentSpec,
+    /// The binary, kept so a rollback can be persisted.
+    pub wasm: Arc<[u8]>,
+    pre: InstancePre<InstanceState>,
+    http: Option<ProxyIndices>,
+    subscriber: Option<subscriber::GuestIndices>,
+    caps: Arc<ComponentCaps>,
+    permits: Arc<Semaphore>,
+}
+
+/// Why an invocation failed, as the client is told.
+#[derive(Debug)]
+pub enum Failure {
+    Busy,
+    Timeout,
+    MemoryExhausted,
+    Trapped(String),
+    NoResponse,
+    Internal(String),
+}
+
+impl Failure {
+    fn classify(error: wasmtime::Error, memory_exhausted: bool) -> Failure {
+        if memory_exhausted {
+            Failure::MemoryExhausted
+        } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
+            Failure::Timeout
+        } else {
+            Failure::Trapped(format!("{error:#}"))
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Failure::Busy => (StatusCode::SERVICE_UNAVAILABLE, "component_busy"),
+            Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
+            Failure::MemoryExhausted => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit_exceeded"),
+            Failure::Trapped(_) => (StatusCode::INTERNAL_SERVER_ERROR, "component_trapped"),
+            Failure::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
+            Failure::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    pub fn message(&self, component: &str) -> String {
+        match self {
+            Failure::Busy => format!("component `{component}` is at its concurrency limit"),
+            Failure::Timeout => format!("component `{component}` exceeded its deadline"),
+            Failure::MemoryExhausted => format!("component `{component}` exceeded its memory limit"),
+            Failure::Trapped(trap) => format!("component `{component}` trapped: {trap}"),
+            Failure::NoResponse => format!("component `{component}` returned no response"),
+            Failure::Internal(e) => format!("component `{component}`: {e}"),
+        }
+    }
+
+    pub fn response(&self, component: &str) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        tracing::warn!(%component, %code, "{}", self.message(component));
+        response::error(status, code, self.message(component))
+    }
+}
+
+const MIB: usize = 1024 * 1024;
+
+pub fn version_of(wasm: &[u8]) -> String {
+    Sha256::digest(wasm)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl ComponentVersion {
+    /// Compiles (or fetches from the compilation cache), validates grants,
+    /// links, configures capabilities and applies migrations.
+    pub async fn load(
+        engine: &Engine,
+        linker: &Linker<InstanceState>,
+        capabilities: &Capabilities,
+        name: &str,
+        spec: &ComponentSpec,
+        wasm: Arc<[u8]>,
+    ) -> Result<ComponentVersion> {
+        let version = version_of(&wasm);
+        let component = {
+            let (engine, wasm) = (engine.clone(), wasm.clone());
+            tokio::task::spawn_blocking(move || Component::new(&engine, &wasm))
+                .await?
+                .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?
+        };
+        Capabilities::check_imports(engine, name, &component, spec)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow!("component `{name}` cannot be linked: {e:#}"))?;
+        let http = ProxyIndices::new(&pre).ok();
+        if http.is_none() && !spec.routes.is_empty() {
+            bail!("component `{name}` has routes but does not export wasi:http/incoming-handler");
+        }
+        let subscriber = subscriber::GuestIndices::new(&pre).ok();
+        if subscriber.is_none() && !spec.subscribes.is_empty() {
+            bail!("component `{name}` subscribes to topics but does not export agora:platform/subscriber");
+        }
+        let caps = Arc::new(capabilities.configure(name, spec).await?);
+        let loaded = ComponentVersion {
+            name: name.to_owned(),
+            version,
+            spec: spec.clone(),
+            wasm,
+            pre,
+            http,
+            subscriber,
+            caps,
+            permits: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
+        };
+        loaded.migrate().await?;
+        Ok(loaded)
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + std::time::Duration::from_millis(self.spec.limits.timeout_ms)
+    }
+
+    fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
+        let memory = self.spec.limits.memory_mib as usize * MIB;
+        let mut store = Store::new(self.pre.engine(), InstanceState::new(self.caps.clone(), memory));
+        store.limiter(|s| &mut s.limiter);
+        // Check the deadline at every epoch tick, and yield to the executor
+        // meanwhile so one busy instance cannot starve the others.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            Ok(if Instant::now() >= deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+        store
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let Ok(indices) = schema::GuestIndices::new(&self.pre) else {
+            return Ok(());
+        };
+        let mut store = self.new_store(self.deadline());
+        let instance = self.pre.instantiate_async(&mut store).await?;
+        let migrations = indices
+            .load(&mut store, &instance)?
+            .call_migrations(&mut store)
+            .await
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("component `{}`: listing its migrations", self.name))?;
+        if migrations.is_empty() {
+            return Ok(());
+        }
+        let db = self.caps.storage.as_ref().ok_or_else(|| {
+            anyhow!(
+                "component `{}` ships migrations but is not granted `storage`",
+                self.name
+            )
+        })?;
+        let migrations: Vec<Migration> = migrations
+            .into_iter()
+            .map(|m| Migration {
+                name: m.name,
+                sql: m.sql,
+            })
+            .collect();
+        let applied = db
+            .migrate(&migrations)
+            .await
+            .map_err(|e| anyhow!("component `{}` version {}: {e}", self.name, self.version))?;
+        if !applied.is_empty() {
+            tracing::info!(component = %self.name, version = %self.version, ?applied, "migrations applied");
+        }
+        Ok(())
+    }
+
+    /// Serves one request on a fresh instance.
+    pub async fn handle_http(self: Arc<Self>, request: Request<Full<Bytes>>) -> Response<Body> {
+        let deadline = self.deadline();
+        let tokio_deadline = tokio::time::Instant::from_std(deadline);
+        let Ok(Ok(permit)) = timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
+        else {
+            return Failure::Busy.response(&self.name);
+        };
+        let mut store = self.new_store(deadline);
+        let (sender, receiver) = oneshot::channel();
+        let handles = {
+            let mut http = store.data_mut().http();
+            http.new_incoming_request(Scheme::Http, request)
+                .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+        };
+        let (req, out) = match handles {
+            Ok(handles) => handles,
+            Err(e) => return Failure::Internal(format!("{e:#}")).response(&self.name),
+        };
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            // Held until the guest is done, response body included.
+            let _permit = permit;
+            let run = async {
+                let indices = this
+                    .http
+                    .as_ref()
+                    .ok_or_else(|| wasmtime::format_err!("no wasi:http/incoming-handler export"))?;
+                let instance = this.pre.instantiate_async(&mut store).await?;
+                let proxy = indices.load(&mut store, &instance)?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            };
+            let result = run.await;
+            result.map_err(|e| Failure::classify(e, store.data().limiter.exhausted))
+        });
+        match timeout_at(tokio_deadline, receiver).await {
+            Ok(Ok(Ok(response))) => response,
+            Ok(Ok(Err(code))) => Failure::Internal(format!("failed the request: {code:?}")).response(&self.name),
+            Ok(Err(_)) => match task.await {
+                Ok(Err(failure)) => failure.response(&self.name),
+                Ok(Ok(())) => Failure::NoResponse.response(&self.name),
+                Err(e) => Failure::Internal(e.to_string()).response(&self.name),
+            },
+            Err(_) => {
+                task.abort();
+                Failure::Timeout.response(&self.name)
+            }
+        }
+    }
+
+    /// Hands one message to the `subscriber` export of a fresh instance.
+    pub async fn deliver(self: Arc<Self>, message: Message) -> Result<(), String> {
+        let indices = self
+            .subscriber
+            .as_ref()
+            .ok_or_else(|| format!("component `{}` has no subscriber export", self.name))?;
+        let deadline = self.deadline();
+        let tokio_deadline = tokio::time::Instant::from_std(deadline);
+        let Ok(Ok(_permit)) = timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
+        else {
+            return Err(Failure::Busy.message(&self.name));
+        };
+        let mut store = self.new_store(deadline);
+        let run = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            indices
+                .load(&mut store, &instance)?
+                .call_handle(&mut store, &message)
+                .await
+        };
+        match timeout_at(tokio_deadline, run).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(Failure::classify(e, store.data().limiter.exhausted).message(&self.name)),
+            Err(_) => Err(Failure::Timeout.message(&self.name)),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The wasmtime engine: compilation cache, instance allocation, interruption.
+//!
+//! Instances come from the pooling allocator: it reserves address space for
+//! a fixed number of slots up front, so instantiating is a few microseconds
+//! of bookkeeping instead of mmap calls on every request. Where the address
+//! space is too small for the pool (small `ulimit -v`, 32-bit hosts,
+//! sandboxes), creating the engine fails and we fall back to on-demand
+//! allocation, slower per request but otherwise the same.
+//!
+//! Compiled code is cached on disk (wasmtime's cache, keyed by the binary
+//! and the engine's settings), so a restart or a re-deploy of an unchanged
+//! component skips Cranelift.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::plugins::MAX_MEMORY_MIB;
+
+/// How often the epoch advances. A deadline is noticed within one tick, and
+/// a busy instance yields to others at each tick.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Instance slots in the pool: the most instances alive at once, across all
+/// components. 1000 covers every component's concurrency limit many times.
+const POOL_INSTANCES: u32 = 1000;
+
+/// Pages of an instance's memory kept mapped when its slot is reused: below
+/// this, reuse is a memset instead of a page fault per touched page.
+const KEEP_RESIDENT: usize = 64 * 1024;
+
+pub struct EngineInfo {
+    pub engine: Engine,
+    pub pooling: bool,
+}
+
+pub fn build(data_dir: &Path) -> Result<EngineInfo> {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    let cache_dir = std::path::absolute(data_dir.join("compiled"))?;
+    let mut cache_config = CacheConfig::new();
+    cache_config.with_directory(cache_dir);
+    config.cache(Some(Cache::new(cache_config).map_err(anyhow::Error::from).context("opening the compilation cache")?));
+
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(POOL_INSTANCES * 4)
+        .total_memories(POOL_INSTANCES * 2)
+        .total_tables(POOL_INSTANCES * 4)
+        .total_stacks(POOL_INSTANCES)
+        .max_core_instances_per_component(50)
+        .max_memories_per_component(8)
+        .max_tables_per_component(16)
+        .max_memory_size(MAX_MEMORY_MIB as usize * 1024 * 1024)
+        .linear_memory_keep_resident(KEEP_RESIDENT)
+        .table_keep_resident(KEEP_RESIDENT);
+    let mut pooled = config.clone();
+    pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    let info = match Engine::new(&pooled) {
+        Ok(engine) => EngineInfo {
+            engine,
+            pooling: true,
+        },
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "pooling allocator unavailable; allocating instances on demand");
+            EngineInfo {
+                engine: Engine::new(&config)?,
+                pooling: false,
+            }
+        }
+    };
+    let ticker = info.engine.weak();
+    std::thread::Builder::new()
+        .name("agora-epoch".into())
+        .spawn(move || loop {
+            std::thread::sleep(EPOCH_TICK);
+            match ticker.upgrade() {
+                Some(engine) => engine.increment_epoch(),
+                None => return,
+            }
+        })?;
+    Ok(info)
+}

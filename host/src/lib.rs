@@ -1,0 +1,29 @@
+//! Agora's host: loads WebAssembly components from `plugins.toml`, grants
+//! them capabilities, routes HTTP requests and events to them, and replaces
+//! them while it runs. See `DESIGN.md`-level docs in each module.
+
+pub mod admin;
+pub mod bindings;
+pub mod cache;
+pub mod capability;
+pub mod component;
+pub mod config;
+pub mod engine;
+pub mod http_out;
+pub mod messaging;
+pub mod plugins;
+pub mod registry;
+pub mod response;
+pub mod runtime;
+pub mod server;
+pub mod state;
+pub mod storage;
+pub mod tokens;
+pub mod watch;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,262 @@
+//! `agora`: the command line. `up` serves, `check` validates, and `deploy`,
+//! `rollback` and `events` talk to a running host's admin API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use agora_host::plugins::Plugins;
+use agora_host::runtime::Runtime;
+use agora_host::{admin, server, watch};
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+#[command(name = "agora", version, about = "Hosts e-commerce services as WebAssembly components")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The admin API of a host started with the defaults.
+const DEFAULT_ADMIN: &str = "http://127.0.0.1:8081";
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the components of plugins.toml, hot-swapping them as they change.
+    Up {
+        #[arg(long, env = "AGORA_CONFIG", default_value = "plugins.toml")]
+        config: PathBuf,
+        /// Public address (overrides host.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Admin address (overrides host.admin_listen).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+        /// Data directory (overrides host.data_dir).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Run each component's build command first.
+        #[arg(long)]
+        build: bool,
+    },
+    /// Validate plugins.toml and load every component (compile, check grants,
+    /// link, apply migrations to a scratch database) without serving.
+    Check {
+        #[arg(long, env = "AGORA_CONFIG", default_value = "plugins.toml")]
+        config: PathBuf,
+    },
+    /// Deploy a new binary of a component to a running host.
+    Deploy {
+        name: String,
+        file: PathBuf,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Restore a component's previous version on a running host.
+    Rollback {
+        name: String,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+    /// Print a topic's events (dead letters: `dead-letter.<component>`).
+    Events {
+        topic: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Up {
+            config,
+            listen,
+            admin_listen,
+            data,
+            build,
+        } => {
+            let plugins_path = std::path::absolute(&config)?;
+            let plugins = Plugins::load(&plugins_path)?;
+            if build {
+                run_builds(&plugins)?;
+            }
+            let data_dir = match data {
+                Some(dir) => std::path::absolute(dir)?,
+                None => std::path::absolute(plugins.resolve(&plugins.host.data_dir))?,
+            };
+            up(
+                plugins.clone(),
+                &plugins_path,
+                &data_dir,
+                listen.unwrap_or(plugins.host.listen),
+                admin_listen.unwrap_or(plugins.host.admin_listen),
+            )
+            .await
+        }
+        Command::Check { config } => {
+            let plugins_path = std::path::absolute(&config)?;
+            let plugins = Plugins::load(&plugins_path)?;
+            let scratch = tempdir()?;
+            let runtime = Runtime::start(plugins, &plugins_path, &scratch).await;
+            let _ = std::fs::remove_dir_all(&scratch);
+            let runtime = runtime?;
+            for (name, c) in &runtime.registry().components {
+                println!("ok  {name}  version {}  routes {:?}", c.version, c.spec.routes);
+            }
+            runtime.capabilities.shutdown().await;
+            Ok(())
+        }
+        Command::Deploy { name, file, admin } => {
+            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let reply = admin_call(&admin, Method::POST, &format!("/components/{name}/deploy"), wasm).await?;
+            println!(
+                "deployed {name} version {} in {:.1} ms",
+                reply["version"].as_str().unwrap_or("?"),
+                reply["swap_ms"].as_f64().unwrap_or(0.0)
+            );
+            Ok(())
+        }
+        Command::Rollback { name, admin } => {
+            let reply = admin_call(&admin, Method::POST, &format!("/components/{name}/rollback"), vec![]).await?;
+            println!("rolled back {name} to version {}", reply["version"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        Command::Events { topic, from, admin } => {
+            let reply = admin_call(&admin, Method::GET, &format!("/topics/{topic}/events?from={from}"), vec![]).await?;
+            println!("{}", serde_json::to_string_pretty(&reply["events"])?);
+            Ok(())
+        }
+    }
+}
+
+async fn up(
+    plugins: Plugins,
+    plugins_path: &Path,
+    data_dir: &Path,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+) -> Result<()> {
+    let public = server::bind(listen, "public API").await?;
+    let admin_listener = server::bind(admin_listen, "admin API").await?;
+    let runtime = Runtime::start(plugins, plugins_path, data_dir).await?;
+    watch::start(runtime.clone())?;
+    tracing::info!(
+        public = %public.local_addr()?,
+        admin = %admin_listener.local_addr()?,
+        data = %data_dir.display(),
+        pooling_allocator = runtime.pooling,
+        "agora is serving"
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let rt = runtime.clone();
+    let public = tokio::spawn(server::serve(
+        public,
+        move |req| server::handle(rt.clone(), req),
+        stopped.clone(),
+    ));
+    let rt = runtime.clone();
+    let admin_server = tokio::spawn(server::serve(
+        admin_listener,
+        move |req| admin::handle(rt.clone(), req),
+        stopped,
+    ));
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests in flight");
+    stop.send_replace(true);
+    let _ = tokio::join!(public, admin_server);
+    runtime.capabilities.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs each distinct build command once, in the plugins file's directory.
+fn run_builds(plugins: &Plugins) -> Result<()> {
+    let mut done = std::collections::BTreeSet::new();
+    for (name, spec) in &plugins.components {
+        let Some(command) = &spec.build else { continue };
+        if !done.insert(command.clone()) {
+            continue;
+        }
+        tracing::info!(component = %name, %command, "building");
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&plugins.base_dir)
+            .status()
+            .with_context(|| format!("running the build of `{name}`"))?;
+        if !status.success() {
+            bail!("the build of component `{name}` failed ({status}): {command}");
+        }
+    }
+    Ok(())
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("agora-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// One request to a running host's admin API.
+async fn admin_call(base: &str, method: Method, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
+    let uri: http::Uri = base.parse().with_context(|| format!("`{base}` is not a URL"))?;
+    let authority = uri
+        .authority()
+        .with_context(|| format!("`{base}` has no host:port"))?
+        .clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .with_context(|| format!("cannot reach the admin API at {base} (is `agora up` running?)"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, authority.as_str())
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let reply: serde_json::Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    if !status.is_success() {
+        let message = reply["error"]["message"].as_str().map(str::to_owned);
+        bail!("{status}: {}", message.unwrap_or_else(|| reply.to_string()));
+    }
+    Ok(reply)
+}
+

@@ -1,0 +1,160 @@
+//! Embedded messaging: a durable log in a SQLite file (`<data>/messaging/log.db`).
+//!
+//! One partition per topic: the embedded host is a single process, so order
+//! per topic (stronger than per key) costs nothing. Offsets are the log's
+//! global sequence numbers, increasing but not dense within a topic, which
+//! is all a consumer needs. Appends are committed (WAL, `synchronous=NORMAL`)
+//! before `append` returns, so an acknowledged publish survives a host crash.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Broker, Envelope};
+
+pub struct EmbeddedLog {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl EmbeddedLog {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("log.db");
+        let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             CREATE TABLE IF NOT EXISTS events (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 topic TEXT NOT NULL,
+                 id TEXT NOT NULL,
+                 key TEXT,
+                 payload BLOB NOT NULL,
+                 headers TEXT NOT NULL,
+                 published_at INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS events_by_topic ON events (topic, seq);
+             CREATE TABLE IF NOT EXISTS consumer_offsets (
+                 consumer TEXT NOT NULL,
+                 topic TEXT NOT NULL,
+                 partition INTEGER NOT NULL,
+                 next INTEGER NOT NULL,
+                 PRIMARY KEY (consumer, topic, partition)
+             );",
+        )
+        .with_context(|| format!("initialising {}", path.display()))?;
+        Ok(EmbeddedLog {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let conn = self.conn.clone();
+        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
+        Ok(result.context("embedded message log")?)
+    }
+}
+
+#[async_trait]
+impl Broker for EmbeddedLog {
+    async fn append(&self, events: &[Envelope]) -> Result<()> {
+        let rows: Vec<(Envelope, String)> = events
+            .iter()
+            .map(|e| Ok((e.clone(), serde_json::to_string(&e.headers)?)))
+            .collect::<Result<_>>()?;
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for (e, headers) in rows {
+                tx.execute(
+                    "INSERT INTO events (topic, id, key, payload, headers, published_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![e.topic, e.id, e.key, e.payload, headers, e.published_at as i64],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn partitions(&self, _topic: &str) -> Result<u32> {
+        Ok(1)
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        _partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Envelope)>> {
+        let topic = topic.to_owned();
+        let rows = self
+            .with(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, id, key, payload, headers, published_at FROM events
+                     WHERE topic = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                )?;
+                let rows = stmt.query_map(params![topic, from as i64, max as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        Envelope {
+                            id: r.get(1)?,
+                            topic: topic.clone(),
+                            key: r.get(2)?,
+                            payload: r.get(3)?,
+                            headers: Vec::new(),
+                            published_at: r.get::<_, i64>(5)? as u64,
+                        },
+                        r.get::<_, String>(4)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(seq, mut event, headers)| {
+                event.headers = serde_json::from_str(&headers)
+                    .with_context(|| format!("headers of event {seq}"))?;
+                Ok((seq, event))
+            })
+            .collect()
+    }
+
+    async fn committed(&self, consumer: &str, topic: &str, partition: u32) -> Result<u64> {
+        let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
+        let next = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT next FROM consumer_offsets WHERE consumer = ?1 AND topic = ?2 AND partition = ?3",
+                    params![consumer, topic, partition],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+            })
+            .await?;
+        Ok(next.unwrap_or(0) as u64)
+    }
+
+    async fn commit(&self, consumer: &str, topic: &str, partition: u32, next: u64) -> Result<()> {
+        let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO consumer_offsets (consumer, topic, partition, next) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (consumer, topic, partition) DO UPDATE SET next = excluded.next",
+                params![consumer, topic, partition, next as i64],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}

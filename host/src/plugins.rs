@@ -1,0 +1,462 @@
+//! `plugins.toml`: which components run, their routes, grants, limits and
+//! settings, and which backend serves each capability.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a misspelt key is an error that
+//! names it, not a silently ignored setting. Every default lives on the field
+//! it belongs to, with the reason for its value. Relative paths are resolved
+//! against the directory of the file, so the host can be started from anywhere.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PluginsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// A capability a component can be granted, by its name in `grants`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grant {
+    Storage,
+    Cache,
+    Messaging,
+    Tokens,
+    Config,
+    HttpOut,
+}
+
+impl Grant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Grant::Storage => "storage",
+            Grant::Cache => "cache",
+            Grant::Messaging => "messaging",
+            Grant::Tokens => "tokens",
+            Grant::Config => "config",
+            Grant::HttpOut => "http-out",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plugins {
+    #[serde(default)]
+    pub host: HostSettings,
+    #[serde(default)]
+    pub backends: Backends,
+    #[serde(default)]
+    pub tokens: TokenSettings,
+    #[serde(default)]
+    pub components: BTreeMap<String, ComponentSpec>,
+    /// Directory of the plugins file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostSettings {
+    /// Public HTTP listener. Loopback by default: exposing the shop is a
+    /// deliberate act (`--listen 0.0.0.0:8080` or this key).
+    pub listen: SocketAddr,
+    /// Admin API (deploy, rollback, topic inspection). Loopback by default
+    /// because it can replace code; never put it on a public interface.
+    pub admin_listen: SocketAddr,
+    /// Embedded databases, the message log, compiled code and the token key.
+    pub data_dir: PathBuf,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        HostSettings {
+            listen: ([127, 0, 0, 1], 8080).into(),
+            admin_listen: ([127, 0, 0, 1], 8081).into(),
+            data_dir: PathBuf::from(".agora"),
+        }
+    }
+}
+
+/// Which backend serves each capability. The embedded ones need no server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backends {
+    pub storage: StorageBackend,
+    pub cache: CacheBackend,
+    pub messaging: MessagingBackend,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StorageBackend {
+    /// One SQLite file per component under the data directory.
+    #[default]
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CacheBackend {
+    /// A map in the host process; entries do not survive a restart.
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum MessagingBackend {
+    /// A durable log in a SQLite file under the data directory.
+    #[default]
+    Embedded,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenSettings {
+    /// `iss` of issued tokens; verification requires it.
+    pub issuer: String,
+    /// One hour: long enough for a shopping session, short enough that a
+    /// leaked token is not a standing credential.
+    pub ttl_seconds: u64,
+    /// HS256 key file. Created with 32 random bytes when missing, so tokens
+    /// survive restarts; several hosts must share it. Default: `<data_dir>/tokens.key`.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        TokenSettings {
+            issuer: "agora".into(),
+            ttl_seconds: 3600,
+            key_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSpec {
+    /// The component binary (`.wasm`).
+    pub wasm: PathBuf,
+    /// Run by `agora up --build` (from the plugins file's directory) before loading.
+    #[serde(default)]
+    pub build: Option<String>,
+    /// Path prefixes routed to this component; the longest match wins.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub grants: BTreeSet<Grant>,
+    /// Topics it may publish to (`"*"` for any). Needs the `messaging` grant.
+    #[serde(default)]
+    pub publishes: Vec<String>,
+    /// Topics delivered to its `subscriber` export. Needs the `messaging` grant.
+    #[serde(default)]
+    pub subscribes: Vec<String>,
+    /// Hosts (`name` or `name:port`) it may call. Needs the `http-out` grant.
+    #[serde(default)]
+    pub outbound_hosts: Vec<String>,
+    /// Read by the component through `agora:platform/config`.
+    #[serde(default)]
+    pub settings: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear memory per instance. 64 MiB holds a JSON service's working set
+    /// many times over while a memory bomb stops early.
+    pub memory_mib: u32,
+    /// Wall-clock deadline per request or message, enforced on CPU too
+    /// (epoch interruption), so a tight loop stops. 10 s is far above a
+    /// healthy handler and below a client's patience.
+    pub timeout_ms: u64,
+    /// Instances of this component running at once; further requests wait
+    /// for a slot until their deadline. Bounds memory at `memory_mib` times this.
+    pub max_concurrency: u32,
+    /// Largest request body accepted, answered with 413 beyond. 1 MiB fits
+    /// any JSON API call; uploads belong elsewhere.
+    pub max_body_kib: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mib: 64,
+            timeout_ms: 10_000,
+            max_concurrency: 64,
+            max_body_kib: 1024,
+        }
+    }
+}
+
+/// How a failing subscriber is retried before its message is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Deliveries before dead-lettering. Five rides out a brief outage of a
+    /// dependency without holding up the topic for long.
+    pub max_attempts: u32,
+    /// First backoff; doubled after each failure, capped at 30 s.
+    pub backoff_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            backoff_ms: 200,
+        }
+    }
+}
+
+/// Paths the host answers itself; no component may claim them.
+pub const RESERVED_ROUTES: &[&str] = &["/healthz", "/readyz"];
+
+/// The most memory any one instance may be given. The pooling allocator
+/// reserves address space for this per slot.
+pub const MAX_MEMORY_MIB: u32 = 1024;
+
+impl Plugins {
+    pub fn load(path: &Path) -> Result<Plugins, PluginsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PluginsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Plugins, PluginsError> {
+        let mut plugins: Plugins = toml::from_str(text).map_err(|e| PluginsError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        plugins.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        plugins.validate(path)?;
+        Ok(plugins)
+    }
+
+    /// Resolves a path from the file against the file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), PluginsError> {
+        let invalid = |key: String, message: String| PluginsError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let mut route_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, spec) in &self.components {
+            let key = |field: &str| format!("components.{name}.{field}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    format!("components.{name}"),
+                    "component names use a-z, 0-9, '-' and '_' only".into(),
+                ));
+            }
+            if spec.wasm.as_os_str().is_empty() {
+                return Err(invalid(key("wasm"), "must name a .wasm file".into()));
+            }
+            for (i, route) in spec.routes.iter().enumerate() {
+                if !route.starts_with('/') {
+                    return Err(invalid(
+                        format!("{}[{i}]", key("routes")),
+                        format!("route {route:?} must start with '/'"),
+                    ));
+                }
+                if RESERVED_ROUTES.contains(&route.as_str()) {
+                    return Err(invalid(
+                        format!("{}[{i}]", key("routes")),
+                        format!("route {route:?} is reserved by the host"),
+                    ));
+                }
+                if let Some(other) = route_owner.insert(route, name) {
+                    return Err(invalid(
+                        format!("{}[{i}]", key("routes")),
+                        format!("route {route:?} is already routed to component `{other}`"),
+                    ));
+                }
+            }
+            let needs = |list_empty: bool, field: &str, grant: Grant| {
+                if !list_empty && !spec.grants.contains(&grant) {
+                    Err(invalid(
+                        key(field),
+                        format!("needs the `{}` grant in `grants`", grant.name()),
+                    ))
+                } else {
+                    Ok(())
+                }
+            };
+            needs(spec.publishes.is_empty(), "publishes", Grant::Messaging)?;
+            needs(spec.subscribes.is_empty(), "subscribes", Grant::Messaging)?;
+            needs(spec.outbound_hosts.is_empty(), "outbound_hosts", Grant::HttpOut)?;
+            for (i, topic) in spec.subscribes.iter().chain(&spec.publishes).enumerate() {
+                if topic.is_empty() || topic.chars().any(char::is_whitespace) {
+                    return Err(invalid(
+                        key(if i < spec.subscribes.len() {
+                            "subscribes"
+                        } else {
+                            "publishes"
+                        }),
+                        format!("{topic:?} is not a topic name"),
+                    ));
+                }
+            }
+            let limits = &spec.limits;
+            if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
+                return Err(invalid(
+                    key("limits.memory_mib"),
+                    format!("must be between 1 and {MAX_MEMORY_MIB}"),
+                ));
+            }
+            if limits.timeout_ms == 0 {
+                return Err(invalid(key("limits.timeout_ms"), "must be above 0".into()));
+            }
+            if limits.max_concurrency == 0 {
+                return Err(invalid(
+                    key("limits.max_concurrency"),
+                    "must be above 0".into(),
+                ));
+            }
+            if spec.retry.max_attempts == 0 {
+                return Err(invalid(key("retry.max_attempts"), "must be above 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ComponentSpec {
+    pub fn granted(&self, grant: Grant) -> bool {
+        self.grants.contains(&grant)
+    }
+
+    pub fn may_publish(&self, topic: &str) -> bool {
+        self.publishes.iter().any(|t| t == "*" || t == topic)
+    }
+
+    /// Settings as the config capability hands them out: strings verbatim,
+    /// anything else as JSON.
+    pub fn settings_as_strings(&self) -> BTreeMap<String, String> {
+        self.settings
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => serde_json::to_string(other).unwrap_or_default(),
+                };
+                (k.clone(), text)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Plugins, PluginsError> {
+        Plugins::parse(text, Path::new("/etc/agora/plugins.toml"))
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_file() {
+        let p = parse("[components.hello]\nwasm = \"hello.wasm\"\nroutes = [\"/hello\"]\n").unwrap();
+        let hello = &p.components["hello"];
+        assert_eq!(hello.limits, Limits::default());
+        assert_eq!(p.resolve(&hello.wasm), Path::new("/etc/agora/hello.wasm"));
+        assert_eq!(p.host.listen.port(), 8080);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[components.hello]\nwasm = \"h.wasm\"\nroute = [\"/x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `route`"), "{err}");
+        assert!(err.contains("plugins.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_grant_is_named() {
+        let err = parse("[components.a]\nwasm = \"a.wasm\"\ngrants = [\"sockets\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sockets"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("routes = [\"hello\"]", "components.a.routes[0]"),
+            ("limits = { memory_mib = 0 }", "components.a.limits.memory_mib"),
+            ("limits = { timeout_ms = 0 }", "components.a.limits.timeout_ms"),
+            ("subscribes = [\"x\"]", "components.a.subscribes"),
+            ("outbound_hosts = [\"x\"]", "components.a.outbound_hosts"),
+            ("routes = [\"/healthz\"]", "components.a.routes[0]"),
+        ];
+        for (line, key) in cases {
+            let err = parse(&format!("[components.a]\nwasm = \"a.wasm\"\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_route_claimed_twice_names_both_components() {
+        let err = parse(
+            "[components.a]\nwasm = \"a.wasm\"\nroutes = [\"/x\"]\n\
+             [components.b]\nwasm = \"b.wasm\"\nroutes = [\"/x\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("components.b.routes[0]") && err.contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn settings_are_strings_or_json() {
+        let p = parse(
+            "[components.a]\nwasm = \"a.wasm\"\n\
+             settings = { name = \"x\", limit = 5, admins = [\"a@b.c\"] }\n",
+        )
+        .unwrap();
+        let s = p.components["a"].settings_as_strings();
+        assert_eq!(s["name"], "x");
+        assert_eq!(s["limit"], "5");
+        assert_eq!(s["admins"], "[\"a@b.c\"]");
+    }
+}

@@ -1,0 +1,275 @@
+//! The runtime: the engine, the linker, the capabilities, and the registry
+//! of running component versions, with the control plane that changes it.
+//!
+//! Changes (start, `plugins.toml` edits, replaced wasm files, admin deploys
+//! and rollbacks) are serialised by one async mutex and prepared completely
+//! off the request path; the request path only ever sees a finished
+//! registry, swapped in atomically. A change that fails anywhere is refused
+//! as a whole and the running versions keep serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::SystemTime;
+
+use anyhow::{anyhow, Context, Result};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use wasmtime::component::Linker;
+use wasmtime::Engine;
+
+use crate::bindings::messaging::Message;
+use crate::capability::Capabilities;
+use crate::component::{version_of, ComponentVersion};
+use crate::engine;
+use crate::messaging::Deliver;
+use crate::plugins::{ComponentSpec, Plugins};
+use crate::registry::Registry;
+use crate::state::InstanceState;
+
+/// Replaced versions kept per component for `rollback`.
+const KEPT_VERSIONS: usize = 5;
+
+pub struct Runtime {
+    engine: Engine,
+    pub pooling: bool,
+    linker: Linker<InstanceState>,
+    pub capabilities: Capabilities,
+    registry: ArcSwap<Registry>,
+    previous: Mutex<HashMap<String, Vec<Arc<ComponentVersion>>>>,
+    plugins_path: PathBuf,
+    plugins: Mutex<Plugins>,
+    data_dir: PathBuf,
+    control: tokio::sync::Mutex<()>,
+    /// Consumers reach the runtime weakly, so it is not kept alive by them.
+    this: Weak<Runtime>,
+}
+
+impl Runtime {
+    /// Starts every component of `plugins`; fails if any of them fails.
+    pub async fn start(plugins: Plugins, plugins_path: &Path, data_dir: &Path) -> Result<Arc<Runtime>> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let engine::EngineInfo { engine, pooling } = engine::build(data_dir)?;
+        let mut linker = Linker::new(&engine);
+        Capabilities::add_to_linker(&mut linker)?;
+        let capabilities = Capabilities::init(&plugins, data_dir).await?;
+        let runtime = Arc::new_cyclic(|this| Runtime {
+            this: this.clone(),
+            engine,
+            pooling,
+            linker,
+            capabilities,
+            registry: ArcSwap::from_pointee(Registry::default()),
+            previous: Mutex::default(),
+            plugins_path: plugins_path.to_owned(),
+            plugins: Mutex::new(plugins.clone()),
+            data_dir: data_dir.to_owned(),
+            control: tokio::sync::Mutex::new(()),
+        });
+        let components = runtime.load_all(&plugins, &Registry::default()).await?;
+        runtime.registry.store(Arc::new(Registry::new(components)));
+        runtime.sync_subscriptions();
+        Ok(runtime)
+    }
+
+    pub fn registry(&self) -> arc_swap::Guard<Arc<Registry>> {
+        self.registry.load()
+    }
+
+    pub fn plugins(&self) -> Plugins {
+        self.plugins.lock().unwrap().clone()
+    }
+
+    pub fn plugins_path(&self) -> &Path {
+        &self.plugins_path
+    }
+
+    /// Where admin deploys are kept, so they survive a restart.
+    fn deployed_path(&self, name: &str) -> PathBuf {
+        self.data_dir.join("deployed").join(format!("{name}.wasm"))
+    }
+
+    /// The binary to run for a component: its file from plugins.toml, or the
+    /// last admin deploy if that is newer.
+    fn read_source(&self, plugins: &Plugins, name: &str, spec: &ComponentSpec) -> Result<Arc<[u8]>> {
+        let file = plugins.resolve(&spec.wasm);
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let deployed = self.deployed_path(name);
+        let path = match (modified(&deployed), modified(&file)) {
+            (Some(d), Some(f)) if d > f => deployed,
+            (Some(_), None) => deployed,
+            _ => file,
+        };
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "component `{name}`: cannot read {} (is it built? `agora up --build` runs its build command)",
+                path.display()
+            )
+        })?;
+        Ok(bytes.into())
+    }
+
+    async fn load(&self, name: &str, spec: &ComponentSpec, wasm: Arc<[u8]>) -> Result<Arc<ComponentVersion>> {
+        let version =
+            ComponentVersion::load(&self.engine, &self.linker, &self.capabilities, name, spec, wasm).await?;
+        tracing::info!(component = %name, version = %version.version, routes = ?spec.routes, "component loaded");
+        Ok(Arc::new(version))
+    }
+
+    /// Every component of `plugins`, reusing the running versions that did
+    /// not change.
+    async fn load_all(
+        &self,
+        plugins: &Plugins,
+        current: &Registry,
+    ) -> Result<BTreeMap<String, Arc<ComponentVersion>>> {
+        let mut components = BTreeMap::new();
+        for (name, spec) in &plugins.components {
+            let wasm = self.read_source(plugins, name, spec)?;
+            let running = current
+                .components
+                .get(name)
+                .filter(|c| c.spec == *spec && c.version == version_of(&wasm));
+            let version = match running {
+                Some(running) => running.clone(),
+                None => self.load(name, spec, wasm).await?,
+            };
+            components.insert(name.clone(), version);
+        }
+        Ok(components)
+    }
+
+    /// Swaps in a new registry, keeping the versions it replaces for rollback.
+    fn swap(&self, next: Registry, keep_replaced: bool) {
+        let replaced = self.registry.swap(Arc::new(next));
+        let current = self.registry.load();
+        let mut previous = self.previous.lock().unwrap();
+        previous.retain(|name, _| current.components.contains_key(name));
+        if keep_replaced {
+            for (name, old) in &replaced.components {
+                let changed = current
+                    .components
+                    .get(name)
+                    .is_some_and(|new| !Arc::ptr_eq(new, old));
+                if changed {
+                    let kept = previous.entry(name.clone()).or_default();
+                    kept.push(old.clone());
+                    if kept.len() > KEPT_VERSIONS {
+                        kept.remove(0);
+                    }
+                }
+            }
+        }
+        drop(previous);
+        self.sync_subscriptions();
+    }
+
+    /// Re-reads plugins.toml and the component files, and applies what changed.
+    pub async fn reconcile(&self) -> Result<()> {
+        let _serial = self.control.lock().await;
+        let plugins = Plugins::load(&self.plugins_path)?;
+        let current = self.registry.load_full();
+        let components = self
+            .load_all(&plugins, &current)
+            .await
+            .context("the change was refused; the running versions keep serving")?;
+        let unchanged = components.len() == current.components.len()
+            && components
+                .iter()
+                .all(|(n, c)| current.components.get(n).is_some_and(|o| Arc::ptr_eq(o, c)));
+        *self.plugins.lock().unwrap() = plugins;
+        if !unchanged {
+            self.swap(Registry::new(components), true);
+            tracing::info!("configuration applied");
+        }
+        Ok(())
+    }
+
+    /// Deploys a new binary for a running component.
+    pub async fn deploy(&self, name: &str, wasm: Vec<u8>) -> Result<Arc<ComponentVersion>> {
+        let _serial = self.control.lock().await;
+        let current = self.registry.load_full();
+        let running = current
+            .components
+            .get(name)
+            .ok_or_else(|| anyhow!("no component named `{name}` is running"))?;
+        let version = self.load(name, &running.spec.clone(), wasm.into()).await?;
+        self.persist(&version)?;
+        self.swap(current.with(version.clone()), true);
+        Ok(version)
+    }
+
+    /// Restores the version a component ran before its last change.
+    pub async fn rollback(&self, name: &str) -> Result<Arc<ComponentVersion>> {
+        let _serial = self.control.lock().await;
+        let current = self.registry.load_full();
+        if !current.components.contains_key(name) {
+            return Err(anyhow!("no component named `{name}` is running"));
+        }
+        let version = self.previous.lock().unwrap().get_mut(name).and_then(Vec::pop);
+        let version = version.ok_or_else(|| anyhow!("component `{name}` has no previous version"))?;
+        self.persist(&version)?;
+        self.swap(current.with(version.clone()), false);
+        tracing::info!(component = %name, version = %version.version, "rolled back");
+        Ok(version)
+    }
+
+    /// Previous versions of a component, newest last.
+    pub fn previous_versions(&self, name: &str) -> Vec<String> {
+        let previous = self.previous.lock().unwrap();
+        previous
+            .get(name)
+            .map(|v| v.iter().map(|c| c.version.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    fn persist(&self, version: &ComponentVersion) -> Result<()> {
+        let path = self.deployed_path(&version.name);
+        let dir = path.parent().expect("deployed path has a parent");
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(".{}.{}.tmp", version.name, version.version));
+        std::fs::write(&tmp, &version.wasm)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("saving the deployed version to {}", path.display()))?;
+        // Newer than the plugins.toml file from now on, so it wins at restart.
+        let file = std::fs::File::options().write(true).open(&path)?;
+        file.set_modified(SystemTime::now())?;
+        Ok(())
+    }
+
+    fn sync_subscriptions(&self) {
+        let wanted: Vec<_> = self
+            .registry
+            .load()
+            .components
+            .values()
+            .flat_map(|c| {
+                c.spec
+                    .subscribes
+                    .iter()
+                    .map(|t| (c.name.clone(), t.clone(), c.spec.retry))
+            })
+            .collect();
+        let dispatch = Arc::new(Dispatch(self.this.clone()));
+        self.capabilities.messaging.sync_subscriptions(dispatch, &wanted);
+    }
+
+}
+
+/// Routes a delivery to the component's current version.
+struct Dispatch(Weak<Runtime>);
+
+#[async_trait]
+impl Deliver for Dispatch {
+    async fn deliver(&self, component: &str, message: Message) -> Result<(), String> {
+        let runtime = self.0.upgrade().ok_or("the host is shutting down")?;
+        let version = runtime
+            .registry()
+            .components
+            .get(component)
+            .cloned()
+            .ok_or_else(|| format!("component `{component}` is not running"))?;
+        version.deliver(message).await
+    }
+}

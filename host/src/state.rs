@@ -1,0 +1,99 @@
+//! The per-instance state a `Store` carries: one per request or message.
+//!
+//! Building it must stay cheap (it is on every request's path): everything
+//! expensive lives in [`ComponentCaps`], made once per component version and
+//! shared through an `Arc`.
+
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::capability::ComponentCaps;
+use crate::http_out::OutboundHooks;
+
+pub struct InstanceState {
+    pub caps: Arc<ComponentCaps>,
+    pub table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    outbound: OutboundHooks,
+    pub limiter: MemoryLimiter,
+}
+
+impl InstanceState {
+    pub fn new(caps: Arc<ComponentCaps>, memory_bytes: usize) -> Self {
+        // No preopened directories, no environment, no network sockets: a
+        // component reaches the world only through its granted capabilities.
+        let wasi = WasiCtx::builder().inherit_stdout().inherit_stderr().build();
+        let outbound = OutboundHooks::new(caps.outbound_hosts.clone());
+        InstanceState {
+            caps,
+            table: ResourceTable::new(),
+            wasi,
+            http: WasiHttpCtx::new(),
+            outbound,
+            limiter: MemoryLimiter {
+                max_bytes: memory_bytes,
+                exhausted: false,
+            },
+        }
+    }
+}
+
+impl WasiView for InstanceState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for InstanceState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.outbound,
+        }
+    }
+}
+
+/// Enforces the component's memory limit and remembers that it was hit, so
+/// the resulting trap can be reported as memory exhaustion rather than a bug.
+pub struct MemoryLimiter {
+    max_bytes: usize,
+    pub exhausted: bool,
+}
+
+/// Tables hold function references; no sane component needs more.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.exhausted = true;
+            wasmtime::bail!(
+                "memory limit of {} MiB exceeded",
+                self.max_bytes / (1024 * 1024)
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}

@@ -1,0 +1,198 @@
+//! `agora:platform/storage`: SQL for components, one private database each.
+//!
+//! The backend traits are async and a [`Transaction`] is an owned object that
+//! lives across awaits (and across guest calls, as a WIT resource), because
+//! the production backend is a pooled network database. Components write the
+//! PostgreSQL/SQLite common subset with `$1` placeholders; each backend adapts.
+//!
+//! The transactional outbox lives here too: [`Transaction::enqueue`] writes an
+//! event into the component's own database in the same transaction, and the
+//! messaging capability relays committed events to the broker.
+
+mod sqlite;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use wasmtime::component::{HasSelf, Linker, Resource};
+
+use crate::bindings::storage::{self as wit, Error, RowSet, Value};
+use crate::capability::Capability;
+use crate::messaging::Envelope;
+use crate::plugins::{ComponentSpec, Grant, StorageBackend as BackendChoice};
+use crate::state::InstanceState;
+
+pub use sqlite::SqliteBackend;
+
+/// Opens component databases.
+#[async_trait]
+pub trait StorageBackend: Send + Sync {
+    /// The component's database, created on first use; the same handle for
+    /// every version of the component.
+    async fn open(&self, component: &str) -> Result<Arc<dyn Database>, Error>;
+    async fn ping(&self) -> Result<(), Error>;
+}
+
+/// One component's database.
+#[async_trait]
+pub trait Database: Send + Sync {
+    async fn query(&self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error>;
+    async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, Error>;
+    async fn begin(&self) -> Result<Box<dyn Transaction>, Error>;
+    /// Applies, in order and each in its own transaction, the migrations not
+    /// yet recorded; refuses one that was applied with different SQL.
+    /// Returns the names it applied.
+    async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<String>, Error>;
+    /// Committed outbox events, oldest first.
+    async fn outbox_pending(&self, limit: usize) -> Result<Vec<(i64, Envelope)>, Error>;
+    /// Forgets outbox events that reached the broker.
+    async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), Error>;
+}
+
+/// An open transaction. Dropping it without [`Transaction::commit`] rolls it back.
+#[async_trait]
+pub trait Transaction: Send {
+    async fn query(&mut self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error>;
+    async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<u64, Error>;
+    /// Writes an event to the outbox as part of this transaction.
+    async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error>;
+    async fn commit(self: Box<Self>) -> Result<(), Error>;
+}
+
+#[derive(Debug, Clone)]
+pub struct Migration {
+    pub name: String,
+    pub sql: String,
+}
+
+/// The host side of a `transaction` resource.
+pub struct TransactionHandle {
+    tx: Box<dyn Transaction>,
+    /// Whether an event was enqueued: the outbox relay is woken on commit.
+    enqueued: bool,
+}
+
+impl TransactionHandle {
+    pub async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
+        self.tx.enqueue(event).await?;
+        self.enqueued = true;
+        Ok(())
+    }
+}
+
+pub struct StorageCapability {
+    backend: Arc<dyn StorageBackend>,
+}
+
+impl StorageCapability {
+    pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
+        let backend: Arc<dyn StorageBackend> = match choice {
+            BackendChoice::Sqlite => Arc::new(SqliteBackend::new(&data_dir.join("storage"))?),
+        };
+        Ok(StorageCapability { backend })
+    }
+}
+
+#[async_trait]
+impl Capability for StorageCapability {
+    const GRANT: Grant = Grant::Storage;
+    const INTERFACES: &'static [&'static str] = &["agora:platform/storage"];
+    type ComponentState = Arc<dyn Database>;
+
+    fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+    }
+
+    async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
+        Ok(self.backend.open(component).await?)
+    }
+
+    async fn ready(&self) -> Result<()> {
+        Ok(self.backend.ping().await?)
+    }
+}
+
+impl InstanceState {
+    fn database(&self) -> wasmtime::Result<&Arc<dyn Database>> {
+        self.caps
+            .storage
+            .as_ref()
+            .ok_or_else(|| wasmtime::format_err!("storage is not granted to `{}`", self.caps.name))
+    }
+
+    pub fn transaction(
+        &mut self,
+        tx: &Resource<TransactionHandle>,
+    ) -> wasmtime::Result<&mut TransactionHandle> {
+        Ok(self.table.get_mut(tx)?)
+    }
+}
+
+impl wit::Host for InstanceState {
+    async fn query(
+        &mut self,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<RowSet, Error>> {
+        Ok(self.database()?.query(&sql, params).await)
+    }
+
+    async fn execute(
+        &mut self,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        Ok(self.database()?.execute(&sql, params).await)
+    }
+
+    async fn begin(&mut self) -> wasmtime::Result<Result<Resource<TransactionHandle>, Error>> {
+        let tx = match self.database()?.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return Ok(Err(e)),
+        };
+        let handle = TransactionHandle {
+            tx,
+            enqueued: false,
+        };
+        Ok(Ok(self.table.push(handle)?))
+    }
+}
+
+impl wit::HostTransaction for InstanceState {
+    async fn query(
+        &mut self,
+        tx: Resource<TransactionHandle>,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<RowSet, Error>> {
+        Ok(self.transaction(&tx)?.tx.query(&sql, params).await)
+    }
+
+    async fn execute(
+        &mut self,
+        tx: Resource<TransactionHandle>,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        Ok(self.transaction(&tx)?.tx.execute(&sql, params).await)
+    }
+
+    async fn commit(&mut self, tx: Resource<TransactionHandle>) -> wasmtime::Result<Result<(), Error>> {
+        let handle = self.table.delete(tx)?;
+        let result = handle.tx.commit().await;
+        if result.is_ok() && handle.enqueued {
+            if let Some(publisher) = &self.caps.messaging {
+                publisher.wake_relay();
+            }
+        }
+        Ok(result)
+    }
+
+    async fn drop(&mut self, tx: Resource<TransactionHandle>) -> wasmtime::Result<()> {
+        // Dropping the backend transaction rolls it back.
+        self.table.delete(tx)?;
+        Ok(())
+    }
+}
