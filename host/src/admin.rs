@@ -33,15 +33,24 @@ pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Respon
         (&Method::GET, ["components"]) => components(&runtime),
         (&Method::POST, ["components", name, "deploy"]) => deploy(&runtime, name, request).await,
         (&Method::POST, ["components", name, "rollback"]) => match runtime.rollback(name).await {
-            Ok(v) => response::json(StatusCode::OK, &json!({"component": v.name, "version": v.version})),
+            Ok(v) => response::json(
+                StatusCode::OK,
+                &json!({"component": v.name, "version": v.version}),
+            ),
             Err(e) => refused(StatusCode::CONFLICT, e),
         },
         (&Method::POST, ["reload"]) => match runtime.reconcile().await {
             Ok(()) => components(&runtime),
             Err(e) => refused(StatusCode::UNPROCESSABLE_ENTITY, e),
         },
-        (&Method::GET, ["topics", topic, "events"]) => events(&runtime, topic, request.uri().query()).await,
-        _ => response::error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {method} {path}")),
+        (&Method::GET, ["topics", topic, "events"]) => {
+            events(&runtime, topic, request.uri().query()).await
+        }
+        _ => response::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {method} {path}"),
+        ),
     };
     tracing::info!(target: "agora::admin", %method, %path, status = response.status().as_u16());
     response
@@ -66,7 +75,10 @@ fn components(runtime: &Runtime) -> Response<Body> {
             })
         })
         .collect();
-    response::json(StatusCode::OK, &json!({ "components": list, "pooling_allocator": runtime.pooling }))
+    response::json(
+        StatusCode::OK,
+        &json!({ "components": list, "pooling_allocator": runtime.pooling }),
+    )
 }
 
 async fn deploy(runtime: &Runtime, name: &str, request: Request<Incoming>) -> Response<Body> {
@@ -103,7 +115,12 @@ async fn events(runtime: &Runtime, topic: &str, query: Option<&str>) -> Response
     };
     let from = param("from").unwrap_or(0);
     let limit = param("limit").map_or(DEFAULT_EVENTS, |n| n as usize);
-    match runtime.capabilities.messaging.read_topic(topic, from, limit).await {
+    match runtime
+        .capabilities
+        .messaging
+        .read_topic(topic, from, limit)
+        .await
+    {
         Ok(events) => {
             let events: Vec<_> = events
                 .into_iter()

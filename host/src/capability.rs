@@ -45,8 +45,11 @@ pub trait Capability: Send + Sync + 'static {
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()>;
 
-    async fn configure(&self, component: &str, spec: &ComponentSpec)
-        -> Result<Self::ComponentState>;
+    async fn configure(
+        &self,
+        component: &str,
+        spec: &ComponentSpec,
+    ) -> Result<Self::ComponentState>;
 
     /// Whether the backend is reachable (for `/readyz`).
     async fn ready(&self) -> Result<()> {

@@ -57,13 +57,18 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The client gets the reason; the log gets the wasm backtrace too.
     fn classify(error: wasmtime::Error, memory_exhausted: bool) -> Failure {
         if memory_exhausted {
-            Failure::MemoryExhausted
-        } else if matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt)) {
-            Failure::Timeout
-        } else {
-            Failure::Trapped(format!("{error:#}"))
+            return Failure::MemoryExhausted;
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => Failure::Timeout,
+            Some(trap) => {
+                tracing::debug!(error = %format!("{error:#}"), "trap details");
+                Failure::Trapped(trap.to_string())
+            }
+            None => Failure::Trapped(error.to_string()),
         }
     }
 
@@ -71,7 +76,9 @@ impl Failure {
         match self {
             Failure::Busy => (StatusCode::SERVICE_UNAVAILABLE, "component_busy"),
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
-            Failure::MemoryExhausted => (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit_exceeded"),
+            Failure::MemoryExhausted => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit_exceeded")
+            }
             Failure::Trapped(_) => (StatusCode::INTERNAL_SERVER_ERROR, "component_trapped"),
             Failure::NoResponse => (StatusCode::INTERNAL_SERVER_ERROR, "no_response"),
             Failure::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
@@ -82,7 +89,9 @@ impl Failure {
         match self {
             Failure::Busy => format!("component `{component}` is at its concurrency limit"),
             Failure::Timeout => format!("component `{component}` exceeded its deadline"),
-            Failure::MemoryExhausted => format!("component `{component}` exceeded its memory limit"),
+            Failure::MemoryExhausted => {
+                format!("component `{component}` exceeded its memory limit")
+            }
             Failure::Trapped(trap) => format!("component `{component}` trapped: {trap}"),
             Failure::NoResponse => format!("component `{component}` returned no response"),
             Failure::Internal(e) => format!("component `{component}`: {e}"),
@@ -156,9 +165,18 @@ impl ComponentVersion {
         Instant::now() + std::time::Duration::from_millis(self.spec.limits.timeout_ms)
     }
 
-    fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
+    /// The pre-linked component every instance is made from.
+    pub fn instance_pre(&self) -> &InstancePre<InstanceState> {
+        &self.pre
+    }
+
+    /// A store for one instance, with this version's limits and `deadline`.
+    pub fn new_store(&self, deadline: Instant) -> Store<InstanceState> {
         let memory = self.spec.limits.memory_mib as usize * MIB;
-        let mut store = Store::new(self.pre.engine(), InstanceState::new(self.caps.clone(), memory));
+        let mut store = Store::new(
+            self.pre.engine(),
+            InstanceState::new(self.caps.clone(), memory),
+        );
         store.limiter(|s| &mut s.limiter);
         // Check the deadline at every epoch tick, and yield to the executor
         // meanwhile so one busy instance cannot starve the others.
@@ -251,7 +269,9 @@ impl ComponentVersion {
         });
         match timeout_at(tokio_deadline, receiver).await {
             Ok(Ok(Ok(response))) => response,
-            Ok(Ok(Err(code))) => Failure::Internal(format!("failed the request: {code:?}")).response(&self.name),
+            Ok(Ok(Err(code))) => {
+                Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
+            }
             Ok(Err(_)) => match task.await {
                 Ok(Err(failure)) => failure.response(&self.name),
                 Ok(Ok(())) => Failure::NoResponse.response(&self.name),
@@ -272,7 +292,8 @@ impl ComponentVersion {
             .ok_or_else(|| format!("component `{}` has no subscriber export", self.name))?;
         let deadline = self.deadline();
         let tokio_deadline = tokio::time::Instant::from_std(deadline);
-        let Ok(Ok(_permit)) = timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
+        let Ok(Ok(_permit)) =
+            timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
         else {
             return Err(Failure::Busy.message(&self.name));
         };
@@ -286,7 +307,9 @@ impl ComponentVersion {
         };
         match timeout_at(tokio_deadline, run).await {
             Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(Failure::classify(e, store.data().limiter.exhausted).message(&self.name)),
+            Ok(Err(e)) => {
+                Err(Failure::classify(e, store.data().limiter.exhausted).message(&self.name))
+            }
             Err(_) => Err(Failure::Timeout.message(&self.name)),
         }
     }

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use wasmtime::{Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+};
 
 use crate::plugins::MAX_MEMORY_MIB;
 
@@ -42,7 +44,11 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
     let cache_dir = std::path::absolute(data_dir.join("compiled"))?;
     let mut cache_config = CacheConfig::new();
     cache_config.with_directory(cache_dir);
-    config.cache(Some(Cache::new(cache_config).map_err(anyhow::Error::from).context("opening the compilation cache")?));
+    config.cache(Some(
+        Cache::new(cache_config)
+            .map_err(anyhow::Error::from)
+            .context("opening the compilation cache")?,
+    ));
 
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(POOL_INSTANCES)

@@ -15,7 +15,11 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
-#[command(name = "agora", version, about = "Hosts e-commerce services as WebAssembly components")]
+#[command(
+    name = "agora",
+    version,
+    about = "Hosts e-commerce services as WebAssembly components"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -127,14 +131,24 @@ async fn run(cli: Cli) -> Result<()> {
             let _ = std::fs::remove_dir_all(&scratch);
             let runtime = runtime?;
             for (name, c) in &runtime.registry().components {
-                println!("ok  {name}  version {}  routes {:?}", c.version, c.spec.routes);
+                println!(
+                    "ok  {name}  version {}  routes {:?}",
+                    c.version, c.spec.routes
+                );
             }
             runtime.capabilities.shutdown().await;
             Ok(())
         }
         Command::Deploy { name, file, admin } => {
-            let wasm = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let reply = admin_call(&admin, Method::POST, &format!("/components/{name}/deploy"), wasm).await?;
+            let wasm =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let reply = admin_call(
+                &admin,
+                Method::POST,
+                &format!("/components/{name}/deploy"),
+                wasm,
+            )
+            .await?;
             println!(
                 "deployed {name} version {} in {:.1} ms",
                 reply["version"].as_str().unwrap_or("?"),
@@ -143,12 +157,27 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Rollback { name, admin } => {
-            let reply = admin_call(&admin, Method::POST, &format!("/components/{name}/rollback"), vec![]).await?;
-            println!("rolled back {name} to version {}", reply["version"].as_str().unwrap_or("?"));
+            let reply = admin_call(
+                &admin,
+                Method::POST,
+                &format!("/components/{name}/rollback"),
+                vec![],
+            )
+            .await?;
+            println!(
+                "rolled back {name} to version {}",
+                reply["version"].as_str().unwrap_or("?")
+            );
             Ok(())
         }
         Command::Events { topic, from, admin } => {
-            let reply = admin_call(&admin, Method::GET, &format!("/topics/{topic}/events?from={from}"), vec![]).await?;
+            let reply = admin_call(
+                &admin,
+                Method::GET,
+                &format!("/topics/{topic}/events?from={from}"),
+                vec![],
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&reply["events"])?);
             Ok(())
         }
@@ -232,16 +261,26 @@ fn tempdir() -> Result<PathBuf> {
 }
 
 /// One request to a running host's admin API.
-async fn admin_call(base: &str, method: Method, path: &str, body: Vec<u8>) -> Result<serde_json::Value> {
-    let uri: http::Uri = base.parse().with_context(|| format!("`{base}` is not a URL"))?;
+async fn admin_call(
+    base: &str,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<serde_json::Value> {
+    let uri: http::Uri = base
+        .parse()
+        .with_context(|| format!("`{base}` is not a URL"))?;
     let authority = uri
         .authority()
         .with_context(|| format!("`{base}` has no host:port"))?
         .clone();
     let stream = tokio::net::TcpStream::connect(authority.as_str())
         .await
-        .with_context(|| format!("cannot reach the admin API at {base} (is `agora up` running?)"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        .with_context(|| {
+            format!("cannot reach the admin API at {base} (is `agora up` running?)")
+        })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let request = Request::builder()
         .method(method)
@@ -251,12 +290,12 @@ async fn admin_call(base: &str, method: Method, path: &str, body: Vec<u8>) -> Re
     let response = sender.send_request(request).await?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
-    let reply: serde_json::Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
     if !status.is_success() {
         let message = reply["error"]["message"].as_str().map(str::to_owned);
         bail!("{status}: {}", message.unwrap_or_else(|| reply.to_string()));
     }
     Ok(reply)
 }
-

@@ -322,7 +322,11 @@ impl Plugins {
             };
             needs(spec.publishes.is_empty(), "publishes", Grant::Messaging)?;
             needs(spec.subscribes.is_empty(), "subscribes", Grant::Messaging)?;
-            needs(spec.outbound_hosts.is_empty(), "outbound_hosts", Grant::HttpOut)?;
+            needs(
+                spec.outbound_hosts.is_empty(),
+                "outbound_hosts",
+                Grant::HttpOut,
+            )?;
             for (i, topic) in spec.subscribes.iter().chain(&spec.publishes).enumerate() {
                 if topic.is_empty() || topic.chars().any(char::is_whitespace) {
                     return Err(invalid(
@@ -394,7 +398,8 @@ mod tests {
 
     #[test]
     fn defaults_fill_a_minimal_file() {
-        let p = parse("[components.hello]\nwasm = \"hello.wasm\"\nroutes = [\"/hello\"]\n").unwrap();
+        let p =
+            parse("[components.hello]\nwasm = \"hello.wasm\"\nroutes = [\"/hello\"]\n").unwrap();
         let hello = &p.components["hello"];
         assert_eq!(hello.limits, Limits::default());
         assert_eq!(p.resolve(&hello.wasm), Path::new("/etc/agora/hello.wasm"));
@@ -422,8 +427,14 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("routes = [\"hello\"]", "components.a.routes[0]"),
-            ("limits = { memory_mib = 0 }", "components.a.limits.memory_mib"),
-            ("limits = { timeout_ms = 0 }", "components.a.limits.timeout_ms"),
+            (
+                "limits = { memory_mib = 0 }",
+                "components.a.limits.memory_mib",
+            ),
+            (
+                "limits = { timeout_ms = 0 }",
+                "components.a.limits.timeout_ms",
+            ),
             ("subscribes = [\"x\"]", "components.a.subscribes"),
             ("outbound_hosts = [\"x\"]", "components.a.outbound_hosts"),
             ("routes = [\"/healthz\"]", "components.a.routes[0]"),
@@ -444,7 +455,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("components.b.routes[0]") && err.contains("`a`"), "{err}");
+        assert!(
+            err.contains("components.b.routes[0]") && err.contains("`a`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 pub type Body = UnsyncBoxBody<Bytes, wasmtime_wasi_http::Error>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -47,7 +47,11 @@ pub struct Runtime {
 
 impl Runtime {
     /// Starts every component of `plugins`; fails if any of them fails.
-    pub async fn start(plugins: Plugins, plugins_path: &Path, data_dir: &Path) -> Result<Arc<Runtime>> {
+    pub async fn start(
+        plugins: Plugins,
+        plugins_path: &Path,
+        data_dir: &Path,
+    ) -> Result<Arc<Runtime>> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
         let engine::EngineInfo { engine, pooling } = engine::build(data_dir)?;
@@ -92,7 +96,12 @@ impl Runtime {
 
     /// The binary to run for a component: its file from plugins.toml, or the
     /// last admin deploy if that is newer.
-    fn read_source(&self, plugins: &Plugins, name: &str, spec: &ComponentSpec) -> Result<Arc<[u8]>> {
+    fn read_source(
+        &self,
+        plugins: &Plugins,
+        name: &str,
+        spec: &ComponentSpec,
+    ) -> Result<Arc<[u8]>> {
         let file = plugins.resolve(&spec.wasm);
         let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         let deployed = self.deployed_path(name);
@@ -110,9 +119,21 @@ impl Runtime {
         Ok(bytes.into())
     }
 
-    async fn load(&self, name: &str, spec: &ComponentSpec, wasm: Arc<[u8]>) -> Result<Arc<ComponentVersion>> {
-        let version =
-            ComponentVersion::load(&self.engine, &self.linker, &self.capabilities, name, spec, wasm).await?;
+    async fn load(
+        &self,
+        name: &str,
+        spec: &ComponentSpec,
+        wasm: Arc<[u8]>,
+    ) -> Result<Arc<ComponentVersion>> {
+        let version = ComponentVersion::load(
+            &self.engine,
+            &self.linker,
+            &self.capabilities,
+            name,
+            spec,
+            wasm,
+        )
+        .await?;
         tracing::info!(component = %name, version = %version.version, routes = ?spec.routes, "component loaded");
         Ok(Arc::new(version))
     }
@@ -207,8 +228,14 @@ impl Runtime {
         if !current.components.contains_key(name) {
             return Err(anyhow!("no component named `{name}` is running"));
         }
-        let version = self.previous.lock().unwrap().get_mut(name).and_then(Vec::pop);
-        let version = version.ok_or_else(|| anyhow!("component `{name}` has no previous version"))?;
+        let version = self
+            .previous
+            .lock()
+            .unwrap()
+            .get_mut(name)
+            .and_then(Vec::pop);
+        let version =
+            version.ok_or_else(|| anyhow!("component `{name}` has no previous version"))?;
         self.persist(&version)?;
         self.swap(current.with(version.clone()), false);
         tracing::info!(component = %name, version = %version.version, "rolled back");
@@ -252,9 +279,10 @@ impl Runtime {
             })
             .collect();
         let dispatch = Arc::new(Dispatch(self.this.clone()));
-        self.capabilities.messaging.sync_subscriptions(dispatch, &wanted);
+        self.capabilities
+            .messaging
+            .sync_subscriptions(dispatch, &wanted);
     }
-
 }
 
 /// Routes a delivery to the component's current version.

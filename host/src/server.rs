@@ -57,7 +57,10 @@ where
             }
         });
     }
-    if tokio::time::timeout(GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("requests still in flight after the grace period were cut");
     }
 }
@@ -69,7 +72,10 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Reads a whole body, refusing more than `limit` bytes with 413.
-pub async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Request<Full<Bytes>>, Response<Body>> {
+pub async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+) -> Result<Request<Full<Bytes>>, Response<Body>> {
     let too_large = || {
         response::error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -116,14 +122,22 @@ pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Respon
 
 async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>, Response<Body>) {
     match request.uri().path() {
-        "/healthz" => return (None, response::json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        "/healthz" => {
+            return (
+                None,
+                response::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            )
+        }
         "/readyz" => return (None, readiness(runtime).await),
         _ => {}
     }
     let registry = runtime.registry();
     let Some(component) = registry.route(request.uri().path()).cloned() else {
         let message = format!("no component serves {}", request.uri().path());
-        return (None, response::error(StatusCode::NOT_FOUND, "not_found", message));
+        return (
+            None,
+            response::error(StatusCode::NOT_FOUND, "not_found", message),
+        );
     };
     drop(registry);
     let name = component.name.clone();
@@ -155,7 +169,11 @@ async fn readiness(runtime: &Runtime) -> Response<Body> {
         };
         backends.insert(name.to_owned(), state.into());
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     response::json(
         status,
         &serde_json::json!({

@@ -28,7 +28,10 @@ fn watched_files(runtime: &Runtime) -> BTreeSet<PathBuf> {
         .map(|spec| plugins.resolve(&spec.wasm))
         .collect();
     files.insert(runtime.plugins_path().to_owned());
-    files.into_iter().filter_map(|p| std::path::absolute(p).ok()).collect()
+    files
+        .into_iter()
+        .filter_map(|p| std::path::absolute(p).ok())
+        .collect()
 }
 
 pub fn start(runtime: Arc<Runtime>) -> Result<()> {
@@ -50,11 +53,24 @@ pub fn start(runtime: Arc<Runtime>) -> Result<()> {
                     }
                 }
             }
+            let relevant = |paths: &[PathBuf]| paths.iter().any(|p| files.contains(p));
             let Some(paths) = rx.recv().await else { return };
-            if !paths.iter().any(|p| files.contains(p)) {
+            if !relevant(&paths) {
                 continue;
             }
-            while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            // Only changes to watched files restart the quiet period: other
+            // files in the same directories (logs, databases) change all the time.
+            let mut quiet_until = tokio::time::Instant::now() + DEBOUNCE;
+            loop {
+                tokio::select! {
+                    event = rx.recv() => match event {
+                        Some(paths) if relevant(&paths) => quiet_until = tokio::time::Instant::now() + DEBOUNCE,
+                        Some(_) => {}
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(quiet_until) => break,
+                }
+            }
             if let Err(e) = runtime.reconcile().await {
                 tracing::error!(error = %format!("{e:#}"), "hot swap refused");
             }

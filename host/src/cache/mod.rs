@@ -63,7 +63,10 @@ impl Capability for CacheCapability {
     type ComponentState = Namespace;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
     }
 
     async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Namespace> {
@@ -122,6 +125,9 @@ impl wit::Host for InstanceState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, Error>> {
         let ns = self.cache()?;
-        Ok(ns.backend.increment(&ns.key(&key), delta, ttl(ttl_ms)).await)
+        Ok(ns
+            .backend
+            .increment(&ns.key(&key), delta, ttl(ttl_ms))
+            .await)
     }
 }

@@ -21,10 +21,17 @@ impl Capability for ConfigCapability {
     type ComponentState = Arc<BTreeMap<String, String>>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
     }
 
-    async fn configure(&self, _component: &str, spec: &ComponentSpec) -> Result<Self::ComponentState> {
+    async fn configure(
+        &self,
+        _component: &str,
+        spec: &ComponentSpec,
+    ) -> Result<Self::ComponentState> {
         Ok(Arc::new(spec.settings_as_strings()))
     }
 }

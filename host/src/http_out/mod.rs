@@ -24,7 +24,9 @@ impl Capability for HttpOutCapability {
     type ComponentState = Arc<Vec<String>>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker)?)
+        Ok(wasmtime_wasi_http::p2::add_only_http_to_linker_async(
+            linker,
+        )?)
     }
 
     async fn configure(&self, _component: &str, spec: &ComponentSpec) -> Result<Arc<Vec<String>>> {

@@ -106,8 +106,17 @@ impl Consumer {
                 return;
             }
             published.borrow_and_update();
-            let next = persist!(self, "reading the offset", self.broker.committed(&self.component, &self.topic, partition));
-            let batch = persist!(self, "reading events", self.broker.read(&self.topic, partition, next, BATCH));
+            let next = persist!(
+                self,
+                "reading the offset",
+                self.broker
+                    .committed(&self.component, &self.topic, partition)
+            );
+            let batch = persist!(
+                self,
+                "reading events",
+                self.broker.read(&self.topic, partition, next, BATCH)
+            );
             if batch.is_empty() {
                 tokio::select! {
                     _ = published.changed() => {}
@@ -118,7 +127,12 @@ impl Consumer {
             }
             for (offset, event) in batch {
                 self.handle(event).await;
-                persist!(self, "committing the offset", self.broker.commit(&self.component, &self.topic, partition, offset + 1));
+                persist!(
+                    self,
+                    "committing the offset",
+                    self.broker
+                        .commit(&self.component, &self.topic, partition, offset + 1)
+                );
             }
         }
     }
@@ -154,10 +168,17 @@ impl Consumer {
         dead.headers.extend([
             ("agora-original-topic".to_owned(), event.topic.clone()),
             ("agora-error".to_owned(), last_error),
-            ("agora-attempts".to_owned(), self.retry.max_attempts.to_string()),
+            (
+                "agora-attempts".to_owned(),
+                self.retry.max_attempts.to_string(),
+            ),
         ]);
         tracing::error!(component = %self.component, topic = %self.topic, event = %event.id, dead_letter = %dead.topic, "event dead-lettered");
-        persist!(self, "dead-lettering", self.broker.append(std::slice::from_ref(&dead)));
+        persist!(
+            self,
+            "dead-lettering",
+            self.broker.append(std::slice::from_ref(&dead))
+        );
         self.wakeups.notify(&dead.topic);
     }
 }

@@ -23,7 +23,8 @@ impl EmbeddedLog {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("log.db");
-        let conn = Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let conn =
+            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -57,7 +58,7 @@ impl EmbeddedLog {
     ) -> Result<R> {
         let conn = self.conn.clone();
         let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
-        Ok(result.context("embedded message log")?)
+        result.context("embedded message log")
     }
 }
 
@@ -74,7 +75,14 @@ impl Broker for EmbeddedLog {
                 tx.execute(
                     "INSERT INTO events (topic, id, key, payload, headers, published_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![e.topic, e.id, e.key, e.payload, headers, e.published_at as i64],
+                    params![
+                        e.topic,
+                        e.id,
+                        e.key,
+                        e.payload,
+                        headers,
+                        e.published_at as i64
+                    ],
                 )?;
             }
             tx.commit()

@@ -165,7 +165,9 @@ impl MessagingCapability {
                 match relay_once(&*db, &*broker, &wakeups).await {
                     Ok(0) => {}
                     Ok(_) => continue,
-                    Err(e) => tracing::warn!(%component, error = %e, "outbox relay failed; retrying"),
+                    Err(e) => {
+                        tracing::warn!(%component, error = %e, "outbox relay failed; retrying")
+                    }
                 }
                 tokio::select! {
                     _ = wake.notified() => {}
@@ -211,7 +213,12 @@ impl MessagingCapability {
 
     /// Events of a topic from `from` on, across its partitions: how an
     /// operator inspects a dead-letter topic.
-    pub async fn read_topic(&self, topic: &str, from: u64, max: usize) -> Result<Vec<(u64, Envelope)>> {
+    pub async fn read_topic(
+        &self,
+        topic: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Envelope)>> {
         let mut events = Vec::new();
         for partition in 0..self.broker.partitions(topic).await? {
             events.extend(self.broker.read(topic, partition, from, max).await?);
@@ -246,7 +253,10 @@ impl Capability for MessagingCapability {
     type ComponentState = Publisher;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
     }
 
     async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Publisher> {
@@ -277,7 +287,11 @@ impl Publisher {
         if message.topic.is_empty() {
             return Err(Error::Invalid("the topic is empty".into()));
         }
-        if !self.publishes.iter().any(|t| t == "*" || *t == message.topic) {
+        if !self
+            .publishes
+            .iter()
+            .any(|t| t == "*" || *t == message.topic)
+        {
             return Err(Error::TopicNotGranted(format!(
                 "publishing to `{}` is not granted (see `publishes` in plugins.toml)",
                 message.topic
@@ -303,7 +317,10 @@ impl InstanceState {
 }
 
 impl wit::Host for InstanceState {
-    async fn publish(&mut self, message: OutgoingMessage) -> wasmtime::Result<Result<String, Error>> {
+    async fn publish(
+        &mut self,
+        message: OutgoingMessage,
+    ) -> wasmtime::Result<Result<String, Error>> {
         let publisher = self.publisher()?;
         let event = match publisher.envelope(message) {
             Ok(event) => event,

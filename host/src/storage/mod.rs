@@ -102,7 +102,10 @@ impl Capability for StorageCapability {
     type ComponentState = Arc<dyn Database>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
     }
 
     async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
@@ -179,7 +182,10 @@ impl wit::HostTransaction for InstanceState {
         Ok(self.transaction(&tx)?.tx.execute(&sql, params).await)
     }
 
-    async fn commit(&mut self, tx: Resource<TransactionHandle>) -> wasmtime::Result<Result<(), Error>> {
+    async fn commit(
+        &mut self,
+        tx: Resource<TransactionHandle>,
+    ) -> wasmtime::Result<Result<(), Error>> {
         let handle = self.table.delete(tx)?;
         let result = handle.tx.commit().await;
         if result.is_ok() && handle.enqueued {

@@ -175,7 +175,8 @@ impl Database for SqliteDatabase {
 
     async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
         let sql = adapt_placeholders(sql);
-        self.with_writer(move |c| run_execute(c, &sql, &params)).await
+        self.with_writer(move |c| run_execute(c, &sql, &params))
+            .await
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>, Error> {
@@ -244,7 +245,9 @@ impl Database for SqliteDatabase {
                 .prepare_cached("SELECT seq, event FROM _agora_outbox ORDER BY seq LIMIT ?1")
                 .map_err(map_err)?;
             let rows = stmt
-                .query_map([limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+                .query_map([limit as i64], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })
                 .map_err(map_err)?;
             rows.map(|row| {
                 let (seq, json) = row.map_err(map_err)?;
@@ -319,7 +322,8 @@ impl Transaction for SqliteTransaction {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), Error> {
-        self.run(|c| c.execute_batch("COMMIT").map_err(map_err)).await?;
+        self.run(|c| c.execute_batch("COMMIT").map_err(map_err))
+            .await?;
         // Committed: release the connection without the rollback in `drop`.
         self.conn.take();
         Ok(())

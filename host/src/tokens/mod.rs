@@ -53,7 +53,12 @@ impl Signer {
         }
     }
 
-    pub fn issue(&self, subject: &str, roles: &[String], ttl: Option<u64>) -> Result<IssuedToken, Error> {
+    pub fn issue(
+        &self,
+        subject: &str,
+        roles: &[String],
+        ttl: Option<u64>,
+    ) -> Result<IssuedToken, Error> {
         let now = crate::now_millis() / 1000;
         let ttl = ttl.unwrap_or(self.ttl_seconds);
         let claims = JwtClaims {
@@ -141,7 +146,10 @@ impl Capability for TokensCapability {
     type ComponentState = Arc<Signer>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(linker, |s| s)?)
+        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
     }
 
     async fn configure(&self, _component: &str, _spec: &ComponentSpec) -> Result<Arc<Signer>> {

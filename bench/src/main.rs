@@ -1,0 +1,322 @@
+//! Agora's benchmark. Prints numbers; asserts nothing.
+//!
+//! 1. Per-request instantiation of a hello-world component, in process.
+//! 2. The same component served over HTTP by `agora up`, by `wasmtime serve`
+//!    (if installed) and by a native hyper handler returning the same bytes,
+//!    under the same load, one after the other, with ratios.
+//! 3. A hot swap of an already compiled version through the admin API.
+//!
+//! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32).
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agora_host::plugins::Plugins;
+use agora_host::runtime::Runtime;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::TokioIo;
+
+const BODY: &[u8] = b"Hello, world!\n";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn component(name: &str) -> PathBuf {
+    root().join("target/test-components").join(format!("{name}.wasm"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("native-server") {
+        return native_server(args[2].parse()?);
+    }
+    let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let connections: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(Duration::from_secs(seconds), connections))
+}
+
+async fn run(duration: Duration, connections: usize) -> Result<()> {
+    let scratch = std::env::temp_dir().join(format!("agora-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let config = scratch.join("plugins.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[components.hello]\nwasm = \"{}\"\nroutes = [\"/\"]\n\n\
+             [components.probe]\nwasm = \"{}\"\nroutes = [\"/probe\"]\n\
+             grants = [\"storage\", \"cache\", \"messaging\", \"tokens\", \"config\", \"http-out\"]\n",
+            component("hello").display(),
+            component("probe").display()
+        ),
+    )?;
+
+    instantiation(&config, &scratch.join("in-process")).await?;
+
+    println!("\n## HTTP: GET / on a hello-world component, {connections} connections, {}s each", duration.as_secs());
+    let native = serve_and_load("native hyper", native_command, duration, connections).await?;
+    let agora_data = scratch.join("agora");
+    let admin = free_port();
+    let agora = |addr: SocketAddr| {
+        let mut cmd = Command::new(root().join("target/release/agora"));
+        cmd.arg("up")
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .arg("--data")
+            .arg(&agora_data)
+            .env("RUST_LOG", "warn");
+        cmd
+    };
+    let agora_rps = serve_and_load("agora up", agora, duration, connections).await?;
+    let wasmtime = match Command::new("wasmtime").arg("--version").output() {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).starts_with("wasmtime 48.0.8") => {
+            let serve = |addr: SocketAddr| {
+                let mut cmd = Command::new("wasmtime");
+                cmd.args(["serve", "-Scli", "--addr", &addr.to_string()]).arg(component("hello"));
+                cmd
+            };
+            Some(serve_and_load("wasmtime serve 48.0.8", serve, duration, connections).await?)
+        }
+        _ => {
+            println!("wasmtime serve: skipped (install: cargo install wasmtime-cli --version 48.0.8 --locked)");
+            None
+        }
+    };
+    println!("\n## Ratios");
+    if let Some(wasmtime) = wasmtime {
+        println!("agora / wasmtime serve: {:.2}x", agora_rps / wasmtime);
+    }
+    println!("agora / native hyper:   {:.2}x", agora_rps / native);
+
+    swap(&config, &scratch.join("swap")).await?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Instantiating the hello component from its pre-linked form, as every request does.
+async fn instantiation(config: &Path, data: &Path) -> Result<()> {
+    let plugins = Plugins::load(config)?;
+    let runtime = Runtime::start(plugins, config, data).await?;
+    let hello = runtime.registry().components["hello"].clone();
+    println!("## Instantiation (in process, pooling allocator: {})", runtime.pooling);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut samples = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let started = Instant::now();
+        let mut store = hello.new_store(deadline);
+        let instance = hello.instance_pre().instantiate_async(&mut store).await?;
+        samples.push(started.elapsed());
+        drop((instance, store));
+    }
+    report("store + instantiate", &mut samples[2_000..].to_vec());
+    runtime.capabilities.shutdown().await;
+    Ok(())
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    println!(
+        "{what}: mean {:.1} µs, p50 {:.1} µs, p99 {:.1} µs ({} samples)",
+        mean.as_secs_f64() * 1e6,
+        pct(0.5).as_secs_f64() * 1e6,
+        pct(0.99).as_secs_f64() * 1e6,
+        samples.len()
+    );
+}
+
+fn native_command(addr: SocketAddr) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["native-server", &addr.to_string()]);
+    cmd
+}
+
+/// The native baseline: hyper answering with the same bytes, no Wasm.
+fn native_server(addr: SocketAddr) -> Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    let mut response = http::Response::new(Full::new(Bytes::from_static(BODY)));
+                    response
+                        .headers_mut()
+                        .insert("content-type", http::HeaderValue::from_static("text/plain"));
+                    Ok::<_, Infallible>(response)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn serve_and_load(
+    name: &str,
+    command: impl Fn(SocketAddr) -> Command,
+    duration: Duration,
+    connections: usize,
+) -> Result<f64> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let _server = Server(
+        command(addr)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?,
+    );
+    let started = Instant::now();
+    loop {
+        if let Ok(reply) = get(addr).await {
+            if reply == BODY {
+                break;
+            }
+            bail!("{name} answered {:?}", String::from_utf8_lossy(&reply));
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("{name} did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (count, failures) = load(addr, duration, connections).await;
+    let rps = count as f64 / duration.as_secs_f64();
+    println!("{name:<22} {rps:>9.0} req/s  ({count} ok, {failures} failed)");
+    Ok(rps)
+}
+
+async fn get(addr: SocketAddr) -> Result<Bytes> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get("/").header("host", addr.to_string()).body(Empty::<Bytes>::new())?;
+    Ok(sender.send_request(request).await?.into_body().collect().await?.to_bytes())
+}
+
+/// Keep-alive connections sending requests back to back for `duration`.
+async fn load(addr: SocketAddr, duration: Duration, connections: usize) -> (u64, u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (ok, failed) = (ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return };
+                let _ = stream.set_nodelay(true);
+                let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                while Instant::now() < end {
+                    let request = http::Request::get("/")
+                        .header("host", "bench")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let done = async {
+                        sender.ready().await?;
+                        let response = sender.send_request(request).await?;
+                        let status = response.status();
+                        response.into_body().collect().await?;
+                        Ok::<_, hyper::Error>(status.is_success())
+                    };
+                    match done.await {
+                        Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+}
+
+/// Swapping between two compiled versions through the admin API.
+async fn swap(config: &Path, data: &Path) -> Result<()> {
+    let (public, admin) = (free_port(), free_port());
+    let _server = Server(
+        Command::new(root().join("target/release/agora"))
+            .arg("up")
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{public}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse()?;
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("agora did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let binaries = [std::fs::read(component("probe-v2"))?, std::fs::read(component("probe"))?];
+    let mut server_ms = Vec::new();
+    let mut round_trip = Vec::new();
+    for i in 0..22 {
+        let started = Instant::now();
+        let reply = deploy(admin, &binaries[i % 2]).await?;
+        let elapsed = started.elapsed();
+        // The first two deploys compile; the rest swap precompiled versions.
+        if i >= 2 {
+            server_ms.push(reply["swap_ms"].as_f64().unwrap_or(f64::NAN));
+            round_trip.push(elapsed);
+        }
+    }
+    server_ms.sort_by(f64::total_cmp);
+    println!("\n## Hot swap of a precompiled version (admin API, {} swaps)", server_ms.len());
+    println!("host-side swap: median {:.1} ms, max {:.1} ms", server_ms[server_ms.len() / 2], server_ms[server_ms.len() - 1]);
+    report("deploy round trip", &mut round_trip);
+    Ok(())
+}
+
+async fn deploy(admin: SocketAddr, wasm: &[u8]) -> Result<serde_json::Value> {
+    let stream = tokio::net::TcpStream::connect(admin).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::post("/components/probe/deploy")
+        .header("host", admin.to_string())
+        .body(Full::new(Bytes::copy_from_slice(wasm)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("deploy failed: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(serde_json::from_slice(&body)?)
+}

@@ -1,0 +1,276 @@
+//! SQL storage: the component's own database.
+//!
+//! Write the PostgreSQL/SQLite common subset with `$1` placeholders:
+//! TEXT, BIGINT, BOOLEAN, DOUBLE PRECISION, `RETURNING`, `ON CONFLICT`.
+//! Generate ids in the component and keep money in integer cents.
+
+use serde::Serialize;
+
+use crate::bindings::agora::platform::storage as wit;
+use crate::http::Error;
+
+pub use wit::Value;
+
+/// `params![a, b, c]`: a parameter list from anything convertible to [`Value`].
+#[macro_export]
+macro_rules! params {
+    ($($value:expr),* $(,)?) => {
+        &[$($crate::storage::Value::from($value)),*]
+    };
+}
+
+/// A schema migration, applied once by the host, in order.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+impl Migration {
+    pub const fn new(name: &'static str, sql: &'static str) -> Migration {
+        Migration { name, sql }
+    }
+}
+
+impl From<Migration> for crate::bindings::exports::agora::platform::schema::Migration {
+    fn from(m: Migration) -> Self {
+        Self {
+            name: m.name.to_owned(),
+            sql: m.sql.to_owned(),
+        }
+    }
+}
+
+impl From<wit::Error> for Error {
+    fn from(e: wit::Error) -> Error {
+        match e {
+            wit::Error::ConstraintViolation(m) => Error::conflict(m),
+            wit::Error::InvalidQuery(m) => Error::internal(format!("storage: {m}")),
+            wit::Error::Unavailable(m) => Error::unavailable(format!("storage: {m}")),
+        }
+    }
+}
+
+/// The rows of a query.
+#[derive(Debug, Clone)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+impl Rows {
+    pub fn iter(&self) -> impl Iterator<Item = Row<'_>> {
+        self.rows.iter().map(|values| Row {
+            columns: &self.columns,
+            values,
+        })
+    }
+
+    pub fn first(&self) -> Option<Row<'_>> {
+        self.iter().next()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+impl From<wit::RowSet> for Rows {
+    fn from(r: wit::RowSet) -> Rows {
+        Rows {
+            columns: r.columns,
+            rows: r.rows,
+        }
+    }
+}
+
+/// One row; columns are read by name.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    columns: &'a [String],
+    values: &'a [Value],
+}
+
+impl Row<'_> {
+    pub fn get<T: FromValue>(&self, column: &str) -> Result<T, Error> {
+        let index = self
+            .columns
+            .iter()
+            .position(|c| c == column)
+            .ok_or_else(|| Error::internal(format!("the result has no column `{column}`")))?;
+        T::from_value(&self.values[index]).ok_or_else(|| {
+            Error::internal(format!("column `{column}` holds {:?}", self.values[index]))
+        })
+    }
+}
+
+/// Reading a typed value out of a cell.
+pub trait FromValue: Sized {
+    fn from_value(value: &Value) -> Option<Self>;
+}
+
+impl FromValue for i64 {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Integer(i) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for f64 {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Real(f) => Some(*f),
+            Value::Integer(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for bool {
+    /// SQLite stores booleans as 0 and 1.
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Boolean(b) => Some(*b),
+            Value::Integer(i) => Some(*i != 0),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for String {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Text(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
+impl FromValue for Vec<u8> {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Blob(b) => Some(b.clone()),
+            Value::Text(s) => Some(s.clone().into_bytes()),
+            _ => None,
+        }
+    }
+}
+
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(value: &Value) -> Option<Self> {
+        match value {
+            Value::Null => Some(None),
+            other => T::from_value(other).map(Some),
+        }
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Value {
+        Value::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Value {
+    fn from(s: String) -> Value {
+        Value::Text(s)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(s: &String) -> Value {
+        Value::Text(s.clone())
+    }
+}
+
+impl From<i64> for Value {
+    fn from(i: i64) -> Value {
+        Value::Integer(i)
+    }
+}
+
+impl From<i32> for Value {
+    fn from(i: i32) -> Value {
+        Value::Integer(i.into())
+    }
+}
+
+impl From<u32> for Value {
+    fn from(i: u32) -> Value {
+        Value::Integer(i.into())
+    }
+}
+
+impl From<bool> for Value {
+    fn from(b: bool) -> Value {
+        Value::Boolean(b)
+    }
+}
+
+impl From<f64> for Value {
+    fn from(f: f64) -> Value {
+        Value::Real(f)
+    }
+}
+
+impl From<Vec<u8>> for Value {
+    fn from(b: Vec<u8>) -> Value {
+        Value::Blob(b)
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Value {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+pub fn query(sql: &str, params: &[Value]) -> Result<Rows, Error> {
+    Ok(wit::query(sql, params)?.into())
+}
+
+/// Runs a statement; returns the number of rows it changed.
+pub fn execute(sql: &str, params: &[Value]) -> Result<u64, Error> {
+    Ok(wit::execute(sql, params)?)
+}
+
+/// Starts a transaction. Dropping it without [`Transaction::commit`] rolls it back.
+pub fn begin() -> Result<Transaction, Error> {
+    Ok(Transaction(wit::begin()?))
+}
+
+pub struct Transaction(wit::Transaction);
+
+impl Transaction {
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows, Error> {
+        Ok(self.0.query(sql, params)?.into())
+    }
+
+    pub fn execute(&self, sql: &str, params: &[Value]) -> Result<u64, Error> {
+        Ok(self.0.execute(sql, params)?)
+    }
+
+    /// Publishes `event` as JSON if and only if this transaction commits
+    /// (the transactional outbox). Returns the event id.
+    pub fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        key: Option<&str>,
+        event: &T,
+    ) -> Result<String, Error> {
+        let message = crate::messaging::outgoing(topic, key, event)?;
+        Ok(crate::bindings::agora::platform::messaging::publish_in(
+            &self.0, &message,
+        )?)
+    }
+
+    pub fn commit(self) -> Result<(), Error> {
+        Ok(wit::Transaction::commit(self.0)?)
+    }
+}

@@ -1,0 +1,300 @@
+//! Test harness: runs the real `agora` binary on free loopback ports with a
+//! scratch data directory, and talks to it over HTTP.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tempfile::TempDir;
+
+/// The components built by `scripts/build-components --test-variants`.
+pub fn component(name: &str) -> PathBuf {
+    let dir = std::env::var_os("AGORA_TEST_COMPONENTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-components"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test, which builds the test components",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Ports {
+    pub public: u16,
+    pub admin: u16,
+}
+
+/// A running host. Killed (SIGKILL, like a crash) when dropped.
+pub struct TestHost {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub ports: Ports,
+}
+
+/// hello on /hello, probe (every grant) on /probe.
+pub fn standard_config(ports: &Ports, probe: &Path) -> String {
+    format!(
+        r#"
+[components.hello]
+wasm = "{hello}"
+routes = ["/hello"]
+
+[components.probe]
+wasm = "{probe}"
+routes = ["/probe"]
+grants = ["storage", "cache", "messaging", "tokens", "config", "http-out"]
+publishes = ["*"]
+subscribes = ["test.events"]
+outbound_hosts = ["127.0.0.1:{port}"]
+settings = {{ greeting = "hi", admins = ["a@example.com"] }}
+limits = {{ timeout_ms = 6000, memory_mib = 32 }}
+retry = {{ max_attempts = 3, backoff_ms = 20 }}
+"#,
+        hello = component("hello").display(),
+        probe = probe.display(),
+        port = ports.public,
+    )
+}
+
+impl TestHost {
+    /// Writes plugins.toml from `config` and starts a host on it.
+    pub fn start(config: impl FnOnce(&Ports, &Path) -> String) -> TestHost {
+        let dir = TempDir::new().unwrap();
+        let ports = Ports {
+            public: free_port(),
+            admin: free_port(),
+        };
+        std::fs::write(dir.path().join("plugins.toml"), config(&ports, dir.path())).unwrap();
+        let mut host = TestHost {
+            child: None,
+            dir,
+            ports,
+        };
+        host.spawn();
+        host
+    }
+
+    pub fn standard() -> TestHost {
+        TestHost::start(|ports, _| standard_config(ports, &component("probe")))
+    }
+
+    pub fn plugins_path(&self) -> PathBuf {
+        self.dir.path().join("plugins.toml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("host.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
+            .arg("up")
+            .arg("--config")
+            .arg(self.plugins_path())
+            .args(["--listen", &format!("127.0.0.1:{}", self.ports.public)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", self.ports.admin)])
+            .arg("--data")
+            .arg(self.data_dir())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_until_serving();
+    }
+
+    fn wait_until_serving(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the host exited ({status}) while starting:\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.ports.public)).is_ok()
+                && self.log().contains("agora is serving")
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the host did not start within 120 s:\n{}", self.log());
+    }
+
+    /// Kills the host without warning, as a crash would.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Crashes the host and starts it again on the same data and config.
+    pub fn restart(&mut self) {
+        self.crash();
+        self.spawn();
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ports.public)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.admin)
+    }
+
+    /// Runs an `agora` subcommand against this host's admin API.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut all: Vec<&str> = args.to_vec();
+        let admin = self.admin_url();
+        all.extend(["--admin", &admin]);
+        agora(&all)
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+pub fn agora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Replaces a file atomically, as a deploy pipeline should.
+pub fn replace_atomically(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `code` of a `{"error":{"code","message"}}` body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    let uri: http::Uri = url.parse().unwrap();
+    let authority = uri.authority().unwrap().clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str())
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().unwrap().as_str())
+        .header("host", authority.as_str());
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let response = sender
+        .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    Reply { status, body }
+}
+
+pub async fn get(url: &str) -> Reply {
+    request("GET", url, &[], Vec::new()).await
+}
+
+pub async fn put(url: &str, body: &str) -> Reply {
+    request("PUT", url, &[], body.as_bytes().to_vec()).await
+}
+
+pub async fn post_json(url: &str, value: &serde_json::Value) -> Reply {
+    request(
+        "POST",
+        url,
+        &[("content-type", "application/json")],
+        value.to_string().into_bytes(),
+    )
+    .await
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,515 @@
+//! The platform core through a real host process: routing, capabilities,
+//! messaging guarantees, limits and grants.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_by_longest_prefix_and_answers_unknown_paths_with_json_404() {
+    let host = TestHost::standard();
+    let hello = get(&host.url("/hello")).await;
+    assert_eq!(
+        (hello.status, hello.text().as_str()),
+        (200, "Hello, world!\n")
+    );
+    assert_eq!(get(&host.url("/hello/anything/below")).await.status, 200);
+    assert_eq!(
+        get(&host.url("/probe/version")).await.json(),
+        json!({"version": "v1"})
+    );
+
+    for path in ["/nope", "/hellothere", "/"] {
+        let missing = get(&host.url(path)).await;
+        assert_eq!(missing.status, 404, "{path}");
+        assert_eq!(missing.error_code(), "not_found");
+        assert!(missing.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(path));
+    }
+    // A route inside a component that the component does not have.
+    let inner = get(&host.url("/probe/nothing-here")).await;
+    assert_eq!(
+        (inner.status, inner.error_code().as_str()),
+        (404, "not_found")
+    );
+
+    assert_eq!(
+        get(&host.url("/healthz")).await.json(),
+        json!({"status": "ok"})
+    );
+    let ready = get(&host.url("/readyz")).await;
+    assert_eq!(ready.status, 200);
+    let ready = ready.json();
+    assert_eq!(ready["status"], "ready");
+    assert!(ready["components"]["hello"].is_string() && ready["components"]["probe"].is_string());
+    assert_eq!(ready["backends"]["storage"], "ok");
+
+    let log = host.log();
+    assert!(
+        log.contains("path=/probe/version")
+            && log.contains("component=\"probe\"")
+            && log.contains("status=200"),
+        "one log line per request with component and status:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn data_and_delivered_events_survive_a_crash_and_nothing_recompiles() {
+    let mut host = TestHost::standard();
+    assert_eq!(put(&host.url("/probe/kv/colour"), "teal").await.status, 204);
+    post_json(
+        &host.url("/probe/publish"),
+        &json!({"topic": "test.events", "payload": "before-crash"}),
+    )
+    .await;
+    eventually(
+        "the event to be handled",
+        Duration::from_secs(10),
+        || async {
+            let received = get(&host.url("/probe/received")).await.json();
+            (received.as_array().unwrap().len() == 1).then_some(())
+        },
+    )
+    .await;
+    let compiled = count_files(&host.data_dir().join("compiled"));
+    assert!(compiled > 0, "compiled code is cached on disk");
+
+    host.restart();
+
+    let kv = get(&host.url("/probe/kv/colour")).await;
+    assert_eq!(kv.json(), json!({"value": "teal"}));
+    // Progress was recorded: the event is not handled again after the restart.
+    post_json(
+        &host.url("/probe/publish"),
+        &json!({"topic": "test.events", "payload": "after-crash"}),
+    )
+    .await;
+    let received = eventually("the second event", Duration::from_secs(10), || async {
+        let received = get(&host.url("/probe/received")).await.json();
+        (received.as_array().unwrap().len() >= 2).then_some(received)
+    })
+    .await;
+    let payloads: Vec<_> = received
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["payload"].clone())
+        .collect();
+    assert_eq!(
+        payloads,
+        [json!("\"after-crash\""), json!("\"before-crash\"")]
+    );
+    assert_eq!(
+        count_files(&host.data_dir().join("compiled")),
+        compiled,
+        "a restart reuses the compiled code instead of compiling again"
+    );
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_entries_expire_after_their_ttl() {
+    let host = TestHost::standard();
+    assert_eq!(
+        put(&host.url("/probe/cache/short?ttl_ms=300"), "soon gone")
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        put(&host.url("/probe/cache/long"), "stays").await.status,
+        204
+    );
+    assert_eq!(
+        get(&host.url("/probe/cache/short")).await.json(),
+        json!({"value": "soon gone"})
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let expired = get(&host.url("/probe/cache/short")).await;
+    assert_eq!(
+        (expired.status, expired.error_code().as_str()),
+        (404, "not_found")
+    );
+    assert_eq!(
+        get(&host.url("/probe/cache/long")).await.json(),
+        json!({"value": "stays"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_delivered_retried_and_dead_lettered() {
+    let host = TestHost::standard();
+    for payload in ["plain", "fail-once", "fail-always"] {
+        let reply = post_json(
+            &host.url("/probe/publish"),
+            &json!({"topic": "test.events", "key": "k", "payload": payload}),
+        )
+        .await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    // Order per key holds, so once "fail-always" is dead-lettered the others are done.
+    let dead = eventually("the dead letter", Duration::from_secs(15), || async {
+        let events = get(&format!(
+            "{}/topics/dead-letter.probe/events",
+            host.admin_url()
+        ))
+        .await
+        .json();
+        let events = events["events"].as_array().unwrap().clone();
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["payload"], "\"fail-always\"");
+    assert_eq!(dead[0]["headers"]["agora-original-topic"], "test.events");
+    assert_eq!(dead[0]["headers"]["agora-attempts"], "3");
+    assert_eq!(
+        dead[0]["headers"]["agora-error"],
+        "the payload asks to fail"
+    );
+
+    let received = get(&host.url("/probe/received")).await.json();
+    let summary: Vec<_> = received
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["payload"].as_str().unwrap().to_owned(),
+                r["attempt"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("\"fail-once\"".to_owned(), 2), ("\"plain\"".to_owned(), 1)]
+    );
+
+    // The CLI shows the same dead letters.
+    let out = host.cli(&["events", "dead-letter.probe"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fail-always"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_published_in_a_rolled_back_transaction_is_never_delivered() {
+    let host = TestHost::standard();
+    let publish = |payload: &str, commit: bool| json!({"topic": "test.events", "key": "k", "payload": payload, "commit": commit});
+    assert_eq!(
+        post_json(&host.url("/probe/publish"), &publish("committed", true))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        post_json(&host.url("/probe/publish"), &publish("rolled-back", false))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        post_json(&host.url("/probe/publish"), &publish("sentinel", true))
+            .await
+            .status,
+        201
+    );
+    // Delivery is in order, so once the sentinel is in, the rolled-back event had its chance.
+    let received = eventually("the sentinel", Duration::from_secs(10), || async {
+        let received = get(&host.url("/probe/received")).await.json();
+        let done = received
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["payload"] == "\"sentinel\"");
+        done.then_some(received)
+    })
+    .await;
+    let payloads: Vec<_> = received
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["payload"].clone())
+        .collect();
+    assert_eq!(payloads, [json!("\"committed\""), json!("\"sentinel\"")]);
+    // The row written beside the event was rolled back too.
+    assert_eq!(
+        get(&host.url("/probe/kv/published-\"rolled-back\""))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        get(&host.url("/probe/kv/published-\"committed\""))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "timeout_ms = 6000, memory_mib = 32",
+            "timeout_ms = 1000, memory_mib = 16",
+        )
+    });
+    let still_serving = || async {
+        assert_eq!(get(&host.url("/hello")).await.status, 200);
+        assert_eq!(get(&host.url("/probe/version")).await.status, 200);
+    };
+
+    let trap = get(&host.url("/probe/trap")).await;
+    assert_eq!(
+        (trap.status, trap.error_code().as_str()),
+        (500, "component_trapped")
+    );
+    assert!(trap.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`probe`"));
+    still_serving().await;
+
+    let started = Instant::now();
+    let spin = get(&host.url("/probe/loop")).await;
+    assert_eq!(
+        (spin.status, spin.error_code().as_str()),
+        (504, "deadline_exceeded")
+    );
+    assert!(spin.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`probe`"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "stopped at the deadline, not before"
+    );
+    still_serving().await;
+
+    let bomb = get(&host.url("/probe/oom")).await;
+    assert_eq!(
+        (bomb.status, bomb.error_code().as_str()),
+        (500, "memory_limit_exceeded")
+    );
+    assert!(bomb.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`probe`"));
+    still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_beyond_its_concurrency_limit_queues() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "timeout_ms = 6000, memory_mib = 32",
+            "timeout_ms = 6000, memory_mib = 32, max_concurrency = 1",
+        )
+    });
+    let first = tokio::spawn(get(host.url("/probe/slow?ms=1500").leak()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let second = get(&host.url("/probe/slow?ms=1")).await;
+    assert_eq!(second.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the second request waited for the only instance slot"
+    );
+    assert_eq!(first.await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_are_refused_with_413() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "timeout_ms = 6000, memory_mib = 32",
+            "timeout_ms = 6000, memory_mib = 32, max_body_kib = 1",
+        )
+    });
+    let big = "x".repeat(2048);
+    let refused = put(&host.url("/probe/kv/big"), &big).await;
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (413, "body_too_large")
+    );
+    assert_eq!(put(&host.url("/probe/kv/small"), "fits").await.status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_issued_and_verified_by_the_host() {
+    let host = TestHost::standard();
+    let issued = post_json(&host.url("/probe/token"), &json!({"subject": "user-1"}))
+        .await
+        .json();
+    let token = issued["token"].as_str().unwrap();
+    assert_eq!(issued["expires_in"], 3600);
+    let bearer = format!("Bearer {token}");
+    let me = request(
+        "GET",
+        &host.url("/probe/whoami"),
+        &[("authorization", &bearer)],
+        vec![],
+    )
+    .await;
+    assert_eq!(me.json(), json!({"subject": "user-1", "roles": ["tester"]}));
+    let forged = format!("Bearer {}x", token);
+    let refused = request(
+        "GET",
+        &host.url("/probe/whoami"),
+        &[("authorization", &forged)],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.error_code().as_str()),
+        (401, "invalid_token")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settings_reach_the_component_through_config() {
+    let host = TestHost::standard();
+    assert_eq!(
+        get(&host.url("/probe/config/greeting")).await.json(),
+        json!({"value": "hi"})
+    );
+    assert_eq!(
+        get(&host.url("/probe/config/admins")).await.json(),
+        json!({"value": "[\"a@example.com\"]"})
+    );
+    assert_eq!(get(&host.url("/probe/config/missing")).await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbound_http_reaches_only_granted_hosts() {
+    let host = TestHost::standard();
+    let granted = format!("http://127.0.0.1:{}/hello", host.ports.public);
+    let fetched = get(&host.url(&format!("/probe/fetch?url={granted}"))).await;
+    assert_eq!(
+        fetched.json(),
+        json!({"status": 200, "body": "Hello, world!\n"})
+    );
+    let other = format!("http://localhost:{}/hello", host.ports.public);
+    let denied = get(&host.url(&format!("/probe/fetch?url={other}"))).await;
+    assert_eq!(
+        (denied.status, denied.error_code().as_str()),
+        (403, "outbound_denied")
+    );
+}
+
+#[test]
+fn a_component_importing_an_ungranted_capability_is_refused_by_name() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = standard_config(
+        &Ports {
+            public: 1,
+            admin: 2,
+        },
+        &component("probe"),
+    )
+    .replace(
+        r#"grants = ["storage", "cache", "#,
+        r#"grants = ["storage", "#,
+    );
+    let path = dir.path().join("plugins.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = agora(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("component `probe` imports `agora:platform/cache") && err.contains("`cache`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_accepts_a_good_configuration_and_names_the_key_of_a_bad_one() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("plugins.toml");
+    let good = standard_config(
+        &Ports {
+            public: 1,
+            admin: 2,
+        },
+        &component("probe"),
+    );
+    std::fs::write(&path, &good).unwrap();
+    let out = agora(&["check", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok  probe"));
+
+    let cases = [
+        (
+            good.replace("routes = [\"/hello\"]", "route = [\"/hello\"]"),
+            "unknown field `route`",
+        ),
+        (
+            good.replace("memory_mib = 32", "memory_mib = 0"),
+            "components.probe.limits.memory_mib",
+        ),
+        (good.replace("\"tokens\",", "\"sockets\","), "sockets"),
+        (
+            good.replace("routes = [\"/probe\"]", "routes = [\"/hello\"]"),
+            "components.probe.routes[0]",
+        ),
+        (
+            good.replace("[components.hello]", "[components.hello"),
+            "plugins.toml",
+        ),
+    ];
+    for (config, expected) in cases {
+        std::fs::write(&path, config).unwrap();
+        let out = agora(&["check", "--config", path.to_str().unwrap()]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected) && err.contains("plugins.toml"),
+            "expected {expected:?} in: {err}"
+        );
+    }
+    let missing = agora(&[
+        "check",
+        "--config",
+        dir.path().join("absent.toml").to_str().unwrap(),
+    ]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("absent.toml"));
+}
+
+#[test]
+fn a_missing_component_file_is_named_with_a_hint() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("plugins.toml");
+    std::fs::write(
+        &path,
+        "[components.ghost]\nwasm = \"ghost.wasm\"\nroutes = [\"/ghost\"]\n",
+    )
+    .unwrap();
+    let out = agora(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("component `ghost`") && err.contains("ghost.wasm") && err.contains("--build"),
+        "{err}"
+    );
+}
