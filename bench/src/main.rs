@@ -30,11 +30,17 @@ fn root() -> PathBuf {
 }
 
 fn component(name: &str) -> PathBuf {
-    root().join("target/test-components").join(format!("{name}.wasm"))
+    root()
+        .join("target/test-components")
+        .join(format!("{name}.wasm"))
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn main() -> Result<()> {
@@ -65,7 +71,10 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 
     instantiation(&config, &scratch.join("in-process")).await?;
 
-    println!("\n## HTTP: GET / on a hello-world component, {connections} connections, {}s each", duration.as_secs());
+    println!(
+        "\n## HTTP: GET / on a hello-world component, {connections} connections, {}s each",
+        duration.as_secs()
+    );
     let native = serve_and_load("native hyper", native_command, duration, connections).await?;
     let agora_data = scratch.join("agora");
     let admin = free_port();
@@ -86,7 +95,8 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
         Ok(out) if String::from_utf8_lossy(&out.stdout).starts_with("wasmtime 48.0.8") => {
             let serve = |addr: SocketAddr| {
                 let mut cmd = Command::new("wasmtime");
-                cmd.args(["serve", "-Scli", "--addr", &addr.to_string()]).arg(component("hello"));
+                cmd.args(["serve", "-Scli", "--addr", &addr.to_string()])
+                    .arg(component("hello"));
                 cmd
             };
             Some(serve_and_load("wasmtime serve 48.0.8", serve, duration, connections).await?)
@@ -112,7 +122,10 @@ async fn instantiation(config: &Path, data: &Path) -> Result<()> {
     let plugins = Plugins::load(config)?;
     let runtime = Runtime::start(plugins, config, data).await?;
     let hello = runtime.registry().components["hello"].clone();
-    println!("## Instantiation (in process, pooling allocator: {})", runtime.pooling);
+    println!(
+        "## Instantiation (in process, pooling allocator: {})",
+        runtime.pooling
+    );
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut samples = Vec::with_capacity(20_000);
     for _ in 0..20_000 {
@@ -214,8 +227,16 @@ async fn get(addr: SocketAddr) -> Result<Bytes> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let request = http::Request::get("/").header("host", addr.to_string()).body(Empty::<Bytes>::new())?;
-    Ok(sender.send_request(request).await?.into_body().collect().await?.to_bytes())
+    let request = http::Request::get("/")
+        .header("host", addr.to_string())
+        .body(Empty::<Bytes>::new())?;
+    Ok(sender
+        .send_request(request)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes())
 }
 
 /// Keep-alive connections sending requests back to back for `duration`.
@@ -227,9 +248,12 @@ async fn load(addr: SocketAddr, duration: Duration, connections: usize) -> (u64,
         .map(|_| {
             let (ok, failed) = (ok.clone(), failed.clone());
             tokio::spawn(async move {
-                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else { return };
+                let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                    return;
+                };
                 let _ = stream.set_nodelay(true);
-                let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                let Ok((mut sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
                 else {
                     return;
                 };
@@ -285,7 +309,10 @@ async fn swap(config: &Path, data: &Path) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let binaries = [std::fs::read(component("probe-v2"))?, std::fs::read(component("probe"))?];
+    let binaries = [
+        std::fs::read(component("probe-v2"))?,
+        std::fs::read(component("probe"))?,
+    ];
     let mut server_ms = Vec::new();
     let mut round_trip = Vec::new();
     for i in 0..22 {
@@ -299,8 +326,15 @@ async fn swap(config: &Path, data: &Path) -> Result<()> {
         }
     }
     server_ms.sort_by(f64::total_cmp);
-    println!("\n## Hot swap of a precompiled version (admin API, {} swaps)", server_ms.len());
-    println!("host-side swap: median {:.1} ms, max {:.1} ms", server_ms[server_ms.len() / 2], server_ms[server_ms.len() - 1]);
+    println!(
+        "\n## Hot swap of a precompiled version (admin API, {} swaps)",
+        server_ms.len()
+    );
+    println!(
+        "host-side swap: median {:.1} ms, max {:.1} ms",
+        server_ms[server_ms.len() / 2],
+        server_ms[server_ms.len() - 1]
+    );
     report("deploy round trip", &mut round_trip);
     Ok(())
 }

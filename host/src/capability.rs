@@ -29,7 +29,7 @@ use crate::cache::CacheCapability;
 use crate::config::ConfigCapability;
 use crate::http_out::HttpOutCapability;
 use crate::messaging::MessagingCapability;
-use crate::plugins::{ComponentSpec, Grant, Plugins};
+use crate::plugins::{ComponentSpec, Grant, Plugins, SHOP_INTERFACES};
 use crate::state::InstanceState;
 use crate::storage::StorageCapability;
 use crate::tokens::TokensCapability;
@@ -161,7 +161,8 @@ impl Capabilities {
                     .any(|(_, e)| matches!(e.ty, ComponentItem::ComponentFunc(_))),
                 _ => true,
             };
-            if !takes_functions {
+            // `agora:shop` imports are linked to components, not granted.
+            if !takes_functions || import.starts_with(SHOP_INTERFACES) {
                 continue;
             }
             match Self::grant_for(import) {

@@ -7,7 +7,7 @@
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,7 +17,7 @@ use http_body_util::Full;
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::timeout_at;
-use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::component::{Component, InstancePre, Linker, Val};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
@@ -26,8 +26,10 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
+use crate::links;
 use crate::plugins::ComponentSpec;
 use crate::response::{self, Body};
+use crate::runtime::Runtime;
 use crate::state::InstanceState;
 use crate::storage::Migration;
 
@@ -122,6 +124,7 @@ impl ComponentVersion {
         engine: &Engine,
         linker: &Linker<InstanceState>,
         capabilities: &Capabilities,
+        runtime: &Weak<Runtime>,
         name: &str,
         spec: &ComponentSpec,
         wasm: Arc<[u8]>,
@@ -134,7 +137,10 @@ impl ComponentVersion {
                 .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?
         };
         Capabilities::check_imports(engine, name, &component, spec)?;
-        let pre = linker
+        let linked = links::linker_for(linker, engine, name, &component, spec, runtime)?;
+        let pre = linked
+            .as_ref()
+            .unwrap_or(linker)
             .instantiate_pre(&component)
             .map_err(|e| anyhow!("component `{name}` cannot be linked: {e:#}"))?;
         let http = ProxyIndices::new(&pre).ok();
@@ -281,6 +287,58 @@ impl ComponentVersion {
                 task.abort();
                 Failure::Timeout.response(&self.name)
             }
+        }
+    }
+
+    /// Whether this version exports `interface` (`package/name`, any version).
+    pub fn exports(&self, interface: &str) -> bool {
+        let ty = self.pre.component().component_type();
+        let engine = self.pre.engine();
+        let found = ty
+            .exports(engine)
+            .any(|(name, _)| name.split('@').next() == Some(interface));
+        found
+    }
+
+    /// Calls `function` of the exported `interface` on a fresh instance: the
+    /// callee side of a service-to-service call. A failure of the callee
+    /// (trap, deadline, memory) fails the caller's call with its reason.
+    pub async fn call_export(
+        &self,
+        interface: &str,
+        function: &str,
+        params: &[Val],
+        results: &mut [Val],
+    ) -> wasmtime::Result<()> {
+        let deadline = self.deadline();
+        let tokio_deadline = tokio::time::Instant::from_std(deadline);
+        let Ok(Ok(_permit)) =
+            timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
+        else {
+            wasmtime::bail!("{}", Failure::Busy.message(&self.name));
+        };
+        let mut store = self.new_store(deadline);
+        let run = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            let func = instance
+                .get_export_index(&mut store, None, interface)
+                .and_then(|i| instance.get_export_index(&mut store, Some(&i), function))
+                .and_then(|f| instance.get_func(&mut store, f))
+                .ok_or_else(|| {
+                    wasmtime::format_err!(
+                        "component `{}` does not export `{interface}#{function}`",
+                        self.name
+                    )
+                })?;
+            func.call_async(&mut store, params, results).await
+        };
+        match timeout_at(tokio_deadline, run).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let failure = Failure::classify(e, store.data().limiter.exhausted);
+                wasmtime::bail!("{}", failure.message(&self.name))
+            }
+            Err(_) => wasmtime::bail!("{}", Failure::Timeout.message(&self.name)),
         }
     }
 

@@ -81,6 +81,9 @@ pub struct HostSettings {
     pub admin_listen: SocketAddr,
     /// Embedded databases, the message log, compiled code and the token key.
     pub data_dir: PathBuf,
+    /// An OpenAPI document served at `/openapi.json`, read on each request
+    /// so it is as current as the file.
+    pub openapi: Option<PathBuf>,
 }
 
 impl Default for HostSettings {
@@ -89,6 +92,7 @@ impl Default for HostSettings {
             listen: ([127, 0, 0, 1], 8080).into(),
             admin_listen: ([127, 0, 0, 1], 8081).into(),
             data_dir: PathBuf::from(".agora"),
+            openapi: None,
         }
     }
 }
@@ -171,6 +175,15 @@ pub struct ComponentSpec {
     /// Hosts (`name` or `name:port`) it may call. Needs the `http-out` grant.
     #[serde(default)]
     pub outbound_hosts: Vec<String>,
+    /// Which component serves each `agora:shop/*` interface it imports,
+    /// e.g. `{ "agora:shop/inventory" = "catalog" }`.
+    #[serde(default)]
+    pub links: BTreeMap<String, String>,
+    /// Requests the host lets through only with a valid bearer token (and
+    /// one of the roles, if given). The verified user reaches the component
+    /// in `x-agora-user-id` and `x-agora-user-roles`, set by the host alone.
+    #[serde(default)]
+    pub auth: Vec<AuthRule>,
     /// Read by the component through `agora:platform/config`.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
@@ -178,6 +191,19 @@ pub struct ComponentSpec {
     pub limits: Limits,
     #[serde(default)]
     pub retry: RetryPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRule {
+    /// Path prefix, matched on whole segments like routes.
+    pub prefix: String,
+    /// Methods it covers; all when empty.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Roles of which the user needs one; any signed-in user when empty.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -230,7 +256,10 @@ impl Default for RetryPolicy {
 }
 
 /// Paths the host answers itself; no component may claim them.
-pub const RESERVED_ROUTES: &[&str] = &["/healthz", "/readyz"];
+pub const RESERVED_ROUTES: &[&str] = &["/healthz", "/readyz", "/openapi.json"];
+
+/// The prefix of service-to-service interfaces, linked with `links`.
+pub const SHOP_INTERFACES: &str = "agora:shop/";
 
 /// The most memory any one instance may be given. The pooling allocator
 /// reserves address space for this per slot.
@@ -336,6 +365,40 @@ impl Plugins {
                             "publishes"
                         }),
                         format!("{topic:?} is not a topic name"),
+                    ));
+                }
+            }
+            for (interface, target) in &spec.links {
+                let key = format!("{}.\"{interface}\"", key("links"));
+                if !interface.starts_with(SHOP_INTERFACES) || interface.contains('@') {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "links name `{SHOP_INTERFACES}<interface>` interfaces, without version"
+                        ),
+                    ));
+                }
+                if !self.components.contains_key(target) || target == name {
+                    return Err(invalid(
+                        key,
+                        format!("`{target}` is not another component of this file"),
+                    ));
+                }
+            }
+            for (i, rule) in spec.auth.iter().enumerate() {
+                let key = format!("{}[{i}]", key("auth"));
+                if !rule.prefix.starts_with('/') {
+                    return Err(invalid(
+                        format!("{key}.prefix"),
+                        "must start with '/'".into(),
+                    ));
+                }
+                if let Some(m) = rule.methods.iter().find(|m| {
+                    http::Method::from_bytes(m.as_bytes()).is_err() || m.to_uppercase() != **m
+                }) {
+                    return Err(invalid(
+                        format!("{key}.methods"),
+                        format!("{m:?} is not an HTTP method in capitals"),
                     ));
                 }
             }

@@ -129,6 +129,7 @@ impl Runtime {
             &self.engine,
             &self.linker,
             &self.capabilities,
+            &self.this,
             name,
             spec,
             wasm,
@@ -158,6 +159,7 @@ impl Runtime {
             };
             components.insert(name.clone(), version);
         }
+        check_links(&components)?;
         Ok(components)
     }
 
@@ -283,6 +285,20 @@ impl Runtime {
             .messaging
             .sync_subscriptions(dispatch, &wanted);
     }
+}
+
+/// Every link must point at a component that exports the interface.
+fn check_links(components: &BTreeMap<String, Arc<ComponentVersion>>) -> Result<()> {
+    for (name, component) in components {
+        for (interface, target) in &component.spec.links {
+            if !components.get(target).is_some_and(|t| t.exports(interface)) {
+                return Err(anyhow!(
+                    "components.{name}.links: `{target}` does not export `{interface}`"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Routes a delivery to the component's current version.

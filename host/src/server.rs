@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::gateway;
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 
@@ -129,6 +130,7 @@ async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>
             )
         }
         "/readyz" => return (None, readiness(runtime).await),
+        "/openapi.json" => return (None, openapi(runtime).await),
         _ => {}
     }
     let registry = runtime.registry();
@@ -141,12 +143,43 @@ async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>
     };
     drop(registry);
     let name = component.name.clone();
+    let mut request = request;
+    let signer = runtime.capabilities.tokens.signer();
+    if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
+        return (Some(name), refused);
+    }
     let limit = component.spec.limits.max_body_kib as usize * 1024;
     let response = match read_body(request, limit).await {
         Ok(request) => component.handle_http(request).await,
         Err(response) => response,
     };
     (Some(name), response)
+}
+
+async fn openapi(runtime: &Runtime) -> Response<Body> {
+    let plugins = runtime.plugins();
+    let Some(path) = plugins.host.openapi.as_ref().map(|p| plugins.resolve(p)) else {
+        return response::error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no OpenAPI document is configured (host.openapi)",
+        );
+    };
+    match tokio::fs::read(&path).await {
+        Ok(document) => {
+            let mut response = Response::new(response::full(document));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => response::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            format!("cannot read the OpenAPI document {}: {e}", path.display()),
+        ),
+    }
 }
 
 async fn readiness(runtime: &Runtime) -> Response<Body> {

@@ -49,6 +49,36 @@ impl Request {
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
+    /// The user the host verified from the bearer token, if any. The host
+    /// sets these headers itself and strips any a client sent.
+    pub fn user(&self) -> Option<User> {
+        let id = self.header("x-agora-user-id").filter(|id| !id.is_empty())?;
+        let roles = self.header("x-agora-user-roles").unwrap_or("");
+        Some(User {
+            id: id.to_owned(),
+            roles: roles
+                .split(',')
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+
+    /// The verified user, or 401.
+    pub fn require_user(&self) -> Result<User> {
+        self.user()
+            .ok_or_else(|| Error::unauthorized("this request needs a bearer token"))
+    }
+
+    /// The verified user if an admin: 401 without a user, 403 for others.
+    pub fn require_admin(&self) -> Result<User> {
+        let user = self.require_user()?;
+        if !user.is_admin() {
+            return Err(Error::forbidden("this request needs the role admin"));
+        }
+        Ok(user)
+    }
+
     /// The body as JSON; 400 `invalid_json` with serde's reason (which names
     /// the field at fault, unknown fields included) when it does not fit.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
@@ -82,6 +112,23 @@ fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
+}
+
+/// A signed-in user, as verified by the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: String,
+    pub roles: Vec<String>,
+}
+
+impl User {
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.has_role("admin")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -422,6 +469,22 @@ mod tests {
         assert!(String::from_utf8(r.body)
             .unwrap()
             .contains(r#""code":"conflict""#));
+    }
+
+    #[test]
+    fn the_user_comes_from_the_hosts_headers() {
+        let anonymous = Request::new("GET", "/", vec![]);
+        assert_eq!(anonymous.require_user().unwrap_err().status, 401);
+        let customer = anonymous
+            .clone()
+            .with_header("x-agora-user-id", "u1")
+            .with_header("x-agora-user-roles", "customer");
+        assert_eq!(customer.require_user().unwrap().id, "u1");
+        assert_eq!(customer.require_admin().unwrap_err().status, 403);
+        let admin = anonymous
+            .with_header("x-agora-user-id", "u2")
+            .with_header("x-agora-user-roles", "customer,admin");
+        assert!(admin.require_admin().unwrap().is_admin());
     }
 
     #[test]

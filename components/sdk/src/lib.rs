@@ -112,9 +112,33 @@ macro_rules! service {
 #[doc(hidden)]
 pub use wasip2 as __wasip2;
 
+/// A new random id (a UUID v4 in text), for rows and orders.
+pub fn new_id() -> String {
+    let mut b = wasip2::random::random::get_random_bytes(16);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch.
+pub fn now_millis() -> i64 {
+    let now = wasip2::clocks::wall_clock::now();
+    (now.seconds as i64) * 1000 + i64::from(now.nanoseconds / 1_000_000)
+}
+
 /// What a component usually needs in scope.
 pub mod prelude {
-    pub use crate::http::{Error, Request, Response, Result, Router};
+    pub use crate::http::{Error, Request, Response, Result, Router, User};
     pub use crate::storage::{Migration, Value};
-    pub use crate::{cache, config, messaging, outbound, params, storage, tokens, Service};
+    pub use crate::{
+        cache, config, messaging, new_id, now_millis, outbound, params, storage, tokens, Service,
+    };
 }

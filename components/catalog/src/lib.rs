@@ -1,0 +1,390 @@
+//! catalog: products and their stock, and reservations against it.
+//!
+//! Stock can never go negative: a reservation takes stock with a
+//! conditional `UPDATE ... WHERE stock >= quantity` inside one transaction
+//! for all lines (all or nothing), and the schema checks `stock >= 0` too.
+//!
+//! Product reads come from the cache. Every write deletes the product's
+//! entry and bumps a generation number that list entries are keyed by, so
+//! no list survives a change; entries also expire after `CACHE_TTL`.
+
+use std::time::Duration;
+
+use agora_sdk::prelude::*;
+use agora_sdk::storage::Row;
+use serde::{Deserialize, Serialize};
+
+mod shop {
+    wit_bindgen::generate!({ path: "../../wit/shop", world: "catalog" });
+}
+
+use shop::exports::agora::shop::inventory::{self, Line, ReserveError, ReservedLine};
+
+struct Catalog;
+
+impl Service for Catalog {
+    fn router() -> Router {
+        Router::new()
+            .get("/products", list)
+            .post("/products", create)
+            .get("/products/{id}", show)
+            .patch("/products/{id}", update)
+    }
+
+    fn migrations() -> Vec<Migration> {
+        vec![Migration::new(
+            "0001_products",
+            include_str!("../migrations/0001_products.sql"),
+        )]
+    }
+}
+
+agora_sdk::service!(Catalog);
+
+/// A bound on staleness should an invalidation be missed.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+const GENERATION_KEY: &str = "products:generation";
+const DEFAULT_PAGE: i64 = 20;
+const MAX_PAGE: i64 = 100;
+
+#[derive(Serialize, Deserialize, Clone)]
+struct Product {
+    id: String,
+    name: String,
+    description: String,
+    price_cents: i64,
+    currency: String,
+    stock: i64,
+}
+
+const COLUMNS: &str = "id, name, description, price_cents, currency, stock";
+
+impl Product {
+    fn from_row(r: Row<'_>) -> Result<Product> {
+        Ok(Product {
+            id: r.get("id")?,
+            name: r.get("name")?,
+            description: r.get("description")?,
+            price_cents: r.get("price_cents")?,
+            currency: r.get("currency")?,
+            stock: r.get("stock")?,
+        })
+    }
+}
+
+fn product_key(id: &str) -> String {
+    format!("product:{id}")
+}
+
+/// Forgets cached copies of these products and of every list.
+fn invalidate<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    for id in ids {
+        cache::delete(&product_key(id))?;
+    }
+    cache::increment(GENERATION_KEY, 1, None)?;
+    Ok(())
+}
+
+fn load(id: &str) -> Result<Option<Product>> {
+    if let Some(product) = cache::get_json::<Product>(&product_key(id))? {
+        return Ok(Some(product));
+    }
+    let rows = storage::query(
+        &format!("SELECT {COLUMNS} FROM products WHERE id = $1"),
+        params![id],
+    )?;
+    let product = rows.first().map(Product::from_row).transpose()?;
+    if let Some(product) = &product {
+        cache::set_json(&product_key(id), product, Some(CACHE_TTL))?;
+    }
+    Ok(product)
+}
+
+fn show(req: &Request) -> Result<Response> {
+    let id = req.param("id");
+    let product = load(id)?.ok_or_else(|| Error::not_found(format!("no product {id}")))?;
+    Ok(Response::ok(&product))
+}
+
+fn list(req: &Request) -> Result<Response> {
+    let q = req.query("q").unwrap_or("").trim().to_lowercase();
+    let limit = req.query_as::<i64>("limit")?.unwrap_or(DEFAULT_PAGE);
+    let offset = req.query_as::<i64>("offset")?.unwrap_or(0);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Error::bad_request(format!(
+            "`limit` must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    if offset < 0 {
+        return Err(Error::bad_request("`offset` must not be negative"));
+    }
+    let generation = cache::get(GENERATION_KEY)?
+        .and_then(|g| String::from_utf8(g).ok())
+        .unwrap_or_default();
+    let key = format!("products:{generation}:{limit}:{offset}:{q}");
+    if let Some(page) = cache::get_json::<serde_json::Value>(&key)? {
+        return Ok(Response::ok(&page));
+    }
+    let pattern = format!("%{q}%");
+    let filter = "WHERE LOWER(name) LIKE $1 OR LOWER(description) LIKE $1";
+    let rows = storage::query(
+        &format!("SELECT {COLUMNS} FROM products {filter} ORDER BY name, id LIMIT $2 OFFSET $3"),
+        params![&pattern, limit, offset],
+    )?;
+    let items = rows
+        .iter()
+        .map(Product::from_row)
+        .collect::<Result<Vec<_>>>()?;
+    let total: i64 = storage::query(
+        &format!("SELECT COUNT(*) AS total FROM products {filter}"),
+        params![&pattern],
+    )?
+    .first()
+    .map(|r| r.get("total"))
+    .transpose()?
+    .unwrap_or(0);
+    let page = serde_json::json!({ "items": items, "total": total });
+    cache::set_json(&key, &page, Some(CACHE_TTL))?;
+    Ok(Response::ok(&page))
+}
+
+fn invalid(message: impl Into<String>) -> Error {
+    Error::new(400, "validation_failed", message)
+}
+
+fn check_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(invalid("`name` is required (1 to 200 characters)"));
+    }
+    Ok(name.to_owned())
+}
+
+fn check_currency(currency: &str) -> Result<String> {
+    if currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()) {
+        return Err(invalid(
+            "`currency` must be a three-letter code such as USD",
+        ));
+    }
+    Ok(currency.to_owned())
+}
+
+fn check_non_negative(field: &str, value: i64) -> Result<i64> {
+    if value < 0 {
+        return Err(invalid(format!("`{field}` must not be negative")));
+    }
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewProduct {
+    name: String,
+    #[serde(default)]
+    description: String,
+    price_cents: i64,
+    #[serde(default = "default_currency")]
+    currency: String,
+    #[serde(default)]
+    stock: i64,
+}
+
+fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+fn create(req: &Request) -> Result<Response> {
+    req.require_admin()?;
+    let body: NewProduct = req.json()?;
+    let product = Product {
+        id: new_id(),
+        name: check_name(&body.name)?,
+        description: body.description.trim().to_owned(),
+        price_cents: check_non_negative("price_cents", body.price_cents)?,
+        currency: check_currency(&body.currency)?,
+        stock: check_non_negative("stock", body.stock)?,
+    };
+    storage::execute(
+        "INSERT INTO products (id, name, description, price_cents, currency, stock, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        params![
+            &product.id,
+            &product.name,
+            &product.description,
+            product.price_cents,
+            &product.currency,
+            product.stock,
+            now_millis()
+        ],
+    )?;
+    invalidate([product.id.as_str()])?;
+    Ok(Response::created(&product))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductChange {
+    name: Option<String>,
+    description: Option<String>,
+    price_cents: Option<i64>,
+    currency: Option<String>,
+    stock: Option<i64>,
+}
+
+fn update(req: &Request) -> Result<Response> {
+    req.require_admin()?;
+    let id = req.param("id");
+    let change: ProductChange = req.json()?;
+    let tx = storage::begin()?;
+    let rows = tx.query(
+        &format!("SELECT {COLUMNS} FROM products WHERE id = $1"),
+        params![id],
+    )?;
+    let mut product = rows
+        .first()
+        .map(Product::from_row)
+        .transpose()?
+        .ok_or_else(|| Error::not_found(format!("no product {id}")))?;
+    if let Some(name) = change.name {
+        product.name = check_name(&name)?;
+    }
+    if let Some(description) = change.description {
+        product.description = description.trim().to_owned();
+    }
+    if let Some(price) = change.price_cents {
+        product.price_cents = check_non_negative("price_cents", price)?;
+    }
+    if let Some(currency) = change.currency {
+        product.currency = check_currency(&currency)?;
+    }
+    if let Some(stock) = change.stock {
+        product.stock = check_non_negative("stock", stock)?;
+    }
+    tx.execute(
+        "UPDATE products SET name = $1, description = $2, price_cents = $3, currency = $4, stock = $5 WHERE id = $6",
+        params![&product.name, &product.description, product.price_cents, &product.currency, product.stock, id],
+    )?;
+    tx.commit()?;
+    invalidate([id])?;
+    Ok(Response::ok(&product))
+}
+
+fn reserved_lines(rows: &agora_sdk::storage::Rows) -> Result<Vec<ReservedLine>> {
+    rows.iter()
+        .map(|r| {
+            Ok(ReservedLine {
+                product_id: r.get("product_id")?,
+                quantity: r.get::<i64>("quantity")? as u32,
+                unit_price_cents: r.get("unit_price_cents")?,
+                currency: r.get("currency")?,
+            })
+        })
+        .collect()
+}
+
+fn unavailable(e: Error) -> ReserveError {
+    ReserveError::Unavailable(e.message)
+}
+
+impl inventory::Guest for Catalog {
+    fn lookup(ids: Vec<String>) -> Result<Vec<inventory::Product>, String> {
+        let mut found = Vec::new();
+        for id in ids {
+            if let Some(p) = load(&id).map_err(|e| e.message)? {
+                found.push(inventory::Product {
+                    id: p.id,
+                    name: p.name,
+                    unit_price_cents: p.price_cents,
+                    currency: p.currency,
+                    stock: p.stock,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    fn reserve(order_id: String, lines: Vec<Line>) -> Result<Vec<ReservedLine>, ReserveError> {
+        if lines.is_empty() || lines.iter().any(|l| l.quantity == 0) {
+            return Err(ReserveError::Invalid(
+                "a reservation needs lines with quantities above 0".into(),
+            ));
+        }
+        let tx = storage::begin().map_err(unavailable)?;
+        let select = "SELECT product_id, quantity, unit_price_cents, currency FROM reservations WHERE order_id = $1 ORDER BY product_id";
+        let existing = tx.query(select, params![&order_id]).map_err(unavailable)?;
+        if !existing.is_empty() {
+            return reserved_lines(&existing).map_err(unavailable);
+        }
+        for line in &lines {
+            let taken = tx
+                .execute(
+                    "UPDATE products SET stock = stock - $1 WHERE id = $2 AND stock >= $1",
+                    params![line.quantity, &line.product_id],
+                )
+                .map_err(unavailable)?;
+            if taken == 0 {
+                let exists = !tx
+                    .query(
+                        "SELECT id FROM products WHERE id = $1",
+                        params![&line.product_id],
+                    )
+                    .map_err(unavailable)?
+                    .is_empty();
+                // Returning drops the transaction: nothing was reserved.
+                return Err(if exists {
+                    ReserveError::InsufficientStock(line.product_id.clone())
+                } else {
+                    ReserveError::UnknownProduct(line.product_id.clone())
+                });
+            }
+            tx.execute(
+                "INSERT INTO reservations (order_id, product_id, quantity, unit_price_cents, currency, state, created_at)
+                 SELECT $1, id, $2, price_cents, currency, 'reserved', $3 FROM products WHERE id = $4",
+                params![&order_id, line.quantity, now_millis(), &line.product_id],
+            )
+            .map_err(unavailable)?;
+        }
+        let reserved = tx.query(select, params![&order_id]).map_err(unavailable)?;
+        tx.commit().map_err(unavailable)?;
+        invalidate(lines.iter().map(|l| l.product_id.as_str())).map_err(unavailable)?;
+        reserved_lines(&reserved).map_err(unavailable)
+    }
+
+    fn commit(order_id: String) -> Result<(), String> {
+        storage::execute(
+            "UPDATE reservations SET state = 'committed' WHERE order_id = $1 AND state = 'reserved'",
+            params![&order_id],
+        )
+        .map(|_| ())
+        .map_err(|e| e.message)
+    }
+
+    fn release(order_id: String) -> Result<(), String> {
+        let released = (|| -> Result<Vec<String>> {
+            let tx = storage::begin()?;
+            let rows = tx.query(
+                "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved'",
+                params![&order_id],
+            )?;
+            let mut products = Vec::new();
+            for r in rows.iter() {
+                let product: String = r.get("product_id")?;
+                tx.execute(
+                    "UPDATE products SET stock = stock + $1 WHERE id = $2",
+                    params![r.get::<i64>("quantity")?, &product],
+                )?;
+                products.push(product);
+            }
+            tx.execute(
+                "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state = 'reserved'",
+                params![&order_id],
+            )?;
+            tx.commit()?;
+            Ok(products)
+        })()
+        .map_err(|e| e.message)?;
+        invalidate(released.iter().map(String::as_str)).map_err(|e| e.message)
+    }
+}
+
+shop::export!(Catalog with_types_in shop);

@@ -1,0 +1,264 @@
+//! identity: registration, login and profiles. Passwords are hashed with
+//! argon2id; login issues a JWT through the host (which keeps the key).
+//! Roles are derived, not stored: everyone is a `customer`, and the emails
+//! in the `admin_emails` setting are also `admin`, so changing the setting
+//! takes effect at the next login.
+//!
+//! Exports `agora:shop/users` so other services can look a user up.
+
+use agora_sdk::prelude::*;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use serde::{Deserialize, Serialize};
+
+mod shop {
+    wit_bindgen::generate!({ path: "../../wit/shop", world: "identity" });
+}
+
+use shop::exports::agora::shop::users;
+
+struct Identity;
+
+impl Service for Identity {
+    fn router() -> Router {
+        Router::new()
+            .post("/users", register)
+            .post("/auth/login", login)
+            .get("/users/me", me)
+            .patch("/users/me", update_me)
+    }
+
+    fn migrations() -> Vec<Migration> {
+        vec![Migration::new(
+            "0001_users",
+            include_str!("../migrations/0001_users.sql"),
+        )]
+    }
+}
+
+agora_sdk::service!(Identity);
+
+impl users::Guest for Identity {
+    fn get(id: String) -> Option<users::User> {
+        let user = find("id", &id).ok().flatten()?;
+        Some(users::User {
+            id: user.id,
+            email: user.email,
+            name: user.name,
+        })
+    }
+}
+
+shop::export!(Identity with_types_in shop);
+
+const MIN_PASSWORD: usize = 8;
+const MAX_NAME: usize = 100;
+
+#[derive(Serialize)]
+struct Profile {
+    id: String,
+    email: String,
+    name: String,
+    roles: Vec<String>,
+}
+
+struct StoredUser {
+    id: String,
+    email: String,
+    name: String,
+    password_hash: String,
+}
+
+impl StoredUser {
+    fn profile(self) -> Result<Profile> {
+        Ok(Profile {
+            roles: roles_of(&self.email)?,
+            id: self.id,
+            email: self.email,
+            name: self.name,
+        })
+    }
+}
+
+fn roles_of(email: &str) -> Result<Vec<String>> {
+    let admins: Vec<String> = config::get_json("admin_emails")?.unwrap_or_default();
+    let mut roles = vec!["customer".to_owned()];
+    if admins.iter().any(|a| a.eq_ignore_ascii_case(email)) {
+        roles.push("admin".to_owned());
+    }
+    Ok(roles)
+}
+
+/// One user by `id` or `email`.
+fn find(column: &str, value: &str) -> Result<Option<StoredUser>> {
+    let sql = match column {
+        "id" => "SELECT id, email, name, password_hash FROM users WHERE id = $1",
+        _ => "SELECT id, email, name, password_hash FROM users WHERE email = $1",
+    };
+    let rows = storage::query(sql, params![value])?;
+    rows.first()
+        .map(|r| {
+            Ok(StoredUser {
+                id: r.get("id")?,
+                email: r.get("email")?,
+                name: r.get("name")?,
+                password_hash: r.get("password_hash")?,
+            })
+        })
+        .transpose()
+}
+
+fn validation(code: &str, message: &str) -> Error {
+    Error::new(400, code, message)
+}
+
+fn valid_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && email.len() <= 254
+        && !email.chars().any(char::is_whitespace)
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+}
+
+fn valid_name(name: &str) -> Result<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME {
+        return Err(validation(
+            "invalid_name",
+            "the name must have 1 to 100 characters",
+        ));
+    }
+    Ok(name.to_owned())
+}
+
+fn hash_password(password: &str) -> Result<String> {
+    let salt_bytes = wasip2::random::random::get_random_bytes(16);
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|e| Error::internal(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::internal(format!("hashing: {e}")))
+}
+
+fn password_matches(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    email: String,
+    password: String,
+    name: String,
+}
+
+fn register(req: &Request) -> Result<Response> {
+    let body: Registration = req.json()?;
+    let email = body.email.trim().to_lowercase();
+    if !valid_email(&email) {
+        return Err(validation(
+            "invalid_email",
+            "the email address is not valid",
+        ));
+    }
+    if body.password.chars().count() < MIN_PASSWORD {
+        return Err(validation(
+            "weak_password",
+            "the password must have at least 8 characters",
+        ));
+    }
+    let name = valid_name(&body.name)?;
+    let hash = hash_password(&body.password)?;
+    let id = new_id();
+    let tx = storage::begin()?;
+    tx.execute(
+        "INSERT INTO users (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        params![&id, &email, &name, hash, now_millis()],
+    )
+    .map_err(|e| match e.status {
+        409 => Error::new(409, "email_taken", "a user with this email already exists"),
+        _ => e,
+    })?;
+    tx.publish(
+        "user.registered",
+        Some(&id),
+        &serde_json::json!({ "user_id": id, "email": email, "name": name }),
+    )?;
+    tx.commit()?;
+    let profile = Profile {
+        roles: roles_of(&email)?,
+        id,
+        email,
+        name,
+    };
+    Ok(Response::created(&profile))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    email: String,
+    password: String,
+}
+
+fn login(req: &Request) -> Result<Response> {
+    let body: Login = req.json()?;
+    let user = find("email", &body.email.trim().to_lowercase())?;
+    let verified = match &user {
+        Some(user) => password_matches(&body.password, &user.password_hash),
+        None => {
+            // Spend the time a real check takes, so timing does not tell
+            // which emails have accounts.
+            let _ = hash_password(&body.password);
+            false
+        }
+    };
+    let Some(user) = user.filter(|_| verified) else {
+        return Err(Error::new(
+            401,
+            "invalid_credentials",
+            "wrong email or password",
+        ));
+    };
+    let issued = tokens::issue(&user.id, &roles_of(&user.email)?, None)?;
+    Ok(Response::ok(&serde_json::json!({
+        "token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+    })))
+}
+
+fn me(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let stored =
+        find("id", &user.id)?.ok_or_else(|| Error::not_found("the user no longer exists"))?;
+    Ok(Response::ok(&stored.profile()?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProfileUpdate {
+    name: Option<String>,
+}
+
+fn update_me(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let body: ProfileUpdate = req.json()?;
+    if let Some(name) = body.name {
+        let name = valid_name(&name)?;
+        storage::execute(
+            "UPDATE users SET name = $1 WHERE id = $2",
+            params![name, &user.id],
+        )?;
+    }
+    me(req)
+}

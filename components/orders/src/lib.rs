@@ -1,0 +1,427 @@
+//! orders: carts, checkout and orders, the first step of the purchase saga.
+//!
+//! Placing an order reserves stock through `agora:shop/inventory` (all or
+//! nothing), then writes the order and its `order.created` event in one
+//! transaction; if that fails, the reservation is released. Payment events
+//! settle the order: `payment.succeeded` makes it `paid` and commits the
+//! stock, `payment.failed` makes it `cancelled` and releases the stock.
+//! Settling is idempotent, so a redelivered event changes nothing.
+
+mod graphql;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use agora_sdk::prelude::*;
+use serde::{Deserialize, Serialize};
+
+mod shop {
+    wit_bindgen::generate!({ path: "../../wit/shop", world: "orders" });
+}
+
+use shop::agora::shop::inventory::{self, Line, ReserveError};
+
+struct Orders;
+
+impl Service for Orders {
+    fn router() -> Router {
+        Router::new()
+            .get("/cart", show_cart)
+            .post("/cart/items", add_to_cart)
+            .delete("/cart/items/{product_id}", remove_from_cart)
+            .post("/checkout", checkout)
+            .post("/orders", create_order)
+            .get("/orders", list_orders)
+            .get("/orders/{id}", show_order)
+            .post("/graphql", graphql::handle)
+    }
+
+    fn migrations() -> Vec<Migration> {
+        vec![Migration::new(
+            "0001_orders",
+            include_str!("../migrations/0001_orders.sql"),
+        )]
+    }
+
+    fn on_message(message: messaging::Message) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct PaymentEvent {
+            order_id: String,
+        }
+        let event: PaymentEvent = message.json()?;
+        match message.topic.as_str() {
+            "payment.succeeded" => settle(&event.order_id, "paid"),
+            "payment.failed" => settle(&event.order_id, "cancelled"),
+            other => Err(format!("orders does not handle `{other}`")),
+        }
+    }
+}
+
+agora_sdk::service!(Orders);
+
+/// A cart lives a week without changes.
+const CART_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The most of one product in an order or a cart.
+const MAX_QUANTITY: u32 = 1000;
+/// Orders returned by a listing, newest first.
+const MAX_LISTED: i64 = 100;
+
+#[derive(Serialize, Deserialize, Clone, Debug, async_graphql::SimpleObject)]
+#[graphql(name = "OrderItem")]
+pub struct Item {
+    pub product_id: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Serialize, Clone, Debug, async_graphql::SimpleObject)]
+pub struct Order {
+    pub id: String,
+    pub status: String,
+    pub items: Vec<Item>,
+    pub total_cents: i64,
+    pub currency: String,
+    pub created_at: i64,
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct CartLine {
+    product_id: String,
+    quantity: u32,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+struct Cart {
+    items: Vec<CartLine>,
+}
+
+fn cart_key(user: &User) -> String {
+    format!("cart:{}", user.id)
+}
+
+fn load_cart(user: &User) -> Result<Cart> {
+    Ok(cache::get_json(&cart_key(user))?.unwrap_or_default())
+}
+
+fn check_quantity(quantity: u32) -> Result<()> {
+    if quantity == 0 || quantity > MAX_QUANTITY {
+        return Err(Error::new(
+            400,
+            "validation_failed",
+            format!("`quantity` must be between 1 and {MAX_QUANTITY}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The cart with current names and prices.
+fn cart_view(cart: &Cart) -> Result<Response> {
+    let ids: Vec<String> = cart.items.iter().map(|l| l.product_id.clone()).collect();
+    let products = inventory::lookup(&ids).map_err(Error::unavailable)?;
+    let mut total = 0i64;
+    let items: Vec<_> = cart
+        .items
+        .iter()
+        .map(|line| {
+            let product = products.iter().find(|p| p.id == line.product_id);
+            if let Some(p) = product {
+                total += p.unit_price_cents * i64::from(line.quantity);
+            }
+            serde_json::json!({
+                "product_id": line.product_id,
+                "quantity": line.quantity,
+                "name": product.map(|p| p.name.clone()),
+                "unit_price_cents": product.map(|p| p.unit_price_cents),
+            })
+        })
+        .collect();
+    let currency = products.first().map(|p| p.currency.clone());
+    Ok(Response::ok(
+        &serde_json::json!({ "items": items, "total_cents": total, "currency": currency }),
+    ))
+}
+
+fn show_cart(req: &Request) -> Result<Response> {
+    cart_view(&load_cart(&req.require_user()?)?)
+}
+
+fn add_to_cart(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let line: CartLine = req.json()?;
+    check_quantity(line.quantity)?;
+    let known =
+        inventory::lookup(std::slice::from_ref(&line.product_id)).map_err(Error::unavailable)?;
+    if known.is_empty() {
+        return Err(Error::new(
+            404,
+            "unknown_product",
+            format!("no product {}", line.product_id),
+        ));
+    }
+    let mut cart = load_cart(&user)?;
+    match cart
+        .items
+        .iter_mut()
+        .find(|l| l.product_id == line.product_id)
+    {
+        Some(existing) => {
+            existing.quantity = existing.quantity.saturating_add(line.quantity);
+            check_quantity(existing.quantity)?;
+        }
+        None => cart.items.push(line),
+    }
+    cache::set_json(&cart_key(&user), &cart, Some(CART_TTL))?;
+    cart_view(&cart)
+}
+
+fn remove_from_cart(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let mut cart = load_cart(&user)?;
+    let before = cart.items.len();
+    cart.items
+        .retain(|l| l.product_id != req.param("product_id"));
+    if cart.items.len() == before {
+        return Err(Error::new(
+            404,
+            "not_in_cart",
+            "that product is not in the cart",
+        ));
+    }
+    cache::set_json(&cart_key(&user), &cart, Some(CART_TTL))?;
+    cart_view(&cart)
+}
+
+fn checkout(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let cart = load_cart(&user)?;
+    if cart.items.is_empty() {
+        return Err(Error::new(400, "empty_cart", "the cart is empty"));
+    }
+    let order = place_order(&user, &cart.items)?;
+    cache::delete(&cart_key(&user))?;
+    Ok(Response::created(&order))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewOrder {
+    items: Vec<CartLine>,
+}
+
+fn create_order(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let body: NewOrder = req.json()?;
+    Ok(Response::created(&place_order(&user, &body.items)?))
+}
+
+fn place_order(user: &User, lines: &[CartLine]) -> Result<Order> {
+    if lines.is_empty() {
+        return Err(Error::new(
+            400,
+            "empty_order",
+            "an order needs at least one item",
+        ));
+    }
+    let mut merged: BTreeMap<&str, u32> = BTreeMap::new();
+    for line in lines {
+        if line.product_id.is_empty() {
+            return Err(Error::new(
+                400,
+                "validation_failed",
+                "`product_id` is required",
+            ));
+        }
+        check_quantity(line.quantity)?;
+        let quantity = merged.entry(&line.product_id).or_default();
+        *quantity = quantity.saturating_add(line.quantity);
+        check_quantity(*quantity)?;
+    }
+    let order_id = new_id();
+    let wanted: Vec<Line> = merged
+        .iter()
+        .map(|(id, quantity)| Line {
+            product_id: id.to_string(),
+            quantity: *quantity,
+        })
+        .collect();
+    let reserved = inventory::reserve(&order_id, &wanted).map_err(|e| match e {
+        ReserveError::UnknownProduct(id) => {
+            Error::new(404, "unknown_product", format!("no product {id}"))
+        }
+        ReserveError::InsufficientStock(id) => Error::new(
+            409,
+            "insufficient_stock",
+            format!("not enough stock of product {id}"),
+        ),
+        ReserveError::Invalid(m) => Error::new(400, "validation_failed", m),
+        ReserveError::Unavailable(m) => Error::unavailable(m),
+    })?;
+    match record_order(user, &order_id, &reserved) {
+        Ok(order) => Ok(order),
+        Err(e) => {
+            // The order does not exist: give its stock back.
+            let _ = inventory::release(&order_id);
+            Err(e)
+        }
+    }
+}
+
+fn record_order(
+    user: &User,
+    order_id: &str,
+    reserved: &[inventory::ReservedLine],
+) -> Result<Order> {
+    let currency = reserved[0].currency.clone();
+    if reserved.iter().any(|l| l.currency != currency) {
+        return Err(Error::new(
+            400,
+            "mixed_currencies",
+            "all items of an order must have the same currency",
+        ));
+    }
+    let items: Vec<Item> = reserved
+        .iter()
+        .map(|l| Item {
+            product_id: l.product_id.clone(),
+            quantity: i64::from(l.quantity),
+            unit_price_cents: l.unit_price_cents,
+        })
+        .collect();
+    let total = items
+        .iter()
+        .try_fold(0i64, |sum, i| {
+            i.unit_price_cents
+                .checked_mul(i.quantity)
+                .and_then(|t| sum.checked_add(t))
+        })
+        .ok_or_else(|| Error::new(400, "validation_failed", "the order total is too large"))?;
+    let order = Order {
+        id: order_id.to_owned(),
+        status: "pending".into(),
+        items,
+        total_cents: total,
+        currency,
+        created_at: now_millis(),
+    };
+    let tx = storage::begin()?;
+    tx.execute(
+        "INSERT INTO orders (id, user_id, status, total_cents, currency, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        params![&order.id, &user.id, &order.status, order.total_cents, &order.currency, order.created_at],
+    )?;
+    for item in &order.items {
+        tx.execute(
+            "INSERT INTO order_items (order_id, product_id, quantity, unit_price_cents) VALUES ($1, $2, $3, $4)",
+            params![&order.id, &item.product_id, item.quantity, item.unit_price_cents],
+        )?;
+    }
+    tx.publish(
+        "order.created",
+        Some(&order.id),
+        &serde_json::json!({
+            "order_id": order.id,
+            "user_id": user.id,
+            "items": order.items,
+            "total_cents": order.total_cents,
+            "currency": order.currency,
+        }),
+    )?;
+    tx.commit()?;
+    Ok(order)
+}
+
+/// The orders of `user_id`, newest first; or, with `id`, that order of any user.
+pub fn find_orders(user_id: &str, id: Option<&str>) -> Result<Vec<(String, Order)>> {
+    let rows = match id {
+        Some(id) => storage::query(
+            "SELECT id, user_id, status, total_cents, currency, created_at FROM orders WHERE id = $1",
+            params![id],
+        )?,
+        None => storage::query(
+            "SELECT id, user_id, status, total_cents, currency, created_at FROM orders
+             WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+            params![user_id, MAX_LISTED],
+        )?,
+    };
+    rows.iter()
+        .map(|r| {
+            let id: String = r.get("id")?;
+            let items = storage::query(
+                "SELECT product_id, quantity, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY product_id",
+                params![&id],
+            )?
+            .iter()
+            .map(|i| {
+                Ok(Item {
+                    product_id: i.get("product_id")?,
+                    quantity: i.get("quantity")?,
+                    unit_price_cents: i.get("unit_price_cents")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+            let owner: String = r.get("user_id")?;
+            Ok((
+                owner,
+                Order {
+                    id,
+                    status: r.get("status")?,
+                    items,
+                    total_cents: r.get("total_cents")?,
+                    currency: r.get("currency")?,
+                    created_at: r.get("created_at")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// One order, if `user` owns it or is an admin; others are told it does
+/// not exist rather than that it is someone else's.
+pub fn visible_order(user: &User, id: &str) -> Result<Option<Order>> {
+    Ok(find_orders(&user.id, Some(id))?
+        .into_iter()
+        .find(|(owner, _)| *owner == user.id || user.is_admin())
+        .map(|(_, order)| order))
+}
+
+fn list_orders(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let orders: Vec<Order> = find_orders(&user.id, None)?
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect();
+    Ok(Response::ok(&orders))
+}
+
+fn show_order(req: &Request) -> Result<Response> {
+    let user = req.require_user()?;
+    let id = req.param("id");
+    let order =
+        visible_order(&user, id)?.ok_or_else(|| Error::not_found(format!("no order {id}")))?;
+    Ok(Response::ok(&order))
+}
+
+/// Moves a pending order to `status` and settles its stock accordingly.
+fn settle(order_id: &str, status: &str) -> Result<(), String> {
+    storage::execute(
+        "UPDATE orders SET status = $1 WHERE id = $2 AND status = 'pending'",
+        params![status, order_id],
+    )
+    .map_err(|e| e.to_string())?;
+    let current = storage::query("SELECT status FROM orders WHERE id = $1", params![order_id])
+        .map_err(|e| e.to_string())?;
+    let Some(row) = current.first() else {
+        return Err(format!("no order {order_id}"));
+    };
+    let current: String = row.get("status").map_err(|e| e.to_string())?;
+    if current != status {
+        // Settled the other way already; a contradicting event changes nothing.
+        return Ok(());
+    }
+    // Also on a redelivery: the stock step may be what failed last time,
+    // and it is idempotent.
+    match status {
+        "paid" => inventory::commit(order_id),
+        _ => inventory::release(order_id),
+    }
+}
