@@ -7,6 +7,7 @@
 //! - `POST /components/{name}/rollback`
 //! - `POST /reload` (re-read plugins.toml and component files)
 //! - `GET  /topics/{topic}/events?from=N&limit=N`
+//! - `POST /topics/{topic}/subscribers/{component}/rewind?to=N` (redeliver from N)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,6 +46,21 @@ pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Respon
         },
         (&Method::GET, ["topics", topic, "events"]) => {
             events(&runtime, topic, request.uri().query()).await
+        }
+        (&Method::POST, ["topics", topic, "subscribers", component, "rewind"]) => {
+            let to = query_param(request.uri().query(), "to").unwrap_or(0);
+            match runtime
+                .capabilities
+                .messaging
+                .rewind(component, topic, to)
+                .await
+            {
+                Ok(()) => response::json(
+                    StatusCode::OK,
+                    &json!({"topic": topic, "subscriber": component, "next": to}),
+                ),
+                Err(e) => refused(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
         }
         _ => response::error(
             StatusCode::NOT_FOUND,
@@ -104,17 +120,18 @@ async fn deploy(runtime: &Runtime, name: &str, request: Request<Incoming>) -> Re
     }
 }
 
+fn query_param(query: Option<&str>, key: &str) -> Option<u64> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+}
+
 async fn events(runtime: &Runtime, topic: &str, query: Option<&str>) -> Response<Body> {
-    let param = |key: &str| {
-        query
-            .unwrap_or("")
-            .split('&')
-            .filter_map(|pair| pair.split_once('='))
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, v)| v.parse::<u64>().ok())
-    };
-    let from = param("from").unwrap_or(0);
-    let limit = param("limit").map_or(DEFAULT_EVENTS, |n| n as usize);
+    let from = query_param(query, "from").unwrap_or(0);
+    let limit = query_param(query, "limit").map_or(DEFAULT_EVENTS, |n| n as usize);
     match runtime
         .capabilities
         .messaging

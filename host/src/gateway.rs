@@ -19,13 +19,44 @@ use crate::tokens::Signer;
 pub const USER_ID_HEADER: &str = "x-agora-user-id";
 pub const USER_ROLES_HEADER: &str = "x-agora-user-roles";
 
+/// Why the gateway refused a request.
+#[derive(Debug)]
+pub enum Refusal {
+    Unauthorized { code: &'static str, message: String },
+    Forbidden(String),
+}
+
+impl Refusal {
+    pub fn response(&self) -> Response<Body> {
+        match self {
+            Refusal::Unauthorized { code, message } => {
+                let mut response = response::error(StatusCode::UNAUTHORIZED, code, message.clone());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+            Refusal::Forbidden(message) => {
+                response::error(StatusCode::FORBIDDEN, "forbidden", message.clone())
+            }
+        }
+    }
+}
+
+fn unauthorized(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal::Unauthorized {
+        code,
+        message: message.into(),
+    }
+}
+
 /// Applies the component's auth rules to `request`; on success the request
 /// carries the verified user, if any.
 pub fn authorize<B>(
     spec: &ComponentSpec,
     signer: &Signer,
     request: &mut Request<B>,
-) -> Result<(), Response<Body>> {
+) -> Result<(), Refusal> {
     let headers = request.headers_mut();
     headers.remove(USER_ID_HEADER);
     headers.remove(USER_ROLES_HEADER);
@@ -61,16 +92,15 @@ pub fn authorize<B>(
         (Some(_), Some(Err(TokenError::Invalid(reason)))) => {
             return Err(unauthorized(
                 "invalid_token",
-                &format!("the bearer token is invalid: {reason}"),
+                format!("the bearer token is invalid: {reason}"),
             ));
         }
         (Some(rule), Some(Ok(claims))) => {
             if !rule.roles.is_empty() && !claims.roles.iter().any(|r| rule.roles.contains(r)) {
-                return Err(response::error(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!("this request needs the role {}", rule.roles.join(" or ")),
-                ));
+                return Err(Refusal::Forbidden(format!(
+                    "this request needs the role {}",
+                    rule.roles.join(" or ")
+                )));
             }
             Some(claims)
         }
@@ -86,12 +116,4 @@ pub fn authorize<B>(
         }
     }
     Ok(())
-}
-
-fn unauthorized(code: &str, message: &str) -> Response<Body> {
-    let mut response = response::error(StatusCode::UNAUTHORIZED, code, message);
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
 }

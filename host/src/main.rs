@@ -66,6 +66,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin: String,
     },
+    /// Make a subscriber handle a topic's events again, from offset `to`.
+    Rewind {
+        topic: String,
+        component: String,
+        #[arg(long, default_value_t = 0)]
+        to: u64,
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: String,
+    },
     /// Print a topic's events (dead letters: `dead-letter.<component>`).
     Events {
         topic: String,
@@ -168,6 +177,17 @@ async fn run(cli: Cli) -> Result<()> {
                 "rolled back {name} to version {}",
                 reply["version"].as_str().unwrap_or("?")
             );
+            Ok(())
+        }
+        Command::Rewind {
+            topic,
+            component,
+            to,
+            admin,
+        } => {
+            let path = format!("/topics/{topic}/subscribers/{component}/rewind?to={to}");
+            admin_call(&admin, Method::POST, &path, vec![]).await?;
+            println!("{component} will handle {topic} again from offset {to}");
             Ok(())
         }
         Command::Events { topic, from, admin } => {

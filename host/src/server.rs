@@ -146,7 +146,7 @@ async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>
     let mut request = request;
     let signer = runtime.capabilities.tokens.signer();
     if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
-        return (Some(name), refused);
+        return (Some(name), refused.response());
     }
     let limit = component.spec.limits.max_body_kib as usize * 1024;
     let response = match read_body(request, limit).await {

@@ -211,6 +211,17 @@ impl MessagingCapability {
         }
     }
 
+    /// Moves a subscriber back to offset `to` on every partition of a topic,
+    /// so it handles those events again (after fixing a handler, say). A
+    /// consumer in the middle of a batch may finish it first.
+    pub async fn rewind(&self, component: &str, topic: &str, to: u64) -> Result<()> {
+        for partition in 0..self.broker.partitions(topic).await? {
+            self.broker.commit(component, topic, partition, to).await?;
+        }
+        self.wakeups.notify(topic);
+        Ok(())
+    }
+
     /// Events of a topic from `from` on, across its partitions: how an
     /// operator inspects a dead-letter topic.
     pub async fn read_topic(

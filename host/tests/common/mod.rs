@@ -298,3 +298,83 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The repository's own plugins.toml, pointed at the built components and
+/// with `edit` applied (to change settings for a test).
+pub fn shop_config(edit: impl FnOnce(String) -> String) -> impl FnOnce(&Ports, &Path) -> String {
+    move |_, _| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let text = std::fs::read_to_string(root.join("plugins.toml")).unwrap();
+        let components = component("identity").parent().unwrap().to_owned();
+        edit(
+            text.replace(
+                "\"target/wasm32-wasip2/component/",
+                &format!("\"{}/", components.display()),
+            )
+            .replace("\"docs/", &format!("\"{}/docs/", root.display())),
+        )
+    }
+}
+
+/// A stand-in for an outside HTTP service (payment provider, email
+/// webhook): records every request and answers with `reply`.
+pub struct Recorder {
+    pub port: u16,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub body: serde_json::Value,
+}
+
+impl Recorder {
+    pub async fn start(reply: serde_json::Value) -> Recorder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (log, reply) = (log.clone(), reply.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (log, reply) = (log.clone(), reply.clone());
+                            async move {
+                                let path = req.uri().path().to_owned();
+                                let key = req
+                                    .headers()
+                                    .get("idempotency-key")
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned);
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                log.lock().unwrap().push(Recorded {
+                                    path,
+                                    idempotency_key: key,
+                                    body: serde_json::from_slice(&body).unwrap_or_default(),
+                                });
+                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                    Bytes::from(reply.to_string()),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Recorder { port, requests }
+    }
+
+    pub fn recorded(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}

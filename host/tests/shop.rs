@@ -1,0 +1,712 @@
+//! The shop end to end on embedded backends, through HTTP, on the
+//! repository's own plugins.toml. Every response is checked against
+//! docs/openapi.json (status and body shape), which keeps it true.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Shop {
+    host: TestHost,
+    openapi: Value,
+}
+
+const ADMIN: (&str, &str) = ("admin@example.com", "admin-password");
+
+impl Shop {
+    async fn start() -> Shop {
+        Shop::start_with(|c| c).await
+    }
+
+    async fn start_with(edit: impl FnOnce(String) -> String) -> Shop {
+        let host = TestHost::start(shop_config(edit));
+        let openapi = get(&host.url("/openapi.json")).await.json();
+        Shop { host, openapi }
+    }
+
+    /// Calls `method path` (the route template is `template`) and checks the
+    /// reply against the OpenAPI document.
+    async fn call(
+        &self,
+        method: &str,
+        template: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
+        let bearer = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(b) = &bearer {
+            headers.push(("authorization", b));
+        }
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let reply = request(method, &self.host.url(path), &headers, body).await;
+        self.conforms(method, template, &reply);
+        reply
+    }
+
+    fn conforms(&self, method: &str, template: &str, reply: &Reply) {
+        let operation = &self.openapi["paths"][template][method.to_lowercase()];
+        assert!(
+            operation.is_object(),
+            "{method} {template} is not in openapi.json"
+        );
+        let documented = &operation["responses"][reply.status.to_string()];
+        assert!(
+            documented.is_object(),
+            "{method} {template} answered {} ({}), which openapi.json does not document",
+            reply.status,
+            reply.text()
+        );
+        let schema = &documented["content"]["application/json"]["schema"];
+        if let Err(e) = check(&self.openapi, schema, &reply.json(), "$") {
+            panic!(
+                "{method} {template} {}: {e}\n{}",
+                reply.status,
+                reply.text()
+            );
+        }
+    }
+
+    async fn register(&self, email: &str, password: &str, name: &str) -> Reply {
+        let body = json!({"email": email, "password": password, "name": name});
+        self.call("POST", "/users", "/users", None, Some(body))
+            .await
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Reply {
+        let body = json!({"email": email, "password": password});
+        self.call("POST", "/auth/login", "/auth/login", None, Some(body))
+            .await
+    }
+
+    /// Registers and logs in; returns (user id, token).
+    async fn user(&self, email: &str) -> (String, String) {
+        let password = if email == ADMIN.0 {
+            ADMIN.1
+        } else {
+            "correct horse"
+        };
+        let registered = self.register(email, password, "Someone").await;
+        assert_eq!(registered.status, 201, "{}", registered.text());
+        let token = self.login(email, password).await.json()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (registered.json()["id"].as_str().unwrap().to_owned(), token)
+    }
+
+    async fn product(&self, admin: &str, name: &str, price_cents: i64, stock: i64) -> String {
+        let body = json!({"name": name, "description": "for tests", "price_cents": price_cents, "stock": stock});
+        let created = self
+            .call("POST", "/products", "/products", Some(admin), Some(body))
+            .await;
+        assert_eq!(created.status, 201, "{}", created.text());
+        created.json()["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn stock(&self, product: &str) -> i64 {
+        let path = format!("/products/{product}");
+        self.call("GET", "/products/{id}", &path, None, None)
+            .await
+            .json()["stock"]
+            .as_i64()
+            .unwrap()
+    }
+
+    async fn order(&self, token: &str, id: &str) -> Value {
+        let path = format!("/orders/{id}");
+        self.call("GET", "/orders/{id}", &path, Some(token), None)
+            .await
+            .json()
+    }
+
+    async fn order_settles(&self, token: &str, id: &str) -> String {
+        eventually("the order to settle", Duration::from_secs(20), || async {
+            let status = self.order(token, id).await["status"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (status != "pending").then_some(status)
+        })
+        .await
+    }
+
+    async fn notifications(&self, token: &str) -> Vec<Value> {
+        let reply = self
+            .call("GET", "/notifications", "/notifications", Some(token), None)
+            .await;
+        reply.json().as_array().unwrap().clone()
+    }
+
+    async fn notification_kinds(&self, token: &str, count: usize) -> Vec<String> {
+        eventually("the notifications", Duration::from_secs(20), || async {
+            let all = self.notifications(token).await;
+            let kinds: Vec<String> = all
+                .iter()
+                .map(|n| n["kind"].as_str().unwrap().to_owned())
+                .collect();
+            (kinds.len() >= count).then_some(kinds)
+        })
+        .await
+    }
+}
+
+/// A small JSON-schema check: types, nullability, required and unknown
+/// properties, items, enums and `$ref`s.
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        return check(doc, &doc["components"]["schemas"][name], value, at);
+    }
+    if value.is_null() {
+        return if schema["nullable"] == true || schema.is_null() {
+            Ok(())
+        } else {
+            Err(format!("{at} is null"))
+        };
+    }
+    if let Some(options) = schema["enum"].as_array() {
+        if !options.contains(value) {
+            return Err(format!("{at} = {value} is not one of {options:?}"));
+        }
+    }
+    let fits = match schema["type"].as_str() {
+        None => true,
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        Some(other) => return Err(format!("unknown schema type {other}")),
+    };
+    if !fits {
+        return Err(format!("{at} = {value} is not of type {}", schema["type"]));
+    }
+    if let Some(object) = value.as_object() {
+        let properties = schema["properties"].as_object();
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let key = required.as_str().unwrap();
+            if !object.contains_key(key) {
+                return Err(format!("{at}.{key} is missing"));
+            }
+        }
+        for (key, item) in object {
+            match properties.and_then(|p| p.get(key)) {
+                Some(property) => check(doc, property, item, &format!("{at}.{key}"))?,
+                None if schema["additionalProperties"] == false => {
+                    return Err(format!("{at}.{key} is not documented"));
+                }
+                None => {
+                    if schema["additionalProperties"].is_object() {
+                        check(
+                            doc,
+                            &schema["additionalProperties"],
+                            item,
+                            &format!("{at}.{key}"),
+                        )?;
+                    }
+                }
+            }
+        }
+    }
+    if let Some(items) = value.as_array() {
+        for (i, item) in items.iter().enumerate() {
+            check(doc, &schema["items"], item, &format!("{at}[{i}]"))?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_purchase_is_paid_and_the_customer_is_told() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (customer_id, customer) = shop.user("carol@example.com").await;
+    let me = shop
+        .call("GET", "/users/me", "/users/me", Some(&customer), None)
+        .await
+        .json();
+    assert_eq!(
+        (me["id"].as_str(), me["roles"].clone()),
+        (Some(customer_id.as_str()), json!(["customer"]))
+    );
+    let admin_me = shop
+        .call("GET", "/users/me", "/users/me", Some(&admin), None)
+        .await
+        .json();
+    assert_eq!(admin_me["roles"], json!(["customer", "admin"]));
+
+    let lamp = shop.product(&admin, "Desk lamp", 2500, 5).await;
+    let mug = shop.product(&admin, "Mug", 900, 10).await;
+    let found = shop
+        .call("GET", "/products", "/products?q=LAMP", None, None)
+        .await
+        .json();
+    assert_eq!(
+        (found["total"].as_i64(), found["items"][0]["id"].as_str()),
+        (Some(1), Some(lamp.as_str()))
+    );
+
+    for (product, quantity) in [(&lamp, 2), (&mug, 1), (&mug, 2)] {
+        let added = shop
+            .call(
+                "POST",
+                "/cart/items",
+                "/cart/items",
+                Some(&customer),
+                Some(json!({"product_id": product, "quantity": quantity})),
+            )
+            .await;
+        assert_eq!(added.status, 200, "{}", added.text());
+    }
+    let cart = shop
+        .call("GET", "/cart", "/cart", Some(&customer), None)
+        .await
+        .json();
+    assert_eq!(cart["total_cents"], 2 * 2500 + 3 * 900);
+
+    let order = shop
+        .call("POST", "/checkout", "/checkout", Some(&customer), None)
+        .await;
+    assert_eq!(order.status, 201, "{}", order.text());
+    let order = order.json();
+    assert_eq!(
+        (order["status"].as_str(), order["total_cents"].as_i64()),
+        (Some("pending"), Some(7700))
+    );
+    assert_eq!(order["currency"], "USD");
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    let emptied = shop
+        .call("GET", "/cart", "/cart", Some(&customer), None)
+        .await
+        .json();
+    assert_eq!(emptied["items"], json!([]));
+
+    assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
+    assert_eq!((shop.stock(&lamp).await, shop.stock(&mug).await), (3, 7));
+    let payment = shop
+        .call(
+            "GET",
+            "/payments/{order_id}",
+            &format!("/payments/{order_id}"),
+            Some(&customer),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (payment["status"].as_str(), payment["amount_cents"].as_i64()),
+        (Some("succeeded"), Some(7700))
+    );
+
+    let mut kinds = shop.notification_kinds(&customer, 3).await;
+    kinds.sort();
+    assert_eq!(kinds, ["order_received", "payment_received", "welcome"]);
+    let notes = shop.notifications(&customer).await;
+    assert!(notes
+        .iter()
+        .all(|n| n["recipient"] == "carol@example.com" && n["status"] == "logged"));
+
+    let listed = shop
+        .call("GET", "/orders", "/orders", Some(&customer), None)
+        .await
+        .json();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let graphql = json!({"query": format!("{{ orders {{ id status totalCents items {{ productId quantity unitPriceCents }} }} order(id: \"{order_id}\") {{ status }} }}")});
+    let answer = shop
+        .call(
+            "POST",
+            "/graphql",
+            "/graphql",
+            Some(&customer),
+            Some(graphql),
+        )
+        .await
+        .json();
+    assert_eq!(answer["data"]["order"]["status"], "paid");
+    assert_eq!(answer["data"]["orders"][0]["totalCents"], 7700);
+    assert_eq!(
+        answer["data"]["orders"][0]["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declined_payment_cancels_the_order_and_restores_stock() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("dave@example.com").await;
+    let piano = shop.product(&admin, "Grand piano", 600_000, 2).await;
+    let order = shop
+        .call(
+            "POST",
+            "/orders",
+            "/orders",
+            Some(&customer),
+            Some(json!({"items": [{"product_id": piano, "quantity": 1}]})),
+        )
+        .await;
+    assert_eq!(order.status, 201, "{}", order.text());
+    let order_id = order.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        shop.stock(&piano).await,
+        1,
+        "reserved while the payment runs"
+    );
+
+    assert_eq!(shop.order_settles(&customer, &order_id).await, "cancelled");
+    assert_eq!(shop.stock(&piano).await, 2);
+    let payment = shop
+        .call(
+            "GET",
+            "/payments/{order_id}",
+            &format!("/payments/{order_id}"),
+            Some(&customer),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(payment["status"], "failed");
+    assert!(payment["reason"].as_str().unwrap().contains("500000"));
+    let kinds = shop.notification_kinds(&customer, 3).await;
+    assert!(kinds.contains(&"payment_failed".to_owned()), "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_checkouts_against_ten_in_stock_sell_exactly_ten() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let item = shop.product(&admin, "Limited edition", 1000, 10).await;
+    let mut customers = Vec::new();
+    for i in 0..5 {
+        customers.push(shop.user(&format!("buyer{i}@example.com")).await.1);
+    }
+    let url: &'static str = shop.host.url("/orders").leak();
+    let attempts: Vec<_> = (0..50)
+        .map(|i| {
+            let bearer = format!("Bearer {}", customers[i % customers.len()]);
+            let body = json!({"items": [{"product_id": item, "quantity": 1}]}).to_string();
+            tokio::spawn(async move {
+                request(
+                    "POST",
+                    url,
+                    &[
+                        ("authorization", &bearer),
+                        ("content-type", "application/json"),
+                    ],
+                    body.into_bytes(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut placed = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        let reply = attempt.await.unwrap();
+        shop.conforms("POST", "/orders", &reply);
+        match reply.status {
+            201 => placed.push(reply.json()["id"].as_str().unwrap().to_owned()),
+            409 => {
+                assert_eq!(reply.error_code(), "insufficient_stock");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {}", reply.text()),
+        }
+    }
+    assert_eq!((placed.len(), refused), (10, 40));
+    assert_eq!(shop.stock(&item).await, 0);
+    for (i, order) in placed.iter().enumerate() {
+        // Whoever placed it, an admin can read it.
+        let _ = i;
+        assert_eq!(shop.order_settles(&admin, order).await, "paid");
+    }
+    assert_eq!(
+        shop.stock(&item).await,
+        0,
+        "never negative, and paid stock stays sold"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_case_has_its_status_and_code() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("erin@example.com").await;
+
+    let cases = [
+        (shop.register("not-an-email", "long enough", "E").await, 400, "invalid_email"),
+        (shop.register("f@example.com", "short", "F").await, 400, "weak_password"),
+        (shop.register("f@example.com", "long enough", " ").await, 400, "invalid_name"),
+        (shop.register("erin@example.com", "long enough", "E").await, 409, "email_taken"),
+        (shop.register("ERIN@example.com", "long enough", "E").await, 409, "email_taken"),
+        (shop.call("POST", "/users", "/users", None, Some(json!({"email": "g@example.com", "password": "long enough", "name": "G", "admin": true}))).await, 400, "invalid_json"),
+        (shop.login("erin@example.com", "wrong password").await, 401, "invalid_credentials"),
+        (shop.login("nobody@example.com", "wrong password").await, 401, "invalid_credentials"),
+        (shop.call("GET", "/users/me", "/users/me", None, None).await, 401, "unauthorized"),
+        (shop.call("GET", "/users/me", "/users/me", Some("not.a.token"), None).await, 401, "invalid_token"),
+        (shop.call("PATCH", "/users/me", "/users/me", Some(&customer), Some(json!({"name": ""}))).await, 400, "invalid_name"),
+        (shop.call("GET", "/products/{id}", "/products/nope", None, None).await, 404, "not_found"),
+        (shop.call("GET", "/products", "/products?limit=0", None, None).await, 400, "bad_request"),
+        (shop.call("GET", "/products", "/products?offset=x", None, None).await, 400, "bad_request"),
+        (shop.call("POST", "/products", "/products", None, Some(json!({"name": "X", "price_cents": 1}))).await, 401, "unauthorized"),
+        (shop.call("POST", "/products", "/products", Some(&customer), Some(json!({"name": "X", "price_cents": 1}))).await, 403, "forbidden"),
+        (shop.call("POST", "/products", "/products", Some(&admin), Some(json!({"name": "", "price_cents": 1}))).await, 400, "validation_failed"),
+        (shop.call("POST", "/products", "/products", Some(&admin), Some(json!({"name": "X", "price_cents": -1}))).await, 400, "validation_failed"),
+        (shop.call("POST", "/products", "/products", Some(&admin), Some(json!({"name": "X", "price_cents": 1, "stock": -5}))).await, 400, "validation_failed"),
+        (shop.call("POST", "/products", "/products", Some(&admin), Some(json!({"name": "X", "price_cents": "1"}))).await, 400, "invalid_json"),
+        (shop.call("PATCH", "/products/{id}", "/products/nope", Some(&admin), Some(json!({"stock": 1}))).await, 404, "not_found"),
+        (shop.call("POST", "/orders", "/orders", Some(&customer), Some(json!({"items": []}))).await, 400, "empty_order"),
+        (shop.call("POST", "/orders", "/orders", Some(&customer), Some(json!({"items": [{"product_id": "nope", "quantity": 1}]}))).await, 404, "unknown_product"),
+        (shop.call("POST", "/orders", "/orders", Some(&customer), Some(json!({"items": [{"product_id": "nope", "quantity": 0}]}))).await, 400, "validation_failed"),
+        (shop.call("POST", "/orders", "/orders", None, Some(json!({"items": []}))).await, 401, "unauthorized"),
+        (shop.call("POST", "/checkout", "/checkout", Some(&customer), None).await, 400, "empty_cart"),
+        (shop.call("POST", "/cart/items", "/cart/items", Some(&customer), Some(json!({"product_id": "nope", "quantity": 1}))).await, 404, "unknown_product"),
+        (shop.call("DELETE", "/cart/items/{product_id}", "/cart/items/nope", Some(&customer), None).await, 404, "not_in_cart"),
+        (shop.call("GET", "/orders/{id}", "/orders/nope", Some(&customer), None).await, 404, "not_found"),
+        (shop.call("GET", "/payments/{order_id}", "/payments/nope", Some(&customer), None).await, 404, "not_found"),
+    ];
+    for (i, (reply, status, code)) in cases.iter().enumerate() {
+        assert_eq!(
+            (reply.status, reply.error_code().as_str()),
+            (*status, *code),
+            "case {i}: {}",
+            reply.text()
+        );
+    }
+    // Unknown email and wrong password are indistinguishable.
+    assert_eq!(cases[6].0.body, cases[7].0.body);
+
+    let widget = shop.product(&admin, "Widget", 100, 1).await;
+    let too_many = shop
+        .call(
+            "POST",
+            "/orders",
+            "/orders",
+            Some(&customer),
+            Some(json!({"items": [{"product_id": widget, "quantity": 2}]})),
+        )
+        .await;
+    assert_eq!(
+        (too_many.status, too_many.error_code().as_str()),
+        (409, "insufficient_stock")
+    );
+    assert!(too_many.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&widget));
+    assert_eq!(
+        shop.stock(&widget).await,
+        1,
+        "a refused order reserves nothing"
+    );
+
+    let malformed = request("POST", &shop.host.url("/users"), &[], b"{not json".to_vec()).await;
+    assert_eq!(
+        (malformed.status, malformed.error_code().as_str()),
+        (400, "invalid_json")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_see_only_their_own_orders_payments_and_notifications() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (owner_id, owner) = shop.user("owner@example.com").await;
+    let (_, other) = shop.user("other@example.com").await;
+    let book = shop.product(&admin, "Book", 1500, 3).await;
+    let order = shop
+        .call(
+            "POST",
+            "/orders",
+            "/orders",
+            Some(&owner),
+            Some(json!({"items": [{"product_id": book, "quantity": 1}]})),
+        )
+        .await
+        .json();
+    let order_id = order["id"].as_str().unwrap();
+    shop.order_settles(&owner, order_id).await;
+
+    let stranger = shop
+        .call(
+            "GET",
+            "/orders/{id}",
+            &format!("/orders/{order_id}"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(stranger.status, 404);
+    assert_eq!(
+        shop.order(&admin, order_id).await["id"],
+        order_id,
+        "an admin may read any order"
+    );
+    let payment = shop
+        .call(
+            "GET",
+            "/payments/{order_id}",
+            &format!("/payments/{order_id}"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(payment.status, 404);
+    let listed = shop
+        .call("GET", "/orders", "/orders", Some(&other), None)
+        .await
+        .json();
+    assert_eq!(listed, json!([]));
+    let graphql =
+        json!({"query": format!("{{ order(id: \"{order_id}\") {{ id }} orders {{ id }} }}")});
+    let answer = shop
+        .call("POST", "/graphql", "/graphql", Some(&other), Some(graphql))
+        .await
+        .json();
+    assert_eq!(answer["data"], json!({"order": null, "orders": []}));
+    shop.notification_kinds(&owner, 3).await;
+    let others = shop.notifications(&other).await;
+    assert!(
+        others.iter().all(|n| n["recipient"] == "other@example.com"),
+        "{others:?}"
+    );
+
+    // A forged identity header is replaced by the host with the token's user.
+    let forged = request(
+        "GET",
+        &shop.host.url("/users/me"),
+        &[
+            ("authorization", &format!("Bearer {other}")),
+            ("x-agora-user-id", &owner_id),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(forged.json()["email"], "other@example.com");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redelivered_events_change_nothing_and_providers_are_called_once() {
+    let provider = Recorder::start(json!({"status": "approved", "reference": "psp-1"})).await;
+    let mailer = Recorder::start(json!({"accepted": true})).await;
+    let (provider_port, mailer_port) = (provider.port, mailer.port);
+    let shop = Shop::start_with(move |config| {
+        config
+            .replace(
+                "settings = { decline_above_cents = 500000 }",
+                &format!("settings = {{ provider_url = \"http://127.0.0.1:{provider_port}/charges\" }}\noutbound_hosts = [\"127.0.0.1:{provider_port}\"]"),
+            )
+            .replace(
+                "links = { \"agora:shop/users\" = \"identity\" }",
+                &format!("links = {{ \"agora:shop/users\" = \"identity\" }}\nsettings = {{ webhook_url = \"http://127.0.0.1:{mailer_port}/emails\" }}\noutbound_hosts = [\"127.0.0.1:{mailer_port}\"]"),
+            )
+    })
+    .await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("frank@example.com").await;
+    let chair = shop.product(&admin, "Chair", 4000, 4).await;
+    let order = shop
+        .call(
+            "POST",
+            "/orders",
+            "/orders",
+            Some(&customer),
+            Some(json!({"items": [{"product_id": chair, "quantity": 2}]})),
+        )
+        .await
+        .json();
+    let order_id = order["id"].as_str().unwrap().to_owned();
+    assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
+    let notes = shop.notification_kinds(&customer, 3).await.len();
+
+    let charges = provider.recorded();
+    assert_eq!(charges.len(), 1, "{charges:?}");
+    assert_eq!(charges[0].path, "/charges");
+    assert_eq!(
+        charges[0].idempotency_key.as_deref(),
+        Some(order_id.as_str())
+    );
+    assert_eq!(charges[0].body["amount_cents"], 8000);
+
+    // Every subscriber handles everything again.
+    for (topic, component) in [
+        ("order.created", "payments"),
+        ("order.created", "notifications"),
+        ("payment.succeeded", "orders"),
+        ("payment.succeeded", "notifications"),
+        ("user.registered", "notifications"),
+    ] {
+        let out = shop.host.cli(&["rewind", topic, component]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // Redelivery is in order: once a marker event after them is handled, they were too.
+    let (_, late) = shop.user("late@example.com").await;
+    shop.notification_kinds(&late, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(provider.recorded().len(), 1, "never charged twice");
+    assert_eq!(shop.order(&customer, &order_id).await["status"], "paid");
+    assert_eq!(shop.stock(&chair).await, 2);
+    assert_eq!(shop.notifications(&customer).await.len(), notes);
+    let emails = mailer.recorded();
+    let mut keys: Vec<_> = emails
+        .iter()
+        .filter_map(|e| e.idempotency_key.clone())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), emails.len(), "no email sent twice: {emails:?}");
+    assert!(shop
+        .notifications(&customer)
+        .await
+        .iter()
+        .all(|n| n["status"] == "sent"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_documented_operation_is_served() {
+    let shop = Shop::start().await;
+    let paths = shop.openapi["paths"].as_object().unwrap().clone();
+    let mut checked = 0;
+    for (template, item) in &paths {
+        let concrete = template
+            .replace("{id}", "x")
+            .replace("{order_id}", "x")
+            .replace("{product_id}", "x");
+        for method in ["get", "post", "patch", "put", "delete"] {
+            if !item[method].is_object() {
+                continue;
+            }
+            let reply = request(
+                &method.to_uppercase(),
+                &shop.host.url(&concrete),
+                &[],
+                b"{}".to_vec(),
+            )
+            .await;
+            let message = reply.json()["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            assert!(
+                !message.starts_with("no route")
+                    && !message.starts_with("no component serves")
+                    && reply.status != 405,
+                "{method} {template} is documented but not served: {} {message}",
+                reply.status
+            );
+            shop.conforms(&method.to_uppercase(), template, &reply);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 19, "{checked} operations");
+}
