@@ -3,9 +3,10 @@
 //! Instances come from the pooling allocator: it reserves address space for
 //! a fixed number of slots up front, so instantiating is a few microseconds
 //! of bookkeeping instead of mmap calls on every request. Where the address
-//! space is too small for the pool (small `ulimit -v`, 32-bit hosts,
-//! sandboxes), creating the engine fails and we fall back to on-demand
-//! allocation, slower per request but otherwise the same.
+//! space is too small for the pool (small `ulimit -v`, sandboxes), creating
+//! the engine fails and we fall back to on-demand allocation with small
+//! memory reservations (bounds-checked, growing by moving): slower per
+//! request and per access, but it runs where the fast path cannot.
 //!
 //! Compiled code is cached on disk (wasmtime's cache, keyed by the binary
 //! and the engine's settings), so a restart or a re-deploy of an unchanged
@@ -32,6 +33,9 @@ const POOL_INSTANCES: u32 = 1000;
 /// Pages of an instance's memory kept mapped when its slot is reused: below
 /// this, reuse is a memset instead of a page fault per touched page.
 const KEEP_RESIDENT: usize = 64 * 1024;
+
+/// Address space reserved per memory when the pool cannot be had.
+const SMALL_RESERVATION: u64 = 16 * 1024 * 1024;
 
 pub struct EngineInfo {
     pub engine: Engine,
@@ -71,6 +75,10 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
         },
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "pooling allocator unavailable; allocating instances on demand");
+            config
+                .memory_reservation(SMALL_RESERVATION)
+                .memory_guard_size(0)
+                .memory_may_move(true);
             EngineInfo {
                 engine: Engine::new(&config)?,
                 pooling: false,

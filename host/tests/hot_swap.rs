@@ -16,7 +16,8 @@ fn host_with_replaceable_probe() -> (TestHost, std::path::PathBuf) {
     let host = TestHost::start(|ports, dir| {
         let probe = dir.join("probe.wasm");
         std::fs::copy(component("probe"), &probe).unwrap();
-        standard_config(ports, &probe)
+        // Room for a request that outlasts a cold compile of the new version.
+        standard_config(ports, &probe).replace("timeout_ms = 6000", "timeout_ms = 20000")
     });
     let probe = host.dir.path().join("probe.wasm");
     (host, probe)
@@ -95,7 +96,7 @@ async fn replacing_the_file_swaps_under_load_and_in_flight_requests_finish_on_th
     let (host, probe) = host_with_replaceable_probe();
     assert_eq!(version(&host).await, "v1");
     let load = Load::start(&host, 4);
-    let in_flight = tokio::spawn(get(host.url("/probe/slow?ms=4000").leak()));
+    let in_flight = tokio::spawn(get(host.url("/probe/slow?ms=8000").leak()));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     replace_atomically(&probe, &std::fs::read(component("probe-v2")).unwrap());

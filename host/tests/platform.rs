@@ -144,7 +144,7 @@ async fn cache_entries_expire_after_their_ttl() {
         get(&host.url("/probe/cache/short")).await.json(),
         json!({"value": "soon gone"})
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let expired = get(&host.url("/probe/cache/short")).await;
     assert_eq!(
         (expired.status, expired.error_code().as_str()),
@@ -319,6 +319,32 @@ async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn without_room_for_the_instance_pool_the_host_allocates_on_demand() {
+    // 3 GiB of address space: far too little for the pool's reservations.
+    let host = TestHost::start_limited(
+        |ports, _| standard_config(ports, &component("probe")),
+        Some(3 * 1024 * 1024),
+    );
+    assert!(
+        host.log().contains("pooling allocator unavailable"),
+        "{}",
+        host.log()
+    );
+    assert_eq!(get(&host.url("/hello")).await.status, 200);
+    assert_eq!(put(&host.url("/probe/kv/k"), "v").await.status, 204);
+    assert_eq!(
+        get(&host.url("/probe/kv/k")).await.json(),
+        json!({"value": "v"})
+    );
+    let bomb = get(&host.url("/probe/oom")).await;
+    assert_eq!(
+        (bomb.status, bomb.error_code().as_str()),
+        (500, "memory_limit_exceeded")
+    );
+    assert_eq!(get(&host.url("/hello")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_component_beyond_its_concurrency_limit_queues() {
     let host = TestHost::start(|ports, _| {
         standard_config(ports, &component("probe")).replace(
@@ -326,16 +352,16 @@ async fn a_component_beyond_its_concurrency_limit_queues() {
             "timeout_ms = 6000, memory_mib = 32, max_concurrency = 1",
         )
     });
-    let first = tokio::spawn(get(host.url("/probe/slow?ms=1500").leak()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two one-second requests on one instance slot cannot overlap, in
+    // whichever order they get it.
+    let url: &'static str = host.url("/probe/slow?ms=1000").leak();
     let started = Instant::now();
-    let second = get(&host.url("/probe/slow?ms=1")).await;
-    assert_eq!(second.status, 200);
+    let (a, b) = tokio::join!(get(url), get(url));
+    assert_eq!((a.status, b.status), (200, 200));
     assert!(
-        started.elapsed() >= Duration::from_millis(900),
-        "the second request waited for the only instance slot"
+        started.elapsed() >= Duration::from_millis(2000),
+        "the requests ran one after the other"
     );
-    assert_eq!(first.await.unwrap().status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

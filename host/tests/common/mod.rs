@@ -46,6 +46,8 @@ pub struct TestHost {
     child: Option<Child>,
     pub dir: TempDir,
     pub ports: Ports,
+    /// `ulimit -v` for the host, to run it where the instance pool cannot fit.
+    address_space_kib: Option<u64>,
 }
 
 /// hello on /hello, probe (every grant) on /probe.
@@ -76,6 +78,13 @@ retry = {{ max_attempts = 3, backoff_ms = 20 }}
 impl TestHost {
     /// Writes plugins.toml from `config` and starts a host on it.
     pub fn start(config: impl FnOnce(&Ports, &Path) -> String) -> TestHost {
+        TestHost::start_limited(config, None)
+    }
+
+    pub fn start_limited(
+        config: impl FnOnce(&Ports, &Path) -> String,
+        address_space_kib: Option<u64>,
+    ) -> TestHost {
         let dir = TempDir::new().unwrap();
         let ports = Ports {
             public: free_port(),
@@ -86,6 +95,7 @@ impl TestHost {
             child: None,
             dir,
             ports,
+            address_space_kib,
         };
         host.spawn();
         host
@@ -117,7 +127,17 @@ impl TestHost {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_agora"))
+        let mut command = match self.address_space_kib {
+            Some(kib) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_agora"));
+                sh
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_agora")),
+        };
+        let child = command
             .arg("up")
             .arg("--config")
             .arg(self.plugins_path())
