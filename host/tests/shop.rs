@@ -108,6 +108,12 @@ impl Shop {
         created.json()["id"].as_str().unwrap().to_owned()
     }
 
+    async fn place_order(&self, token: &str, product: &str, quantity: u32) -> Reply {
+        let body = json!({"items": [{"product_id": product, "quantity": quantity}]});
+        self.call("POST", "/orders", "/orders", Some(token), Some(body))
+            .await
+    }
+
     async fn stock(&self, product: &str) -> i64 {
         let path = format!("/products/{product}");
         self.call("GET", "/products/{id}", &path, None, None)
@@ -345,15 +351,7 @@ async fn a_declined_payment_cancels_the_order_and_restores_stock() {
     let (_, admin) = shop.user(ADMIN.0).await;
     let (_, customer) = shop.user("dave@example.com").await;
     let piano = shop.product(&admin, "Grand piano", 600_000, 2).await;
-    let order = shop
-        .call(
-            "POST",
-            "/orders",
-            "/orders",
-            Some(&customer),
-            Some(json!({"items": [{"product_id": piano, "quantity": 1}]})),
-        )
-        .await;
+    let order = shop.place_order(&customer, &piano, 1).await;
     assert_eq!(order.status, 201, "{}", order.text());
     let order_id = order.json()["id"].as_str().unwrap().to_owned();
     assert_eq!(
@@ -424,9 +422,8 @@ async fn fifty_concurrent_checkouts_against_ten_in_stock_sell_exactly_ten() {
     }
     assert_eq!((placed.len(), refused), (10, 40));
     assert_eq!(shop.stock(&item).await, 0);
-    for (i, order) in placed.iter().enumerate() {
+    for order in &placed {
         // Whoever placed it, an admin can read it.
-        let _ = i;
         assert_eq!(shop.order_settles(&admin, order).await, "paid");
     }
     assert_eq!(
@@ -486,15 +483,7 @@ async fn every_error_case_has_its_status_and_code() {
     assert_eq!(cases[6].0.body, cases[7].0.body);
 
     let widget = shop.product(&admin, "Widget", 100, 1).await;
-    let too_many = shop
-        .call(
-            "POST",
-            "/orders",
-            "/orders",
-            Some(&customer),
-            Some(json!({"items": [{"product_id": widget, "quantity": 2}]})),
-        )
-        .await;
+    let too_many = shop.place_order(&customer, &widget, 2).await;
     assert_eq!(
         (too_many.status, too_many.error_code().as_str()),
         (409, "insufficient_stock")
@@ -523,16 +512,7 @@ async fn users_see_only_their_own_orders_payments_and_notifications() {
     let (owner_id, owner) = shop.user("owner@example.com").await;
     let (_, other) = shop.user("other@example.com").await;
     let book = shop.product(&admin, "Book", 1500, 3).await;
-    let order = shop
-        .call(
-            "POST",
-            "/orders",
-            "/orders",
-            Some(&owner),
-            Some(json!({"items": [{"product_id": book, "quantity": 1}]})),
-        )
-        .await
-        .json();
+    let order = shop.place_order(&owner, &book, 1).await.json();
     let order_id = order["id"].as_str().unwrap();
     shop.order_settles(&owner, order_id).await;
 
@@ -614,16 +594,7 @@ async fn redelivered_events_change_nothing_and_providers_are_called_once() {
     let (_, admin) = shop.user(ADMIN.0).await;
     let (_, customer) = shop.user("frank@example.com").await;
     let chair = shop.product(&admin, "Chair", 4000, 4).await;
-    let order = shop
-        .call(
-            "POST",
-            "/orders",
-            "/orders",
-            Some(&customer),
-            Some(json!({"items": [{"product_id": chair, "quantity": 2}]})),
-        )
-        .await
-        .json();
+    let order = shop.place_order(&customer, &chair, 2).await.json();
     let order_id = order["id"].as_str().unwrap().to_owned();
     assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
     let notes = shop.notification_kinds(&customer, 3).await.len();
