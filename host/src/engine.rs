@@ -37,6 +37,13 @@ const KEEP_RESIDENT: usize = 64 * 1024;
 /// Address space reserved per memory when the pool cannot be had.
 const SMALL_RESERVATION: u64 = 16 * 1024 * 1024;
 
+/// Freed instance slots whose memory is released together. Each release
+/// (madvise) makes the kernel interrupt every other core to flush its TLB;
+/// batching them measured 10-15% more hello-world requests per second on 2
+/// cores. The price is memory: up to this many freed instances keep their
+/// dirty pages until the batch is released, so it stays small.
+const DECOMMIT_BATCH: usize = 16;
+
 pub struct EngineInfo {
     pub engine: Engine,
     pub pooling: bool,
@@ -65,7 +72,8 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
         .max_tables_per_component(16)
         .max_memory_size(MAX_MEMORY_MIB as usize * 1024 * 1024)
         .linear_memory_keep_resident(KEEP_RESIDENT)
-        .table_keep_resident(KEEP_RESIDENT);
+        .table_keep_resident(KEEP_RESIDENT)
+        .decommit_batch_size(DECOMMIT_BATCH);
     let mut pooled = config.clone();
     pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let info = match Engine::new(&pooled) {
