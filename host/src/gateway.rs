@@ -1,6 +1,6 @@
 //! Gateway duties the host performs before a request reaches a component:
 //! bearer-token verification and role checks from the component's `auth`
-//! rules in plugins.toml.
+//! rules, and rate limits from its `rate_limits`, in plugins.toml.
 //!
 //! The verified user is passed in headers that only the host sets: any
 //! `x-agora-user-*` header a client sends is removed first, so a component
@@ -8,10 +8,14 @@
 //! (a component may personalise a public page); an invalid one there is
 //! ignored, as if absent.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
 use crate::bindings::tokens::{Claims, Error as TokenError};
-use crate::plugins::ComponentSpec;
+use crate::cache::CacheBackend;
+use crate::plugins::{ComponentSpec, RateLimit};
 use crate::registry::prefix_matches;
 use crate::response::{self, Body};
 use crate::tokens::Signer;
@@ -19,11 +23,16 @@ use crate::tokens::Signer;
 pub const USER_ID_HEADER: &str = "x-agora-user-id";
 pub const USER_ROLES_HEADER: &str = "x-agora-user-roles";
 
+/// The peer address of the connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
 /// Why the gateway refused a request.
 #[derive(Debug)]
 pub enum Refusal {
     Unauthorized { code: &'static str, message: String },
     Forbidden(String),
+    RateLimited { retry_after_seconds: u64 },
 }
 
 impl Refusal {
@@ -38,6 +47,19 @@ impl Refusal {
             }
             Refusal::Forbidden(message) => {
                 response::error(StatusCode::FORBIDDEN, "forbidden", message.clone())
+            }
+            Refusal::RateLimited {
+                retry_after_seconds,
+            } => {
+                let mut response = response::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many requests; retry in {retry_after_seconds} s"),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
+                response
             }
         }
     }
@@ -65,8 +87,7 @@ pub fn authorize<B>(
     let rule = spec
         .auth
         .iter()
-        .filter(|r| prefix_matches(&r.prefix, path))
-        .filter(|r| r.methods.is_empty() || r.methods.iter().any(|m| m == method))
+        .filter(|r| rule_applies(&r.prefix, &r.methods, path, method))
         .max_by_key(|r| r.prefix.len());
     let token = request
         .headers()
@@ -113,6 +134,68 @@ pub fn authorize<B>(
         ) {
             headers.insert(USER_ID_HEADER, id);
             headers.insert(USER_ROLES_HEADER, roles);
+        }
+    }
+    Ok(())
+}
+
+fn rule_applies(prefix: &str, methods: &[String], path: &str, method: &str) -> bool {
+    prefix_matches(prefix, path) && (methods.is_empty() || methods.iter().any(|m| m == method))
+}
+
+/// Counts the request against every rate limit that applies to it, per
+/// client: the verified user (so call it after [`authorize`]), else the
+/// client address. Fixed windows, counted with the cache's atomic
+/// increment. If the cache cannot be reached the request is let through:
+/// a rate limit protects the service, it is not worth an outage of its own.
+pub async fn admit<B>(
+    component: &str,
+    spec: &ComponentSpec,
+    cache: &dyn CacheBackend,
+    request: &Request<B>,
+) -> Result<(), Refusal> {
+    let path = request.uri().path();
+    let method = request.method().as_str();
+    let rules = spec
+        .rate_limits
+        .iter()
+        .filter(|r| rule_applies(&r.prefix, &r.methods, path, method));
+    let client = || match request
+        .headers()
+        .get(USER_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(user) => format!("user:{user}"),
+        None => match request.extensions().get::<ClientAddr>() {
+            Some(ClientAddr(addr)) => format!("addr:{}", addr.ip()),
+            None => "addr:unknown".to_owned(),
+        },
+    };
+    let now = crate::now_millis() / 1000;
+    for rule in rules {
+        let RateLimit {
+            prefix,
+            requests,
+            window_seconds,
+            ..
+        } = rule;
+        let window = now / window_seconds;
+        // `/` cannot occur in a component name, so no component's keys
+        // (prefixed `<name>:`) can collide with these.
+        let key = format!("agora/rate:{component}:{prefix}:{}:{window}", client());
+        match cache
+            .increment(&key, 1, Some(Duration::from_secs(*window_seconds)))
+            .await
+        {
+            Ok(count) if count as u64 > *requests => {
+                return Err(Refusal::RateLimited {
+                    retry_after_seconds: (window + 1) * window_seconds - now,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%component, error = ?e, "rate limiting skipped: the cache failed")
+            }
         }
     }
     Ok(())

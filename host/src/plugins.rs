@@ -184,6 +184,11 @@ pub struct ComponentSpec {
     /// in `x-agora-user-id` and `x-agora-user-roles`, set by the host alone.
     #[serde(default)]
     pub auth: Vec<AuthRule>,
+    /// Requests per client (the signed-in user, else the client address)
+    /// and time window. Counted in the cache backend, so on Redis the limit
+    /// holds across hosts.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
     /// Read by the component through `agora:platform/config`.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
@@ -204,6 +209,18 @@ pub struct AuthRule {
     /// Roles of which the user needs one; any signed-in user when empty.
     #[serde(default)]
     pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Path prefix, matched on whole segments like routes.
+    pub prefix: String,
+    /// Methods it covers; all when empty.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub requests: u64,
+    pub window_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -393,12 +410,21 @@ impl Plugins {
                         "must start with '/'".into(),
                     ));
                 }
-                if let Some(m) = rule.methods.iter().find(|m| {
-                    http::Method::from_bytes(m.as_bytes()).is_err() || m.to_uppercase() != **m
-                }) {
+                check_methods(&rule.methods).map_err(|m| invalid(format!("{key}.methods"), m))?;
+            }
+            for (i, rule) in spec.rate_limits.iter().enumerate() {
+                let key = format!("{}[{i}]", key("rate_limits"));
+                if !rule.prefix.starts_with('/') {
                     return Err(invalid(
-                        format!("{key}.methods"),
-                        format!("{m:?} is not an HTTP method in capitals"),
+                        format!("{key}.prefix"),
+                        "must start with '/'".into(),
+                    ));
+                }
+                check_methods(&rule.methods).map_err(|m| invalid(format!("{key}.methods"), m))?;
+                if rule.requests == 0 || rule.window_seconds == 0 {
+                    return Err(invalid(
+                        key,
+                        "`requests` and `window_seconds` must be above 0".into(),
                     ));
                 }
             }
@@ -423,6 +449,17 @@ impl Plugins {
             }
         }
         Ok(())
+    }
+}
+
+/// Methods in rules are HTTP methods in capitals, as requests carry them.
+fn check_methods(methods: &[String]) -> Result<(), String> {
+    match methods
+        .iter()
+        .find(|m| http::Method::from_bytes(m.as_bytes()).is_err() || m.to_uppercase() != **m)
+    {
+        Some(m) => Err(format!("{m:?} is not an HTTP method in capitals")),
+        None => Ok(()),
     }
 }
 
@@ -501,6 +538,14 @@ mod tests {
             ("subscribes = [\"x\"]", "components.a.subscribes"),
             ("outbound_hosts = [\"x\"]", "components.a.outbound_hosts"),
             ("routes = [\"/healthz\"]", "components.a.routes[0]"),
+            (
+                "auth = [{ prefix = \"/a\", methods = [\"get\"] }]",
+                "components.a.auth[0].methods",
+            ),
+            (
+                "rate_limits = [{ prefix = \"/a\", requests = 0, window_seconds = 1 }]",
+                "components.a.rate_limits[0]",
+            ),
         ];
         for (line, key) in cases {
             let err = parse(&format!("[components.a]\nwasm = \"a.wasm\"\n{line}\n"))

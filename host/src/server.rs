@@ -34,9 +34,9 @@ where
     let graceful = GracefulShutdown::new();
     let http = hyper::server::conn::http1::Builder::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -47,7 +47,8 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(gateway::ClientAddr(peer));
             let response = handler(req);
             async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
@@ -146,6 +147,10 @@ async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>
     let mut request = request;
     let signer = runtime.capabilities.tokens.signer();
     if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
+        return (Some(name), refused.response());
+    }
+    let cache = runtime.capabilities.cache.backend();
+    if let Err(refused) = gateway::admit(&name, &component.spec, &*cache, &request).await {
         return (Some(name), refused.response());
     }
     let limit = component.spec.limits.max_body_kib as usize * 1024;

@@ -382,6 +382,49 @@ async fn oversized_bodies_are_refused_with_413() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_hold_per_client_and_answer_429() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "retry = {",
+            "rate_limits = [{ prefix = \"/probe/version\", methods = [\"GET\"], requests = 3, window_seconds = 3600 }]\nretry = {",
+        )
+    });
+    for _ in 0..3 {
+        assert_eq!(get(&host.url("/probe/version")).await.status, 200);
+    }
+    let limited = get(&host.url("/probe/version")).await;
+    assert_eq!(
+        (limited.status, limited.error_code().as_str()),
+        (429, "rate_limited")
+    );
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3600).contains(&retry_after), "{retry_after}");
+    // Other routes of the component, and other components, are not limited.
+    assert_eq!(get(&host.url("/probe/config/greeting")).await.status, 200);
+    assert_eq!(get(&host.url("/hello")).await.status, 200);
+
+    // A signed-in user has a budget of their own.
+    let issued = post_json(&host.url("/probe/token"), &json!({"subject": "user-9"}))
+        .await
+        .json();
+    let bearer = format!("Bearer {}", issued["token"].as_str().unwrap());
+    for expected in [200, 200, 200, 429] {
+        let reply = request(
+            "GET",
+            &host.url("/probe/version"),
+            &[("authorization", &bearer)],
+            vec![],
+        )
+        .await;
+        assert_eq!(reply.status, expected);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tokens_are_issued_and_verified_by_the_host() {
     let host = TestHost::standard();
     let issued = post_json(&host.url("/probe/token"), &json!({"subject": "user-1"}))

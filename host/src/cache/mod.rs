@@ -48,6 +48,11 @@ pub struct CacheCapability {
 }
 
 impl CacheCapability {
+    /// The backend itself, for the host's own keys (rate limits).
+    pub fn backend(&self) -> Arc<dyn CacheBackend> {
+        self.backend.clone()
+    }
+
     pub async fn init(choice: &BackendChoice) -> Result<Self> {
         let backend: Arc<dyn CacheBackend> = match choice {
             BackendChoice::Memory => MemoryCache::start(),

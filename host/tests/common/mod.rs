@@ -231,6 +231,7 @@ pub fn replace_atomically(path: &Path, contents: &[u8]) {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
+    pub headers: http::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -275,6 +276,7 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Ve
         .await
         .unwrap();
     let status = response.status().as_u16();
+    let headers = response.headers().clone();
     let body = response
         .into_body()
         .collect()
@@ -282,7 +284,11 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Ve
         .unwrap()
         .to_bytes()
         .to_vec();
-    Reply { status, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(url: &str) -> Reply {
