@@ -232,10 +232,7 @@ async fn editing_plugins_toml_reroutes_removes_and_relimits_live() {
     })
     .await;
     let slow = get(&host.url("/probe/slow?ms=1000")).await;
-    assert_eq!(
-        (slow.status, slow.error_code().as_str()),
-        (504, "deadline_exceeded")
-    );
+    assert_error(&slow, 504, "deadline_exceeded");
     assert_eq!(get(&host.url("/greet")).await.status, 404);
 
     // A broken edit is refused; the running configuration stays.

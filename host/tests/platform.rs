@@ -33,10 +33,7 @@ async fn routes_by_longest_prefix_and_answers_unknown_paths_with_json_404() {
     }
     // A route inside a component that the component does not have.
     let inner = get(&host.url("/probe/nothing-here")).await;
-    assert_eq!(
-        (inner.status, inner.error_code().as_str()),
-        (404, "not_found")
-    );
+    assert_error(&inner, 404, "not_found");
 
     assert_eq!(
         get(&host.url("/healthz")).await.json(),
@@ -146,10 +143,7 @@ async fn cache_entries_expire_after_their_ttl() {
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let expired = get(&host.url("/probe/cache/short")).await;
-    assert_eq!(
-        (expired.status, expired.error_code().as_str()),
-        (404, "not_found")
-    );
+    assert_error(&expired, 404, "not_found");
     assert_eq!(
         get(&host.url("/probe/cache/long")).await.json(),
         json!({"value": "stays"})
@@ -280,10 +274,7 @@ async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
     };
 
     let trap = get(&host.url("/probe/trap")).await;
-    assert_eq!(
-        (trap.status, trap.error_code().as_str()),
-        (500, "component_trapped")
-    );
+    assert_error(&trap, 500, "component_trapped");
     assert!(trap.json()["error"]["message"]
         .as_str()
         .unwrap()
@@ -292,10 +283,7 @@ async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
 
     let started = Instant::now();
     let spin = get(&host.url("/probe/loop")).await;
-    assert_eq!(
-        (spin.status, spin.error_code().as_str()),
-        (504, "deadline_exceeded")
-    );
+    assert_error(&spin, 504, "deadline_exceeded");
     assert!(spin.json()["error"]["message"]
         .as_str()
         .unwrap()
@@ -307,10 +295,7 @@ async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
     still_serving().await;
 
     let bomb = get(&host.url("/probe/oom")).await;
-    assert_eq!(
-        (bomb.status, bomb.error_code().as_str()),
-        (500, "memory_limit_exceeded")
-    );
+    assert_error(&bomb, 500, "memory_limit_exceeded");
     assert!(bomb.json()["error"]["message"]
         .as_str()
         .unwrap()
@@ -337,10 +322,7 @@ async fn without_room_for_the_instance_pool_the_host_allocates_on_demand() {
         json!({"value": "v"})
     );
     let bomb = get(&host.url("/probe/oom")).await;
-    assert_eq!(
-        (bomb.status, bomb.error_code().as_str()),
-        (500, "memory_limit_exceeded")
-    );
+    assert_error(&bomb, 500, "memory_limit_exceeded");
     assert_eq!(get(&host.url("/hello")).await.status, 200);
 }
 
@@ -374,10 +356,7 @@ async fn oversized_bodies_are_refused_with_413() {
     });
     let big = "x".repeat(2048);
     let refused = put(&host.url("/probe/kv/big"), &big).await;
-    assert_eq!(
-        (refused.status, refused.error_code().as_str()),
-        (413, "body_too_large")
-    );
+    assert_error(&refused, 413, "body_too_large");
     assert_eq!(put(&host.url("/probe/kv/small"), "fits").await.status, 204);
 }
 
@@ -393,10 +372,7 @@ async fn rate_limits_hold_per_client_and_answer_429() {
         assert_eq!(get(&host.url("/probe/version")).await.status, 200);
     }
     let limited = get(&host.url("/probe/version")).await;
-    assert_eq!(
-        (limited.status, limited.error_code().as_str()),
-        (429, "rate_limited")
-    );
+    assert_error(&limited, 429, "rate_limited");
     let retry_after: u64 = limited.headers["retry-after"]
         .to_str()
         .unwrap()
@@ -449,10 +425,7 @@ async fn tokens_are_issued_and_verified_by_the_host() {
         vec![],
     )
     .await;
-    assert_eq!(
-        (refused.status, refused.error_code().as_str()),
-        (401, "invalid_token")
-    );
+    assert_error(&refused, 401, "invalid_token");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -480,10 +453,7 @@ async fn outbound_http_reaches_only_granted_hosts() {
     );
     let other = format!("http://localhost:{}/hello", host.ports.public);
     let denied = get(&host.url(&format!("/probe/fetch?url={other}"))).await;
-    assert_eq!(
-        (denied.status, denied.error_code().as_str()),
-        (403, "outbound_denied")
-    );
+    assert_error(&denied, 403, "outbound_denied");
 }
 
 #[test]

@@ -114,6 +114,12 @@ impl Shop {
             .await
     }
 
+    async fn payment(&self, token: &str, order_id: &str) -> Reply {
+        let path = format!("/payments/{order_id}");
+        self.call("GET", "/payments/{order_id}", &path, Some(token), None)
+            .await
+    }
+
     async fn stock(&self, product: &str) -> i64 {
         let path = format!("/products/{product}");
         self.call("GET", "/products/{id}", &path, None, None)
@@ -295,16 +301,7 @@ async fn a_purchase_is_paid_and_the_customer_is_told() {
 
     assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
     assert_eq!((shop.stock(&lamp).await, shop.stock(&mug).await), (3, 7));
-    let payment = shop
-        .call(
-            "GET",
-            "/payments/{order_id}",
-            &format!("/payments/{order_id}"),
-            Some(&customer),
-            None,
-        )
-        .await
-        .json();
+    let payment = shop.payment(&customer, &order_id).await.json();
     assert_eq!(
         (payment["status"].as_str(), payment["amount_cents"].as_i64()),
         (Some("succeeded"), Some(7700))
@@ -362,16 +359,7 @@ async fn a_declined_payment_cancels_the_order_and_restores_stock() {
 
     assert_eq!(shop.order_settles(&customer, &order_id).await, "cancelled");
     assert_eq!(shop.stock(&piano).await, 2);
-    let payment = shop
-        .call(
-            "GET",
-            "/payments/{order_id}",
-            &format!("/payments/{order_id}"),
-            Some(&customer),
-            None,
-        )
-        .await
-        .json();
+    let payment = shop.payment(&customer, &order_id).await.json();
     assert_eq!(payment["status"], "failed");
     assert!(payment["reason"].as_str().unwrap().contains("500000"));
     let kinds = shop.notification_kinds(&customer, 3).await;
@@ -484,10 +472,7 @@ async fn every_error_case_has_its_status_and_code() {
 
     let widget = shop.product(&admin, "Widget", 100, 1).await;
     let too_many = shop.place_order(&customer, &widget, 2).await;
-    assert_eq!(
-        (too_many.status, too_many.error_code().as_str()),
-        (409, "insufficient_stock")
-    );
+    assert_error(&too_many, 409, "insufficient_stock");
     assert!(too_many.json()["error"]["message"]
         .as_str()
         .unwrap()
@@ -499,10 +484,7 @@ async fn every_error_case_has_its_status_and_code() {
     );
 
     let malformed = request("POST", &shop.host.url("/users"), &[], b"{not json".to_vec()).await;
-    assert_eq!(
-        (malformed.status, malformed.error_code().as_str()),
-        (400, "invalid_json")
-    );
+    assert_error(&malformed, 400, "invalid_json");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -531,15 +513,7 @@ async fn users_see_only_their_own_orders_payments_and_notifications() {
         order_id,
         "an admin may read any order"
     );
-    let payment = shop
-        .call(
-            "GET",
-            "/payments/{order_id}",
-            &format!("/payments/{order_id}"),
-            Some(&other),
-            None,
-        )
-        .await;
+    let payment = shop.payment(&other, &order_id).await;
     assert_eq!(payment.status, 404);
     let listed = shop
         .call("GET", "/orders", "/orders", Some(&other), None)

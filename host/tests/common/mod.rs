@@ -309,6 +309,16 @@ pub async fn post_json(url: &str, value: &serde_json::Value) -> Reply {
     .await
 }
 
+/// Asserts an error reply: its status and its `{"error":{"code"}}`.
+pub fn assert_error(reply: &Reply, status: u16, code: &str) {
+    assert_eq!(
+        (reply.status, reply.error_code().as_str()),
+        (status, code),
+        "{}",
+        reply.text()
+    );
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
