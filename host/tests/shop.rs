@@ -513,7 +513,7 @@ async fn users_see_only_their_own_orders_payments_and_notifications() {
         order_id,
         "an admin may read any order"
     );
-    let payment = shop.payment(&other, &order_id).await;
+    let payment = shop.payment(&other, order_id).await;
     assert_eq!(payment.status, 404);
     let listed = shop
         .call("GET", "/orders", "/orders", Some(&other), None)
