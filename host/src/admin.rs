@@ -7,6 +7,7 @@
 //! - `POST /components/{name}/rollback`
 //! - `POST /reload` (re-read plugins.toml and component files)
 //! - `GET  /topics/{topic}/events?from=N&limit=N`
+//! - `GET  /topics/{topic}/subscribers/{component}` (progress: next offset and end, per partition)
 //! - `POST /topics/{topic}/subscribers/{component}/rewind?to=N` (redeliver from N)
 
 use std::sync::Arc;
@@ -46,6 +47,28 @@ pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Respon
         },
         (&Method::GET, ["topics", topic, "events"]) => {
             events(&runtime, topic, request.uri().query()).await
+        }
+        (&Method::GET, ["topics", topic, "subscribers", component]) => {
+            match runtime
+                .capabilities
+                .messaging
+                .progress(component, topic)
+                .await
+            {
+                Ok(partitions) => {
+                    let partitions: Vec<_> = partitions
+                        .into_iter()
+                        .map(|(partition, next, end)| {
+                            json!({"partition": partition, "next": next, "end": end, "caught_up": next >= end})
+                        })
+                        .collect();
+                    response::json(
+                        StatusCode::OK,
+                        &json!({"topic": topic, "subscriber": component, "partitions": partitions}),
+                    )
+                }
+                Err(e) => refused(StatusCode::SERVICE_UNAVAILABLE, e),
+            }
         }
         (&Method::POST, ["topics", topic, "subscribers", component, "rewind"]) => {
             let to = query_param(request.uri().query(), "to").unwrap_or(0);

@@ -583,20 +583,37 @@ async fn redelivered_events_change_nothing_and_providers_are_called_once() {
     assert_eq!(charges[0].body["amount_cents"], 8000);
 
     // Every subscriber handles everything again.
-    for (topic, component) in [
+    let rewound = [
         ("order.created", "payments"),
         ("order.created", "notifications"),
         ("payment.succeeded", "orders"),
         ("payment.succeeded", "notifications"),
         ("user.registered", "notifications"),
-    ] {
+    ];
+    for (topic, component) in rewound {
         let out = shop.host.cli(&["rewind", topic, component]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    // Redelivery is in order: once a marker event after them is handled, they were too.
-    let (_, late) = shop.user("late@example.com").await;
-    shop.notification_kinds(&late, 1).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (topic, component) in rewound {
+        let progress = format!(
+            "{}/topics/{topic}/subscribers/{component}",
+            shop.host.admin_url()
+        );
+        eventually(
+            "the redelivery to be handled",
+            Duration::from_secs(20),
+            || async {
+                let partitions = get(&progress).await.json()["partitions"].clone();
+                let caught_up = partitions
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["caught_up"] == true);
+                caught_up.then_some(())
+            },
+        )
+        .await;
+    }
 
     assert_eq!(provider.recorded().len(), 1, "never charged twice");
     assert_eq!(shop.order(&customer, &order_id).await["status"], "paid");

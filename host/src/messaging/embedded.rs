@@ -134,6 +134,20 @@ impl Broker for EmbeddedLog {
             .collect()
     }
 
+    async fn end(&self, topic: &str, _partition: u32) -> Result<u64> {
+        let topic = topic.to_owned();
+        let last = self
+            .with(move |c| {
+                c.query_row(
+                    "SELECT MAX(seq) FROM events WHERE topic = ?1",
+                    [topic],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+            })
+            .await?;
+        Ok(last.map_or(0, |seq| seq as u64 + 1))
+    }
+
     async fn committed(&self, consumer: &str, topic: &str, partition: u32) -> Result<u64> {
         let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
         let next = self

@@ -64,6 +64,8 @@ pub trait Broker: Send + Sync {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u64, Envelope)>>;
+    /// The offset the next event of a partition will get.
+    async fn end(&self, topic: &str, partition: u32) -> Result<u64>;
     /// The next offset `consumer` has to process.
     async fn committed(&self, consumer: &str, topic: &str, partition: u32) -> Result<u64>;
     async fn commit(&self, consumer: &str, topic: &str, partition: u32, next: u64) -> Result<()>;
@@ -220,6 +222,17 @@ impl MessagingCapability {
         }
         self.wakeups.notify(topic);
         Ok(())
+    }
+
+    /// Where a subscriber stands on each partition: (partition, next offset
+    /// it will handle, end of the partition). Caught up when next >= end.
+    pub async fn progress(&self, component: &str, topic: &str) -> Result<Vec<(u32, u64, u64)>> {
+        let mut partitions = Vec::new();
+        for partition in 0..self.broker.partitions(topic).await? {
+            let next = self.broker.committed(component, topic, partition).await?;
+            partitions.push((partition, next, self.broker.end(topic, partition).await?));
+        }
+        Ok(partitions)
     }
 
     /// Events of a topic from `from` on, across its partitions: how an
