@@ -20,6 +20,8 @@ pub struct InstanceState {
     http: WasiHttpCtx,
     outbound: OutboundHooks,
     pub limiter: MemoryLimiter,
+    /// Transactions this instance has open (see the storage capability).
+    pub open_transactions: u32,
 }
 
 impl InstanceState {
@@ -38,6 +40,7 @@ impl InstanceState {
                 max_bytes: memory_bytes,
                 exhausted: false,
             },
+            open_transactions: 0,
         }
     }
 }

@@ -130,6 +130,27 @@ fn compiled_artifacts(dir: &std::path::Path) -> std::collections::BTreeSet<Strin
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_write_beside_an_open_transaction_fails_instead_of_waiting_on_itself() {
+    let host = TestHost::standard();
+    let reply = request(
+        "POST",
+        &host.url("/probe/write-beside-transaction"),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_error(&reply, 500, "internal_error");
+    assert!(
+        reply.text().contains("open transaction"),
+        "{}",
+        reply.text()
+    );
+    // The transaction was dropped with the failed request: nothing stays locked.
+    assert_eq!(get(&host.url("/probe/kv/inside")).await.status, 404);
+    assert_eq!(put(&host.url("/probe/kv/after"), "free").await.status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cache_entries_expire_after_their_ttl() {
     let host = TestHost::standard();
     assert_eq!(

@@ -29,6 +29,7 @@ impl Service for Probe {
             .get("/probe/loop", spin)
             .get("/probe/oom", exhaust_memory)
             .get("/probe/fetch", fetch)
+            .post("/probe/write-beside-transaction", write_beside_transaction)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -202,6 +203,18 @@ fn fetch(req: &Request) -> Result<Response> {
         "status": response.status,
         "body": String::from_utf8_lossy(&response.body),
     })))
+}
+
+/// Writes outside its own open transaction, which must fail, not hang.
+fn write_beside_transaction(_: &Request) -> Result<Response> {
+    let tx = storage::begin()?;
+    tx.execute(
+        "INSERT INTO kv (key, value) VALUES ('inside', 'x') ON CONFLICT (key) DO NOTHING",
+        &[],
+    )?;
+    storage::execute("INSERT INTO kv (key, value) VALUES ('beside', 'x')", &[])?;
+    tx.commit()?;
+    Ok(Response::no_content())
 }
 
 fn spin(_: &Request) -> Result<Response> {

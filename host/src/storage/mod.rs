@@ -117,6 +117,13 @@ impl Capability for StorageCapability {
     }
 }
 
+/// Why a write outside an open transaction is refused: the transaction holds
+/// the write lock (SQLite) or row locks (PostgreSQL), so the write would wait
+/// on its own instance until the deadline. Refusing at once turns a hang
+/// into an error that says what to do.
+const WRITE_BESIDE_TRANSACTION: &str =
+    "this instance has an open transaction: run the statement in it (transactions do not nest)";
+
 impl InstanceState {
     fn database(&self) -> wasmtime::Result<&Arc<dyn Database>> {
         self.caps
@@ -147,10 +154,16 @@ impl wit::Host for InstanceState {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, Error>> {
+        if self.open_transactions > 0 {
+            return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
+        }
         Ok(self.database()?.execute(&sql, params).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<TransactionHandle>, Error>> {
+        if self.open_transactions > 0 {
+            return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
+        }
         let tx = match self.database()?.begin().await {
             Ok(tx) => tx,
             Err(e) => return Ok(Err(e)),
@@ -159,7 +172,9 @@ impl wit::Host for InstanceState {
             tx,
             enqueued: false,
         };
-        Ok(Ok(self.table.push(handle)?))
+        let handle = self.table.push(handle)?;
+        self.open_transactions += 1;
+        Ok(Ok(handle))
     }
 }
 
@@ -187,6 +202,7 @@ impl wit::HostTransaction for InstanceState {
         tx: Resource<TransactionHandle>,
     ) -> wasmtime::Result<Result<(), Error>> {
         let handle = self.table.delete(tx)?;
+        self.open_transactions -= 1;
         let result = handle.tx.commit().await;
         if result.is_ok() && handle.enqueued {
             if let Some(publisher) = &self.caps.messaging {
@@ -199,6 +215,7 @@ impl wit::HostTransaction for InstanceState {
     async fn drop(&mut self, tx: Resource<TransactionHandle>) -> wasmtime::Result<()> {
         // Dropping the backend transaction rolls it back.
         self.table.delete(tx)?;
+        self.open_transactions -= 1;
         Ok(())
     }
 }

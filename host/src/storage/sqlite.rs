@@ -6,8 +6,8 @@
 //! WAL mode lets run beside the writer. That gives real ACID transactions
 //! and read concurrency without a server, at the price of serialised
 //! writes per component, which is the right price for a shop on one machine.
-//! (A component that runs a plain `execute` while holding its own open
-//! transaction waits on itself until its deadline; use the transaction.)
+//! (A write beside the instance's own open transaction would wait on itself;
+//! the capability refuses it before it reaches here.)
 //!
 //! Durability: WAL with `synchronous=NORMAL` survives a crash of the host
 //! process (every commit is in the OS before it is acknowledged); only a
