@@ -105,12 +105,30 @@ pub async fn read_body(
     }
 }
 
+/// Correlates a request across the client, the log and the component.
+const REQUEST_ID: &str = "x-request-id";
+
+/// The client's request id if it is a sane one, else a new one.
+fn request_id(request: &Request<Incoming>) -> header::HeaderValue {
+    request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(|| {
+            header::HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a valid header value")
+        })
+}
+
 /// The public listener's handler: host endpoints, then routing.
-pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (component, response) = route(&runtime, request).await;
+    let id = request_id(&request);
+    request.headers_mut().insert(REQUEST_ID, id.clone());
+    let (component, mut response) = route(&runtime, request).await;
     tracing::info!(
         target: "agora::request",
         %method,
@@ -118,7 +136,9 @@ pub async fn handle(runtime: Arc<Runtime>, request: Request<Incoming>) -> Respon
         component = component.as_deref().unwrap_or("-"),
         status = response.status().as_u16(),
         duration_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+        request_id = id.to_str().unwrap_or_default(),
     );
+    response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 

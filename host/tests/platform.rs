@@ -46,7 +46,22 @@ async fn routes_by_longest_prefix_and_answers_unknown_paths_with_json_404() {
     assert!(ready["components"]["hello"].is_string() && ready["components"]["probe"].is_string());
     assert_eq!(ready["backends"]["storage"], "ok");
 
+    // Every response carries a request id, the client's own when it sent one.
+    assert_eq!(hello.headers["x-request-id"].len(), 36);
+    let traced = request(
+        "GET",
+        &host.url("/probe/version"),
+        &[("x-request-id", "trace-me-42")],
+        vec![],
+    )
+    .await;
+    assert_eq!(traced.headers["x-request-id"], "trace-me-42");
+
     let log = host.log();
+    assert!(
+        log.contains("request_id=trace-me-42"),
+        "the id is in the request's log line"
+    );
     assert!(
         log.contains("path=/probe/version")
             && log.contains("component=\"probe\"")
