@@ -59,7 +59,7 @@ async fn routes_by_longest_prefix_and_answers_unknown_paths_with_json_404() {
 
     let log = host.log();
     assert!(
-        log.contains("request_id=trace-me-42"),
+        log.contains("request_id=\"trace-me-42\""),
         "the id is in the request's log line"
     );
     assert!(
