@@ -528,7 +528,11 @@ async fn users_see_only_their_own_orders_payments_and_notifications() {
         .json();
     assert_eq!(answer["data"], json!({"order": null, "orders": []}));
     shop.notification_kinds(&owner, 3).await;
+    // Once the other user's own welcome is in, their list is complete and
+    // must hold nothing of the owner's.
+    shop.notification_kinds(&other, 1).await;
     let others = shop.notifications(&other).await;
+    assert_eq!(others.len(), 1);
     assert!(
         others.iter().all(|n| n["recipient"] == "other@example.com"),
         "{others:?}"
