@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout_at;
 use wasmtime::component::{Component, InstancePre, Linker, Val};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -109,6 +109,14 @@ impl Failure {
 
 const MIB: usize = 1024 * 1024;
 
+/// An instance slot: its concurrency permit, held until the instance is
+/// done, and the store with the deadline it must finish by.
+struct Slot {
+    permit: OwnedSemaphorePermit,
+    store: Store<InstanceState>,
+    deadline: tokio::time::Instant,
+}
+
 pub fn version_of(wasm: &[u8]) -> String {
     Sha256::digest(wasm)
         .iter()
@@ -197,6 +205,21 @@ impl ComponentVersion {
         store
     }
 
+    /// Waits, until this version's deadline, for an instance slot (the
+    /// concurrency limit) and makes the store for that instance.
+    async fn claim_slot(&self) -> Result<Slot, Failure> {
+        let deadline = self.deadline();
+        let until = tokio::time::Instant::from_std(deadline);
+        match timeout_at(until, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Slot {
+                permit,
+                store: self.new_store(deadline),
+                deadline: until,
+            }),
+            _ => Err(Failure::Busy),
+        }
+    }
+
     async fn migrate(&self) -> Result<()> {
         let Ok(indices) = schema::GuestIndices::new(&self.pre) else {
             return Ok(());
@@ -237,13 +260,14 @@ impl ComponentVersion {
 
     /// Serves one request on a fresh instance.
     pub async fn handle_http(self: Arc<Self>, request: Request<Full<Bytes>>) -> Response<Body> {
-        let deadline = self.deadline();
-        let tokio_deadline = tokio::time::Instant::from_std(deadline);
-        let Ok(Ok(permit)) = timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
-        else {
-            return Failure::Busy.response(&self.name);
+        let Slot {
+            permit,
+            mut store,
+            deadline,
+        } = match self.claim_slot().await {
+            Ok(slot) => slot,
+            Err(failure) => return failure.response(&self.name),
         };
-        let mut store = self.new_store(deadline);
         let (sender, receiver) = oneshot::channel();
         let handles = {
             let mut http = store.data_mut().http();
@@ -273,7 +297,7 @@ impl ComponentVersion {
             let result = run.await;
             result.map_err(|e| Failure::classify(e, store.data().limiter.exhausted))
         });
-        match timeout_at(tokio_deadline, receiver).await {
+        match timeout_at(deadline, receiver).await {
             Ok(Ok(Ok(response))) => response,
             Ok(Ok(Err(code))) => {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
@@ -310,14 +334,14 @@ impl ComponentVersion {
         params: &[Val],
         results: &mut [Val],
     ) -> wasmtime::Result<()> {
-        let deadline = self.deadline();
-        let tokio_deadline = tokio::time::Instant::from_std(deadline);
-        let Ok(Ok(_permit)) =
-            timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
-        else {
-            wasmtime::bail!("{}", Failure::Busy.message(&self.name));
+        let Slot {
+            permit: _permit,
+            mut store,
+            deadline,
+        } = match self.claim_slot().await {
+            Ok(slot) => slot,
+            Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
-        let mut store = self.new_store(deadline);
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             let func = instance
@@ -332,7 +356,7 @@ impl ComponentVersion {
                 })?;
             func.call_async(&mut store, params, results).await
         };
-        match timeout_at(tokio_deadline, run).await {
+        match timeout_at(deadline, run).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 let failure = Failure::classify(e, store.data().limiter.exhausted);
@@ -348,14 +372,11 @@ impl ComponentVersion {
             .subscriber
             .as_ref()
             .ok_or_else(|| format!("component `{}` has no subscriber export", self.name))?;
-        let deadline = self.deadline();
-        let tokio_deadline = tokio::time::Instant::from_std(deadline);
-        let Ok(Ok(_permit)) =
-            timeout_at(tokio_deadline, self.permits.clone().acquire_owned()).await
-        else {
-            return Err(Failure::Busy.message(&self.name));
-        };
-        let mut store = self.new_store(deadline);
+        let Slot {
+            permit: _permit,
+            mut store,
+            deadline,
+        } = self.claim_slot().await.map_err(|f| f.message(&self.name))?;
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             indices
@@ -363,7 +384,7 @@ impl ComponentVersion {
                 .call_handle(&mut store, &message)
                 .await
         };
-        match timeout_at(tokio_deadline, run).await {
+        match timeout_at(deadline, run).await {
             Ok(Ok(result)) => result,
             Ok(Err(e)) => {
                 Err(Failure::classify(e, store.data().limiter.exhausted).message(&self.name))
