@@ -5,6 +5,11 @@
 //! atomic rename is seen. Events are debounced: a build writes a file in
 //! several steps, and a half-written binary would only be refused and
 //! retried, but there is no point in trying it.
+//!
+//! Only events that change a file count. inotify also reports opening and
+//! reading (`Access`), and the host reads plugins.toml and the binaries on
+//! every reconcile: counting those made each reload wake the next, about
+//! five a second forever.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -38,7 +43,9 @@ pub fn start(runtime: Arc<Runtime>) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
-            let _ = tx.send(event.paths);
+            if changes_content(&event.kind) {
+                let _ = tx.send(event.paths);
+            }
         }
     })?;
     tokio::spawn(async move {
@@ -71,10 +78,26 @@ pub fn start(runtime: Arc<Runtime>) -> Result<()> {
                     _ = tokio::time::sleep_until(quiet_until) => break,
                 }
             }
+            tracing::info!("a watched file changed; reloading");
             if let Err(e) = runtime.reconcile().await {
                 tracing::error!(error = %format!("{e:#}"), "hot swap refused");
             }
         }
     });
     Ok(())
+}
+
+/// Whether an event can mean new contents: a write, a create, a rename into
+/// place or a removal; not an open, a read, a close after reading or a
+/// change of metadata alone.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match kind {
+        // A file closed after writing: the end of an in-place rewrite.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other | EventKind::Modify(ModifyKind::Metadata(_)) => {
+            false
+        }
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+    }
 }

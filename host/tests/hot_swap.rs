@@ -249,3 +249,47 @@ async fn editing_plugins_toml_reroutes_removes_and_relimits_live() {
     assert_eq!(get(&host.url("/probe/version")).await.status, 200);
     assert_eq!(get(&host.url("/hello")).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_edit_of_plugins_toml_is_one_reload_attempt() {
+    let host = TestHost::standard();
+    let original = std::fs::read_to_string(host.plugins_path()).unwrap();
+    let reloads = || {
+        host.log()
+            .matches("a watched file changed; reloading")
+            .count()
+    };
+
+    // A good edit: applied once, and the host's own reads of the file that
+    // follow do not count as edits.
+    let rerouted = original.replace(r#"routes = ["/hello"]"#, r#"routes = ["/hello", "/greet"]"#);
+    replace_atomically(&host.plugins_path(), rerouted.as_bytes());
+    eventually("/greet to be routed", Duration::from_secs(15), || async {
+        (get(&host.url("/greet")).await.status == 200).then_some(())
+    })
+    .await;
+    // Long enough for a reload loop to show itself many times over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reloads(), 1, "{}", host.log());
+
+    // A refused edit: one attempt, one logged refusal.
+    replace_atomically(
+        &host.plugins_path(),
+        rerouted.replace("routes", "rooutes").as_bytes(),
+    );
+    eventually(
+        "the refusal to be logged",
+        Duration::from_secs(15),
+        || async { host.log().contains("unknown field `rooutes`").then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reloads(), 2, "{}", host.log());
+    assert_eq!(
+        host.log().matches("hot swap refused").count(),
+        1,
+        "{}",
+        host.log()
+    );
+    assert_eq!(get(&host.url("/greet")).await.status, 200);
+}
