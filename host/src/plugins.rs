@@ -114,12 +114,18 @@ pub enum StorageBackend {
     Sqlite,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum CacheBackend {
-    /// A map in the host process; entries do not survive a restart.
-    #[default]
-    Memory,
+    /// A map in the host process with a memory quota per component;
+    /// entries do not survive a restart.
+    Memory(crate::cache::MemoryConfig),
+}
+
+impl Default for CacheBackend {
+    fn default() -> Self {
+        CacheBackend::Memory(Default::default())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -166,6 +166,41 @@ async fn a_write_beside_an_open_transaction_fails_instead_of_waiting_on_itself()
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_component_cannot_pin_more_cache_memory_than_its_quota() {
+    let host = TestHost::start(|ports, _| {
+        let config = standard_config(ports, &component("probe"));
+        format!("[backends.cache]\nkind = \"memory\"\nquota_mib = 1\n{config}")
+    });
+    // Warm up the request path, so its own allocations are in the baseline.
+    assert_eq!(put(&host.url("/probe/cache/warm"), "x").await.status, 204);
+    let before = host.resident_kib();
+    let almost_a_mib = "x".repeat(1024 * 1024 - 4096);
+    for i in 0..300 {
+        let stored = put(&host.url(&format!("/probe/cache/big{i}")), &almost_a_mib).await;
+        assert_eq!(stored.status, 204, "entry {i}: {}", stored.text());
+    }
+    let grown_mib = host.resident_kib().saturating_sub(before) / 1024;
+    // Without a quota the host would hold all 300 MiB.
+    assert!(grown_mib < 100, "the host grew by {grown_mib} MiB");
+    // The newest entry is kept; the oldest made room for it.
+    assert_eq!(get(&host.url("/probe/cache/big299")).await.status, 200);
+    assert_eq!(get(&host.url("/probe/cache/big0")).await.status, 404);
+
+    // One entry larger than the whole quota is refused, and says why.
+    let too_large = put(&host.url("/probe/cache/huge"), &"x".repeat(1024 * 1024)).await;
+    assert_error(&too_large, 500, "internal_error");
+    assert!(
+        too_large
+            .text()
+            .contains("exceeds the cache quota of 1 MiB"),
+        "{}",
+        too_large.text()
+    );
+    assert_eq!(get(&host.url("/probe/cache/huge")).await.status, 404);
+    assert_eq!(get(&host.url("/probe/cache/big299")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cache_entries_expire_after_their_ttl() {
     let host = TestHost::standard();
     assert_eq!(

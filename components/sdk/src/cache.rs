@@ -12,7 +12,9 @@ impl From<wit::Error> for Error {
     fn from(e: wit::Error) -> Error {
         match e {
             wit::Error::Unavailable(m) => Error::unavailable(format!("cache: {m}")),
-            wit::Error::NotANumber(m) => Error::internal(format!("cache: {m}")),
+            wit::Error::NotANumber(m) | wit::Error::TooLarge(m) => {
+                Error::internal(format!("cache: {m}"))
+            }
         }
     }
 }

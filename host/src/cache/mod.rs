@@ -18,8 +18,12 @@ use crate::capability::Capability;
 use crate::plugins::{CacheBackend as BackendChoice, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
-pub use memory::MemoryCache;
+pub use memory::{MemoryCache, MemoryConfig};
 
+/// A cache backend. Every key arrives as `<space>:<key>`, the space being a
+/// component's name (added by [`Namespace`]) or the host's own (`agora/...`,
+/// which no component name can be): backends that bound memory do it per
+/// space.
 #[async_trait]
 pub trait CacheBackend: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
@@ -55,7 +59,7 @@ impl CacheCapability {
 
     pub async fn init(choice: &BackendChoice) -> Result<Self> {
         let backend: Arc<dyn CacheBackend> = match choice {
-            BackendChoice::Memory => MemoryCache::start(),
+            BackendChoice::Memory(config) => MemoryCache::start(config),
         };
         Ok(CacheCapability { backend })
     }

@@ -185,6 +185,17 @@ impl TestHost {
         self.spawn();
     }
 
+    /// The host process's resident memory, from /proc.
+    pub fn resident_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("the host runs").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.ports.public)
     }
