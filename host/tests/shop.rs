@@ -147,6 +147,28 @@ impl Shop {
         .await
     }
 
+    /// Waits until `component` has handled every event of `topic`.
+    async fn caught_up(&self, topic: &str, component: &str) {
+        let progress = format!(
+            "{}/topics/{topic}/subscribers/{component}",
+            self.host.admin_url()
+        );
+        eventually(
+            "the subscriber to catch up",
+            Duration::from_secs(20),
+            || async {
+                let partitions = get(&progress).await.json()["partitions"].clone();
+                let caught_up = partitions
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["caught_up"] == true);
+                caught_up.then_some(())
+            },
+        )
+        .await;
+    }
+
     async fn notifications(&self, token: &str) -> Vec<Value> {
         let reply = self
             .call("GET", "/notifications", "/notifications", Some(token), None)
@@ -422,6 +444,62 @@ async fn fifty_concurrent_checkouts_against_ten_in_stock_sell_exactly_ten() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn stock_reserved_for_an_order_never_written_comes_back_after_the_timeout() {
+    // No payments: confirmed orders stay pending, holding their stock.
+    let shop = Shop::start_with(|config| {
+        let (before, rest) = config.split_once("# Charges orders.").unwrap();
+        let (_, after) = rest.split_once("# Emails customers").unwrap();
+        format!("{before}# Emails customers{after}")
+            .replace("orders.wasm", "orders-crash-after-reserve.wasm")
+            .replace(
+                "reservation_timeout_seconds = 900",
+                "reservation_timeout_seconds = 2",
+            )
+    })
+    .await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("olga@example.com").await;
+    let lamp = shop.product(&admin, "Lamp", 100, 3).await;
+
+    // Orders stops dead after reserving, as a crash there would.
+    let bearer = format!("Bearer {customer}");
+    let body = json!({"items": [{"product_id": lamp, "quantity": 2}]});
+    let crashed = request(
+        "POST",
+        &shop.host.url("/orders"),
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_error(&crashed, 500, "component_trapped");
+    assert_eq!(
+        shop.stock(&lamp).await,
+        1,
+        "the reservation holds its stock"
+    );
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = shop
+        .host
+        .cli(&["deploy", "orders", component("orders").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The unconfirmed reservation expired: all three can be ordered.
+    let placed = shop.place_order(&customer, &lamp, 3).await;
+    assert_eq!(placed.status, 201, "{}", placed.text());
+    assert_eq!(shop.stock(&lamp).await, 0);
+
+    // A reservation its order confirmed is kept past the timeout.
+    shop.caught_up("order.created", "catalog").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused = shop.place_order(&customer, &lamp, 1).await;
+    assert_error(&refused, 409, "insufficient_stock");
+    assert_eq!(shop.stock(&lamp).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn every_error_case_has_its_status_and_code() {
     let shop = Shop::start().await;
     let (_, admin) = shop.user(ADMIN.0).await;
@@ -485,6 +563,53 @@ async fn every_error_case_has_its_status_and_code() {
 
     let malformed = request("POST", &shop.host.url("/users"), &[], b"{not json".to_vec()).await;
     assert_error(&malformed, 400, "invalid_json");
+
+    // A total beyond i64 cents is refused wherever it is computed, never
+    // shown or charged wrapped around.
+    let dear = shop.product(&admin, "Dear", 1, 5).await;
+    let cheap = shop.product(&admin, "Cheap", 1, 5).await;
+    for product in [&dear, &cheap] {
+        let body = json!({"product_id": product, "quantity": 1});
+        let added = shop
+            .call(
+                "POST",
+                "/cart/items",
+                "/cart/items",
+                Some(&customer),
+                Some(body),
+            )
+            .await;
+        assert_eq!(added.status, 200, "{}", added.text());
+    }
+    let path = format!("/products/{dear}");
+    let repriced = shop
+        .call(
+            "PATCH",
+            "/products/{id}",
+            &path,
+            Some(&admin),
+            Some(json!({"price_cents": i64::MAX})),
+        )
+        .await;
+    assert_eq!(repriced.status, 200, "{}", repriced.text());
+    let cart = shop
+        .call("GET", "/cart", "/cart", Some(&customer), None)
+        .await;
+    assert_error(&cart, 400, "validation_failed");
+    assert!(
+        cart.text().contains("total is too large"),
+        "{}",
+        cart.text()
+    );
+    let checkout = shop
+        .call("POST", "/checkout", "/checkout", Some(&customer), None)
+        .await;
+    assert_error(&checkout, 400, "validation_failed");
+    assert_eq!(
+        (shop.stock(&dear).await, shop.stock(&cheap).await),
+        (5, 5),
+        "a refused checkout keeps no stock"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -599,24 +724,7 @@ async fn redelivered_events_change_nothing_and_providers_are_called_once() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     for (topic, component) in rewound {
-        let progress = format!(
-            "{}/topics/{topic}/subscribers/{component}",
-            shop.host.admin_url()
-        );
-        eventually(
-            "the redelivery to be handled",
-            Duration::from_secs(20),
-            || async {
-                let partitions = get(&progress).await.json()["partitions"].clone();
-                let caught_up = partitions
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|p| p["caught_up"] == true);
-                caught_up.then_some(())
-            },
-        )
-        .await;
+        shop.caught_up(topic, component).await;
     }
 
     assert_eq!(provider.recorded().len(), 1, "never charged twice");

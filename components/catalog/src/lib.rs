@@ -4,6 +4,15 @@
 //! conditional `UPDATE ... WHERE stock >= quantity` inside one transaction
 //! for all lines (all or nothing), and the schema checks `stock >= 0` too.
 //!
+//! A reservation waits for its order: the order's `order.created` event,
+//! written in the same transaction as the order, confirms it (`held`). One
+//! that no order confirms within `reservation_timeout_seconds` (the orders
+//! service crashed between reserving and writing the order) has its stock
+//! put back (`expired`) by the next reservation, which is when the stock is
+//! wanted. Should a confirmation still come after that, the stock is taken
+//! again if it is there; if not, the event fails and ends up dead-lettered
+//! for an operator, rather than an order silently going without stock.
+//!
 //! Product reads come from the cache. Every write deletes the product's
 //! entry and bumps a generation number that list entries are keyed by, so
 //! no list survives a change; entries also expire after `CACHE_TTL`.
@@ -37,9 +46,26 @@ impl Service for Catalog {
             include_str!("../migrations/0001_products.sql"),
         )]
     }
+
+    fn on_message(message: messaging::Message) -> Result<(), String> {
+        #[derive(Deserialize)]
+        struct OrderCreated {
+            order_id: String,
+        }
+        match message.topic.as_str() {
+            "order.created" => confirm(&message.json::<OrderCreated>()?.order_id),
+            other => Err(format!("catalog does not handle `{other}`")),
+        }
+    }
 }
 
 agora_sdk::service!(Catalog);
+
+/// How long a reservation waits for its order before its stock is put back.
+/// An order confirms its reservation within milliseconds of checkout; 15
+/// minutes also rides out a subscriber that is failing for a while, and
+/// holds stock that no order will take for no longer than a checkout page.
+const DEFAULT_RESERVATION_TIMEOUT_SECONDS: i64 = 15 * 60;
 
 /// A bound on staleness should an invalidation be missed.
 const CACHE_TTL: Duration = Duration::from_secs(30);
@@ -315,6 +341,7 @@ impl inventory::Guest for Catalog {
         if !existing.is_empty() {
             return reserved_lines(&existing).map_err(unavailable);
         }
+        let mut changed = expire_unconfirmed(&tx).map_err(unavailable)?;
         for line in &lines {
             let taken = tx
                 .execute(
@@ -346,13 +373,14 @@ impl inventory::Guest for Catalog {
         }
         let reserved = tx.query(select, params![&order_id]).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
-        invalidate(lines.iter().map(|l| l.product_id.as_str())).map_err(unavailable)?;
+        changed.extend(lines.into_iter().map(|l| l.product_id));
+        invalidate(changed.iter().map(String::as_str)).map_err(unavailable)?;
         reserved_lines(&reserved).map_err(unavailable)
     }
 
     fn commit(order_id: String) -> Result<(), String> {
         storage::execute(
-            "UPDATE reservations SET state = 'committed' WHERE order_id = $1 AND state = 'reserved'",
+            "UPDATE reservations SET state = 'committed' WHERE order_id = $1 AND state IN ('reserved', 'held')",
             params![&order_id],
         )
         .map(|_| ())
@@ -363,20 +391,13 @@ impl inventory::Guest for Catalog {
         let released = (|| -> Result<Vec<String>> {
             let tx = storage::begin()?;
             let rows = tx.query(
-                "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND state = 'reserved'",
+                "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND state IN ('reserved', 'held')",
                 params![&order_id],
             )?;
-            let mut products = Vec::new();
-            for r in rows.iter() {
-                let product: String = r.get("product_id")?;
-                tx.execute(
-                    "UPDATE products SET stock = stock + $1 WHERE id = $2",
-                    params![r.get::<i64>("quantity")?, &product],
-                )?;
-                products.push(product);
-            }
+            let products = put_back(&tx, &rows)?;
+            // An expired reservation gave its stock back already.
             tx.execute(
-                "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state = 'reserved'",
+                "UPDATE reservations SET state = 'released' WHERE order_id = $1 AND state IN ('reserved', 'held', 'expired')",
                 params![&order_id],
             )?;
             tx.commit()?;
@@ -385,6 +406,90 @@ impl inventory::Guest for Catalog {
         .map_err(|e| e.message)?;
         invalidate(released.iter().map(String::as_str)).map_err(|e| e.message)
     }
+}
+
+/// Returns the stock of reservation `rows` (product_id, quantity) to their
+/// products; returns the products changed.
+fn put_back(tx: &storage::Transaction, rows: &storage::Rows) -> Result<Vec<String>> {
+    let mut products = Vec::new();
+    for r in rows.iter() {
+        let product: String = r.get("product_id")?;
+        tx.execute(
+            "UPDATE products SET stock = stock + $1 WHERE id = $2",
+            params![r.get::<i64>("quantity")?, &product],
+        )?;
+        products.push(product);
+    }
+    Ok(products)
+}
+
+/// Puts back the stock of reservations that no order confirmed in time;
+/// returns the products changed.
+fn expire_unconfirmed(tx: &storage::Transaction) -> Result<Vec<String>> {
+    let timeout: i64 = config::get_json("reservation_timeout_seconds")?
+        .unwrap_or(DEFAULT_RESERVATION_TIMEOUT_SECONDS);
+    let cutoff = now_millis().saturating_sub(timeout.saturating_mul(1000));
+    let rows = tx.query(
+        "SELECT product_id, quantity FROM reservations WHERE state = 'reserved' AND created_at < $1",
+        params![cutoff],
+    )?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let products = put_back(tx, &rows)?;
+    tx.execute(
+        "UPDATE reservations SET state = 'expired' WHERE state = 'reserved' AND created_at < $1",
+        params![cutoff],
+    )?;
+    Ok(products)
+}
+
+/// Marks an order's reservation as held by that order. If it expired
+/// meanwhile, takes its stock again, all lines or none.
+fn confirm(order_id: &str) -> Result<(), String> {
+    let retaken = (|| -> Result<Vec<String>> {
+        let tx = storage::begin()?;
+        let held = tx.execute(
+            "UPDATE reservations SET state = 'held' WHERE order_id = $1 AND state = 'reserved'",
+            params![order_id],
+        )?;
+        let expired = tx.query(
+            "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND state = 'expired'",
+            params![order_id],
+        )?;
+        if held > 0 || expired.is_empty() {
+            tx.commit()?;
+            return Ok(Vec::new());
+        }
+        let mut products = Vec::new();
+        for r in expired.iter() {
+            let product: String = r.get("product_id")?;
+            let taken = tx.execute(
+                "UPDATE products SET stock = stock - $1 WHERE id = $2 AND stock >= $1",
+                params![r.get::<i64>("quantity")?, &product],
+            )?;
+            if taken == 0 {
+                // Dropping the transaction takes nothing.
+                return Err(Error::new(
+                    409,
+                    "insufficient_stock",
+                    format!(
+                        "order {order_id} was confirmed after its reservation expired, \
+                         and product {product} no longer has the stock"
+                    ),
+                ));
+            }
+            products.push(product);
+        }
+        tx.execute(
+            "UPDATE reservations SET state = 'held' WHERE order_id = $1 AND state = 'expired'",
+            params![order_id],
+        )?;
+        tx.commit()?;
+        Ok(products)
+    })()
+    .map_err(|e| e.message)?;
+    invalidate(retaken.iter().map(String::as_str)).map_err(|e| e.message)
 }
 
 shop::export!(Catalog with_types_in shop);

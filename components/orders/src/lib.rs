@@ -115,19 +115,33 @@ fn check_quantity(quantity: u32) -> Result<()> {
     Ok(())
 }
 
+/// The sum of (unit price, quantity) lines, refused where it does not fit
+/// in cents: wrapping would show or charge a wrong, even negative, total.
+fn total_cents(lines: impl IntoIterator<Item = (i64, i64)>) -> Result<i64> {
+    lines
+        .into_iter()
+        .try_fold(0i64, |sum, (unit_price, quantity)| {
+            unit_price
+                .checked_mul(quantity)
+                .and_then(|line| sum.checked_add(line))
+        })
+        .ok_or_else(|| Error::new(400, "validation_failed", "the order total is too large"))
+}
+
 /// The cart with current names and prices.
 fn cart_view(cart: &Cart) -> Result<Response> {
     let ids: Vec<String> = cart.items.iter().map(|l| l.product_id.clone()).collect();
     let products = inventory::lookup(&ids).map_err(Error::unavailable)?;
-    let mut total = 0i64;
+    let product = |line: &CartLine| products.iter().find(|p| p.id == line.product_id);
+    let total =
+        total_cents(cart.items.iter().filter_map(|line| {
+            product(line).map(|p| (p.unit_price_cents, i64::from(line.quantity)))
+        }))?;
     let items: Vec<_> = cart
         .items
         .iter()
         .map(|line| {
-            let product = products.iter().find(|p| p.id == line.product_id);
-            if let Some(p) = product {
-                total += p.unit_price_cents * i64::from(line.quantity);
-            }
+            let product = product(line);
             serde_json::json!({
                 "product_id": line.product_id,
                 "quantity": line.quantity,
@@ -257,6 +271,9 @@ fn place_order(user: &User, lines: &[CartLine]) -> Result<Order> {
         ReserveError::Invalid(m) => Error::new(400, "validation_failed", m),
         ReserveError::Unavailable(m) => Error::unavailable(m),
     })?;
+    if cfg!(feature = "crash-after-reserve") {
+        panic!("crashing between reserving stock and writing order {order_id}");
+    }
     match record_order(user, &order_id, &reserved) {
         Ok(order) => Ok(order),
         Err(e) => {
@@ -288,14 +305,7 @@ fn record_order(
             unit_price_cents: l.unit_price_cents,
         })
         .collect();
-    let total = items
-        .iter()
-        .try_fold(0i64, |sum, i| {
-            i.unit_price_cents
-                .checked_mul(i.quantity)
-                .and_then(|t| sum.checked_add(t))
-        })
-        .ok_or_else(|| Error::new(400, "validation_failed", "the order total is too large"))?;
+    let total = total_cents(items.iter().map(|i| (i.unit_price_cents, i.quantity)))?;
     let order = Order {
         id: order_id.to_owned(),
         status: "pending".into(),
