@@ -3,7 +3,10 @@
 //! 1. Per-request instantiation of a hello-world component, in process.
 //! 2. The same component served over HTTP by `agora up`, by `wasmtime serve`
 //!    (if installed) and by a native hyper handler returning the same bytes,
-//!    under the same load, one after the other, with ratios.
+//!    under the same load, one after the other, with ratios. Each is loaded
+//!    twice: by the in-process client below and by wrk (if installed), an
+//!    outside load generator, because the two disagree and neither alone is
+//!    the truth.
 //! 3. A hot swap of an already compiled version through the admin API.
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32).
@@ -219,8 +222,39 @@ async fn serve_and_load(
     }
     let (count, failures) = load(addr, duration, connections).await;
     let rps = count as f64 / duration.as_secs_f64();
-    println!("{name:<22} {rps:>9.0} req/s  ({count} ok, {failures} failed)");
+    println!("{name:<22} {rps:>9.0} req/s  ({count} ok, {failures} failed; in-process client)");
+    match wrk(addr, duration, connections) {
+        Ok(summary) => println!("{name:<22} {summary} (wrk)"),
+        Err(e) => println!("{name:<22} wrk skipped: {e:#}"),
+    }
     Ok(rps)
+}
+
+/// The same load from wrk: requests per second and latency percentiles.
+fn wrk(addr: SocketAddr, duration: Duration, connections: usize) -> Result<String> {
+    let out = Command::new("wrk")
+        .args(["-t2", &format!("-c{connections}")])
+        .arg(format!("-d{}s", duration.as_secs()))
+        .arg("--latency")
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_owned())
+    };
+    let rps: f64 = field("Requests/sec:")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
+    let errors = field("Non-2xx or 3xx responses:").unwrap_or_else(|| "0".into());
+    Ok(format!(
+        "{rps:>9.0} req/s  (p50 {}, p99 {}, {errors} non-2xx)",
+        field("50%").unwrap_or_default(),
+        field("99%").unwrap_or_default()
+    ))
 }
 
 async fn get(addr: SocketAddr) -> Result<Bytes> {
