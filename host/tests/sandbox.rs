@@ -78,7 +78,9 @@ fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
 }
 
 fn database(host: &TestHost, component: &str) -> std::path::PathBuf {
-    host.data_dir().join("storage").join(format!("{component}.db"))
+    host.data_dir()
+        .join("storage")
+        .join(format!("{component}.db"))
 }
 
 async fn register(host: &TestHost, email: &str, password: &str) {
@@ -119,27 +121,99 @@ async fn a_components_sql_reaches_only_its_own_tables() {
 
     // (route, SQL, what the refusal must say)
     let attacks: Vec<(&str, String, &str)> = vec![
-        ("execute", format!("ATTACH '{}' AS idb", identity.display()), "ATTACH is not allowed"),
-        ("execute", format!("ATTACH 'file:{}?mode=rw' AS idb", identity.display()), "ATTACH is not allowed"),
-        ("execute", format!("ATTACH '{}' AS log", log.display()), "ATTACH is not allowed"),
-        ("execute", format!("ATTACH '{}' AS new", planted.display()), "ATTACH is not allowed"),
-        ("execute", format!("VACUUM INTO '{}'", stolen.display()), "ATTACH is not allowed"),
+        (
+            "execute",
+            format!("ATTACH '{}' AS idb", identity.display()),
+            "ATTACH is not allowed",
+        ),
+        (
+            "execute",
+            format!("ATTACH 'file:{}?mode=rw' AS idb", identity.display()),
+            "ATTACH is not allowed",
+        ),
+        (
+            "execute",
+            format!("ATTACH '{}' AS log", log.display()),
+            "ATTACH is not allowed",
+        ),
+        (
+            "execute",
+            format!("ATTACH '{}' AS new", planted.display()),
+            "ATTACH is not allowed",
+        ),
+        (
+            "execute",
+            format!("VACUUM INTO '{}'", stolen.display()),
+            "ATTACH is not allowed",
+        ),
         ("execute", "BEGIN IMMEDIATE".into(), "transaction control"),
         ("execute", "COMMIT".into(), "transaction control"),
         ("execute", "SAVEPOINT hold".into(), "SAVEPOINT"),
-        ("query", "PRAGMA database_list".into(), "PRAGMA database_list is not allowed"),
-        ("query", "SELECT file FROM pragma_database_list".into(), "PRAGMA database_list is not allowed"),
-        ("execute", "PRAGMA journal_mode = DELETE".into(), "PRAGMA journal_mode is not allowed"),
-        ("execute", "PRAGMA synchronous = OFF".into(), "PRAGMA synchronous is not allowed"),
-        ("execute", "PRAGMA foreign_keys = OFF".into(), "may be read, not set"),
-        ("execute", "PRAGMA writable_schema = ON".into(), "PRAGMA writable_schema is not allowed"),
-        ("query", "SELECT load_extension('/tmp/evil.so')".into(), "load_extension() is not allowed"),
-        ("query", "SELECT name, checksum FROM _agora_migrations".into(), "`_agora_migrations` is one of the host's tables"),
-        ("query", "SELECT count(*) FROM _agora_outbox".into(), "`_agora_outbox` is one of the host's tables"),
-        ("execute", format!("INSERT INTO _agora_outbox (event) VALUES ('{forged_event}')"), "`_agora_outbox` is one of the host's tables"),
-        ("execute", "DELETE FROM _agora_migrations".into(), "`_agora_migrations` is one of the host's tables"),
-        ("execute", "CREATE VIEW outbox_view AS SELECT * FROM _agora_outbox".into(), ""),
-        ("query", "SELECT * FROM outbox_view".into(), "`_agora_outbox` is one of the host's tables"),
+        (
+            "query",
+            "PRAGMA database_list".into(),
+            "PRAGMA database_list is not allowed",
+        ),
+        (
+            "query",
+            "SELECT file FROM pragma_database_list".into(),
+            "PRAGMA database_list is not allowed",
+        ),
+        (
+            "execute",
+            "PRAGMA journal_mode = DELETE".into(),
+            "PRAGMA journal_mode is not allowed",
+        ),
+        (
+            "execute",
+            "PRAGMA synchronous = OFF".into(),
+            "PRAGMA synchronous is not allowed",
+        ),
+        (
+            "execute",
+            "PRAGMA foreign_keys = OFF".into(),
+            "may be read, not set",
+        ),
+        (
+            "execute",
+            "PRAGMA writable_schema = ON".into(),
+            "PRAGMA writable_schema is not allowed",
+        ),
+        (
+            "query",
+            "SELECT load_extension('/tmp/evil.so')".into(),
+            "load_extension() is not allowed",
+        ),
+        (
+            "query",
+            "SELECT name, checksum FROM _agora_migrations".into(),
+            "`_agora_migrations` is one of the host's tables",
+        ),
+        (
+            "query",
+            "SELECT count(*) FROM _agora_outbox".into(),
+            "`_agora_outbox` is one of the host's tables",
+        ),
+        (
+            "execute",
+            format!("INSERT INTO _agora_outbox (event) VALUES ('{forged_event}')"),
+            "`_agora_outbox` is one of the host's tables",
+        ),
+        (
+            "execute",
+            "DELETE FROM _agora_migrations".into(),
+            "`_agora_migrations` is one of the host's tables",
+        ),
+        (
+            "execute",
+            "CREATE VIEW outbox_view AS SELECT * FROM _agora_outbox".into(),
+            "",
+        ),
+        (
+            "query",
+            "SELECT * FROM outbox_view".into(),
+            "`_agora_outbox` is one of the host's tables",
+        ),
     ];
     for (route, sql, reason) in &attacks {
         let reply = hostile(&host, route, json!({ "sql": sql })).await;
@@ -157,11 +231,19 @@ async fn a_components_sql_reaches_only_its_own_tables() {
         (vec!["COMMIT"], "transaction control"),
         (vec!["ROLLBACK"], "transaction control"),
         (vec!["SAVEPOINT s", "RELEASE s"], "SAVEPOINT"),
-        (vec!["INSERT INTO kv VALUES ('x', 'y')", "COMMIT"], "transaction control"),
+        (
+            vec!["INSERT INTO kv VALUES ('x', 'y')", "COMMIT"],
+            "transaction control",
+        ),
     ];
     for (statements, reason) in in_transaction {
         let statements: Vec<Value> = statements.iter().map(|s| json!({ "sql": s })).collect();
-        let reply = hostile(&host, "transaction", json!({ "statements": statements, "commit": true })).await;
+        let reply = hostile(
+            &host,
+            "transaction",
+            json!({ "statements": statements, "commit": true }),
+        )
+        .await;
         assert_refused(&host, &format!("{statements:?}"), &reply, reason);
     }
     let forge = json!({
@@ -169,7 +251,12 @@ async fn a_components_sql_reaches_only_its_own_tables() {
         "commit": true,
     });
     let reply = hostile(&host, "transaction", forge).await;
-    assert_refused(&host, "forging inside a transaction", &reply, "`_agora_outbox`");
+    assert_refused(
+        &host,
+        "forging inside a transaction",
+        &reply,
+        "`_agora_outbox`",
+    );
     let trigger = json!({
         "sql": "CREATE TRIGGER forge AFTER INSERT ON kv BEGIN \
                 INSERT INTO _agora_outbox (event) VALUES (new.value); END"
@@ -181,7 +268,12 @@ async fn a_components_sql_reaches_only_its_own_tables() {
         json!({ "sql": "INSERT INTO kv (key, value) VALUES ('k', $1)", "params": [forged_event] }),
     )
     .await;
-    assert_refused(&host, "forging through a trigger", &reply, "`_agora_outbox`");
+    assert_refused(
+        &host,
+        "forging through a trigger",
+        &reply,
+        "`_agora_outbox`",
+    );
     // Publishing a topic it was not granted is refused as before.
     let reply = hostile(
         &host,
@@ -202,8 +294,18 @@ async fn a_components_sql_reaches_only_its_own_tables() {
     )
     .await;
     assert_eq!(reply.json()["changed"], 1, "{}", reply.text());
-    let reply = hostile(&host, "query", json!({ "sql": "SELECT name FROM pragma_table_info('kv')" })).await;
-    assert_eq!(reply.json()["rows"], json!([["key"], ["value"]]), "{}", reply.text());
+    let reply = hostile(
+        &host,
+        "query",
+        json!({ "sql": "SELECT name FROM pragma_table_info('kv')" }),
+    )
+    .await;
+    assert_eq!(
+        reply.json()["rows"],
+        json!([["key"], ["value"]]),
+        "{}",
+        reply.text()
+    );
 
     // Nothing changed: the admin's password is the admin's, no file was
     // written, no event was forged, the host's tables are as the host left them.
@@ -215,8 +317,14 @@ async fn a_components_sql_reaches_only_its_own_tables() {
     let mut host = host;
     host.restart();
     let hostile_db = database(&host, "hostile");
-    assert_eq!(rows(&hostile_db, "SELECT count(*) FROM _agora_outbox"), [["0"]]);
-    assert_eq!(rows(&hostile_db, "SELECT name FROM _agora_migrations"), [["0001_init"]]);
+    assert_eq!(
+        rows(&hostile_db, "SELECT count(*) FROM _agora_outbox"),
+        [["0"]]
+    );
+    assert_eq!(
+        rows(&hostile_db, "SELECT name FROM _agora_migrations"),
+        [["0001_init"]]
+    );
     assert_eq!(
         rows(&hostile_db, "SELECT value FROM kv WHERE key = 'mine'"),
         [["kept"]]
@@ -234,7 +342,10 @@ async fn an_outbox_row_it_may_not_publish_is_set_aside_and_later_events_flow() {
             "commit": true,
         })
     };
-    assert_eq!(hostile(&host, "transaction", publish_in(1)).await.status, 200);
+    assert_eq!(
+        hostile(&host, "transaction", publish_in(1)).await.status,
+        200
+    );
     eventually("the first event", Duration::from_secs(10), || async {
         (events(&host, "hostile.events").len() == 1).then_some(())
     })
@@ -257,25 +368,45 @@ async fn an_outbox_row_it_may_not_publish_is_set_aside_and_later_events_flow() {
     drop(conn);
     host.restart();
 
-    assert_eq!(hostile(&host, "transaction", publish_in(2)).await.status, 200);
-    let relayed = eventually("the event after the bad rows", Duration::from_secs(10), || async {
-        let events = events(&host, "hostile.events");
-        (events.len() == 2).then_some(events)
-    })
+    assert_eq!(
+        hostile(&host, "transaction", publish_in(2)).await.status,
+        200
+    );
+    let relayed = eventually(
+        "the event after the bad rows",
+        Duration::from_secs(10),
+        || async {
+            let events = events(&host, "hostile.events");
+            (events.len() == 2).then_some(events)
+        },
+    )
     .await;
     assert_eq!(relayed[1]["payload"], "2");
     assert_eq!(events(&host, "payment.succeeded"), Vec::<Value>::new());
-    eventually("the set-aside rows to leave the outbox", Duration::from_secs(10), || async {
-        let log = host.log();
-        (log.matches("outbox event set aside").count() == 2).then_some(())
-    })
+    eventually(
+        "the set-aside rows to leave the outbox",
+        Duration::from_secs(10),
+        || async {
+            let log = host.log();
+            (log.matches("outbox event set aside").count() == 2).then_some(())
+        },
+    )
     .await;
     host.crash();
     let hostile_db = database(&host, "hostile");
-    assert_eq!(rows(&hostile_db, "SELECT count(*) FROM _agora_outbox"), [["0"]]);
-    let rejected = rows(&hostile_db, "SELECT reason FROM _agora_outbox_rejected ORDER BY seq");
+    assert_eq!(
+        rows(&hostile_db, "SELECT count(*) FROM _agora_outbox"),
+        [["0"]]
+    );
+    let rejected = rows(
+        &hostile_db,
+        "SELECT reason FROM _agora_outbox_rejected ORDER BY seq",
+    );
     assert_eq!(rejected.len(), 2, "{rejected:?}");
-    assert!(rejected[0][0].contains("may not publish to `payment.succeeded`"), "{rejected:?}");
+    assert!(
+        rejected[0][0].contains("may not publish to `payment.succeeded`"),
+        "{rejected:?}"
+    );
     assert!(rejected[1][0].contains("is not an event"), "{rejected:?}");
 }
 
@@ -341,7 +472,10 @@ async fn a_refused_version_leaves_the_schema_exactly_as_it_was() {
         get(&host.url("/probe/kv/before")).await.json()["value"],
         "kept"
     );
-    assert_eq!(put(&host.url("/probe/kv/after"), "v1 writes").await.status, 204);
+    assert_eq!(
+        put(&host.url("/probe/kv/after"), "v1 writes").await.status,
+        204
+    );
 }
 
 #[tokio::test]

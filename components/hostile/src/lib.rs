@@ -5,9 +5,9 @@
 //! A storage or messaging error comes back as 422 with the host's message,
 //! so a test can check what was refused and that no host path shows.
 
+use agora_sdk::messaging;
 use agora_sdk::prelude::*;
 use agora_sdk::storage::{self, Rows, Transaction};
-use agora_sdk::messaging;
 use serde::Deserialize;
 use serde_json::{json, Value as Json};
 

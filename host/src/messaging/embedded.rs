@@ -233,7 +233,11 @@ mod tests {
             log.append(std::slice::from_ref(&event), Durability::MachineCrash)
                 .await
                 .unwrap();
-            assert_eq!(synchronous_level(&log).await, level, "the setting is restored");
+            assert_eq!(
+                synchronous_level(&log).await,
+                level,
+                "the setting is restored"
+            );
             assert_eq!(log.read("t", 0, 0, 10).await.unwrap().len(), 1);
         }
     }

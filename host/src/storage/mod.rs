@@ -121,10 +121,9 @@ pub struct StorageCapability {
 impl StorageCapability {
     pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
         let backend: Arc<dyn StorageBackend> = match choice {
-            BackendChoice::Sqlite { durability } => Arc::new(SqliteBackend::new(
-                &data_dir.join("storage"),
-                *durability,
-            )?),
+            BackendChoice::Sqlite { durability } => {
+                Arc::new(SqliteBackend::new(&data_dir.join("storage"), *durability)?)
+            }
         };
         Ok(StorageCapability { backend })
     }

@@ -34,7 +34,9 @@
 //!
 //! The host's own statements (transactions, the outbox, the migration
 //! ledger) run in [`Sandboxed::host`], which lifts the authorizer for their
-//! duration. They are never cached: the authorizer runs when a statement is
+//! duration, except for what a trigger or a view would do on their behalf:
+//! the host uses neither, so one there was made by a component. They are
+//! never cached: the authorizer runs when a statement is
 //! compiled, so a cached host statement found again by a component sending
 //! the same text would skip it. Component statements are cached as before;
 //! they were authorized when compiled, and SQLite recompiles (and so
@@ -72,7 +74,7 @@ pub const SCHEMA_PRAGMAS: &[&str] = &[
 pub const SETTING_PRAGMAS: &[&str] = &["foreign_keys", "user_version", "data_version"];
 
 /// The prefix of the host's own tables in a component's database.
-pub const HOST_TABLE_PREFIX: &str = "_agora_";
+const HOST_TABLE_PREFIX: &str = "_agora_";
 
 /// A connection whose component SQL runs inside the sandbox.
 pub struct Sandboxed {
@@ -370,35 +372,96 @@ mod tests {
         let other = dir.path().join("other.db");
         let copy = dir.path().join("copy.db");
         let cases = [
-            (format!("ATTACH '{}' AS o", other.display()), "ATTACH is not allowed"),
-            (format!("ATTACH 'file:{}?mode=rwc' AS o", other.display()), "ATTACH is not allowed"),
-            (format!("VACUUM INTO '{}'", copy.display()), "ATTACH is not allowed"),
+            (
+                format!("ATTACH '{}' AS o", other.display()),
+                "ATTACH is not allowed",
+            ),
+            (
+                format!("ATTACH 'file:{}?mode=rwc' AS o", other.display()),
+                "ATTACH is not allowed",
+            ),
+            (
+                format!("VACUUM INTO '{}'", copy.display()),
+                "ATTACH is not allowed",
+            ),
             ("VACUUM".into(), "ATTACH is not allowed"),
             ("DETACH temp".into(), "DETACH is not allowed"),
             ("BEGIN IMMEDIATE".into(), "transaction control"),
             ("COMMIT".into(), "transaction control"),
             ("ROLLBACK".into(), "transaction control"),
             ("SAVEPOINT s".into(), "SAVEPOINT"),
-            ("PRAGMA database_list".into(), "PRAGMA database_list is not allowed"),
-            ("SELECT * FROM pragma_database_list".into(), "PRAGMA database_list is not allowed"),
-            ("PRAGMA journal_mode = DELETE".into(), "PRAGMA journal_mode is not allowed"),
-            ("PRAGMA writable_schema = ON".into(), "PRAGMA writable_schema is not allowed"),
+            (
+                "PRAGMA database_list".into(),
+                "PRAGMA database_list is not allowed",
+            ),
+            (
+                "SELECT * FROM pragma_database_list".into(),
+                "PRAGMA database_list is not allowed",
+            ),
+            (
+                "PRAGMA journal_mode = DELETE".into(),
+                "PRAGMA journal_mode is not allowed",
+            ),
+            (
+                "PRAGMA writable_schema = ON".into(),
+                "PRAGMA writable_schema is not allowed",
+            ),
             ("PRAGMA foreign_keys = OFF".into(), "may be read, not set"),
-            ("PRAGMA table_info(_agora_outbox)".into(), "`_agora_outbox` is one of the host's tables"),
-            ("SELECT load_extension('x')".into(), "load_extension() is not allowed"),
-            ("SELECT count(*) FROM _agora_outbox".into(), "`_agora_outbox` is one of the host's tables"),
-            ("SELECT event FROM main._agora_outbox".into(), "`_agora_outbox`"),
-            ("INSERT INTO _agora_outbox (event) VALUES ('{}')".into(), "`_agora_outbox`"),
+            (
+                "PRAGMA table_info(_agora_outbox)".into(),
+                "`_agora_outbox` is one of the host's tables",
+            ),
+            (
+                "SELECT * FROM pragma_table_info('_agora_outbox')".into(),
+                "`_agora_outbox` is one of the host's tables",
+            ),
+            (
+                "SELECT load_extension('x')".into(),
+                "load_extension() is not allowed",
+            ),
+            (
+                "SELECT count(*) FROM _agora_outbox".into(),
+                "`_agora_outbox` is one of the host's tables",
+            ),
+            (
+                "SELECT event FROM main._agora_outbox".into(),
+                "`_agora_outbox`",
+            ),
+            (
+                "INSERT INTO _agora_outbox (event) VALUES ('{}')".into(),
+                "`_agora_outbox`",
+            ),
             ("DELETE FROM \"_AGORA_OUTBOX\"".into(), "`_agora_outbox`"),
             ("DROP TABLE _agora_outbox".into(), "`_agora_outbox`"),
-            ("ALTER TABLE _agora_outbox RENAME TO mine".into(), "`_agora_outbox`"),
-            ("CREATE TEMP TABLE _agora_outbox (x)".into(), "`_agora_outbox`"),
-            ("CREATE TRIGGER t AFTER DELETE ON _agora_outbox BEGIN SELECT 1; END".into(), "`_agora_outbox`"),
-            ("CREATE INDEX i ON _agora_outbox (event)".into(), "`_agora_outbox`"),
-            ("UPDATE sqlite_sequence SET seq = 9223372036854775807".into(), "AUTOINCREMENT counters"),
-            ("INSERT INTO sqlite_sequence VALUES ('_agora_outbox', 1)".into(), "AUTOINCREMENT counters"),
+            (
+                "ALTER TABLE _agora_outbox RENAME TO mine".into(),
+                "`_agora_outbox`",
+            ),
+            (
+                "CREATE TEMP TABLE _agora_outbox (x)".into(),
+                "`_agora_outbox`",
+            ),
+            (
+                "CREATE TRIGGER t AFTER DELETE ON _agora_outbox BEGIN SELECT 1; END".into(),
+                "`_agora_outbox`",
+            ),
+            (
+                "CREATE INDEX i ON _agora_outbox (event)".into(),
+                "`_agora_outbox`",
+            ),
+            (
+                "UPDATE sqlite_sequence SET seq = 9223372036854775807".into(),
+                "AUTOINCREMENT counters",
+            ),
+            (
+                "INSERT INTO sqlite_sequence VALUES ('_agora_outbox', 1)".into(),
+                "AUTOINCREMENT counters",
+            ),
             ("SELECT * FROM dbstat".into(), "dbstat"),
-            ("CREATE VIRTUAL TABLE f USING fts5(body)".into(), "virtual tables"),
+            (
+                "CREATE VIRTUAL TABLE f USING fts5(body)".into(),
+                "virtual tables",
+            ),
         ];
         for (sql, reason) in cases {
             let message = refused(&db, &sql);
@@ -457,7 +520,9 @@ mod tests {
         .unwrap();
         let columns: i64 = db
             .component(|c| {
-                c.query_row("SELECT count(*) FROM pragma_table_info('kv')", [], |r| r.get(0))
+                c.query_row("SELECT count(*) FROM pragma_table_info('kv')", [], |r| {
+                    r.get(0)
+                })
             })
             .unwrap();
         assert_eq!(columns, 2);

@@ -39,9 +39,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedMutexGuard;
 
 use super::sandbox::Sandboxed;
-use super::{
-    Database, Error, Migration, OutboxRow, RowSet, StorageBackend, Transaction, Value,
-};
+use super::{Database, Error, Migration, OutboxRow, RowSet, StorageBackend, Transaction, Value};
 use crate::messaging::Envelope;
 use crate::plugins::Durability;
 
@@ -145,7 +143,16 @@ fn connect(component: &str, path: &Path, durability: Durability) -> Result<Sandb
         synchronous(durability)
     );
     Sandboxed::open(path, &setup).map_err(|e| {
-        Error::Unavailable(format!("cannot open the database of `{component}`: {e}"))
+        // rusqlite names the file in some of these; the operator's log may
+        // show it, the component must not.
+        tracing::error!(%component, error = %e, "cannot open the database");
+        let reason = match &e {
+            rusqlite::Error::SqliteFailure(code, _) => code.to_string(),
+            _ => "see the host's log".into(),
+        };
+        Error::Unavailable(format!(
+            "cannot open the database of `{component}`: {reason}"
+        ))
     })
 }
 
@@ -348,8 +355,9 @@ impl Database for SqliteDatabase {
     async fn outbox_pending(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, Error> {
         self.with_reader(move |c| {
             c.host(|c| {
-                let mut stmt =
-                    c.prepare("SELECT seq, event FROM _agora_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+                let mut stmt = c.prepare(
+                    "SELECT seq, event FROM _agora_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )?;
                 let rows = stmt.query_map([after, limit as i64], |r| {
                     let seq: i64 = r.get(0)?;
                     let event = match r.get_ref(1)? {
@@ -635,7 +643,9 @@ mod tests {
             name: name.into(),
             sql: sql.into(),
         };
-        db.migrate(&[m("1", "CREATE TABLE a (x TEXT)")]).await.unwrap();
+        db.migrate(&[m("1", "CREATE TABLE a (x TEXT)")])
+            .await
+            .unwrap();
         let err = db
             .migrate(&[
                 m("1", "CREATE TABLE a (x TEXT)"),
@@ -669,7 +679,10 @@ mod tests {
         assert_eq!(ledger, 1);
         // A migration cannot end the host's transaction early either.
         let err = db
-            .migrate(&[m("1", "CREATE TABLE a (x TEXT)"), m("2", "COMMIT; CREATE TABLE b (x TEXT)")])
+            .migrate(&[
+                m("1", "CREATE TABLE a (x TEXT)"),
+                m("2", "COMMIT; CREATE TABLE b (x TEXT)"),
+            ])
             .await
             .unwrap_err();
         assert!(message(&err).contains("transaction control"), "{err:?}");
@@ -688,13 +701,17 @@ mod tests {
         // the statement is interrupted and the transaction left open.
         let slow = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
                     SELECT count(*) FROM n";
-        let cancelled =
-            tokio::time::timeout(std::time::Duration::from_millis(200), tx.query(slow, vec![]))
-                .await;
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            tx.query(slow, vec![]),
+        )
+        .await;
         assert!(cancelled.is_err());
         drop(tx);
         assert_eq!(
-            db.execute("INSERT INTO t VALUES ('after')", vec![]).await.unwrap(),
+            db.execute("INSERT INTO t VALUES ('after')", vec![])
+                .await
+                .unwrap(),
             1
         );
         let tx = db.begin().await.unwrap();
