@@ -106,12 +106,49 @@ pub struct Backends {
     pub messaging: MessagingBackend,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StorageBackend {
     /// One SQLite file per component under the data directory.
+    Sqlite {
+        #[serde(default)]
+        durability: Durability,
+    },
+}
+
+impl Default for StorageBackend {
+    fn default() -> Self {
+        StorageBackend::Sqlite {
+            durability: Durability::default(),
+        }
+    }
+}
+
+/// What an acknowledged write of an embedded backend (a commit, a publish)
+/// survives: `durability = "process-crash"` or `"machine-crash"`.
+///
+/// Whatever the setting, components stay consistent with each other after a
+/// machine crash: an event leaves a component's outbox only once the
+/// transaction that wrote it is on disk, and its outbox row is removed only
+/// once the broker's copy is. The setting decides what a client's
+/// acknowledged write survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// A crash of the host process, always; a crash of the machine (power
+    /// loss, kernel panic) can take the last commits, never corrupt the
+    /// data. SQLite WAL with `synchronous = NORMAL`: a commit is in the OS
+    /// when it is acknowledged and reaches the disk at the next checkpoint.
+    /// The default: on this project's reference machine a single connection
+    /// committed about 28,000 inserts a second this way against about 760
+    /// with an fsync per commit, and a host process crashes (a bug, an OOM
+    /// kill, a deploy) far more often than its machine does.
     #[default]
-    Sqlite,
+    ProcessCrash,
+    /// A crash of the machine too: every commit is fsynced before it is
+    /// acknowledged (`synchronous = FULL`), at the cost above. For data
+    /// that must survive power loss on one machine; or use PostgreSQL.
+    MachineCrash,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,12 +165,24 @@ impl Default for CacheBackend {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum MessagingBackend {
-    /// A durable log in a SQLite file under the data directory.
-    #[default]
-    Embedded,
+    /// A durable log in a SQLite file under the data directory. Its
+    /// `durability` is what a direct `publish` survives; the outbox relay's
+    /// appends always survive a machine crash.
+    Embedded {
+        #[serde(default)]
+        durability: Durability,
+    },
+}
+
+impl Default for MessagingBackend {
+    fn default() -> Self {
+        MessagingBackend::Embedded {
+            durability: Durability::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -571,6 +620,41 @@ mod tests {
         .to_string();
         assert!(
             err.contains("components.b.routes[0]") && err.contains("`a`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durability_is_a_setting_of_the_embedded_backends() {
+        let p = parse("").unwrap();
+        assert_eq!(
+            p.backends.storage,
+            StorageBackend::Sqlite {
+                durability: Durability::ProcessCrash
+            }
+        );
+        let p = parse(
+            "[backends.storage]\nkind = \"sqlite\"\ndurability = \"machine-crash\"\n\
+             [backends.messaging]\nkind = \"embedded\"\ndurability = \"machine-crash\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            p.backends.storage,
+            StorageBackend::Sqlite {
+                durability: Durability::MachineCrash
+            }
+        );
+        assert_eq!(
+            p.backends.messaging,
+            MessagingBackend::Embedded {
+                durability: Durability::MachineCrash
+            }
+        );
+        let err = parse("[backends.storage]\nkind = \"sqlite\"\ndurability = \"power-loss\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("power-loss") && err.contains("machine-crash"),
             "{err}"
         );
     }

@@ -267,10 +267,17 @@ impl Runtime {
         Ok(())
     }
 
+    /// Messaging follows the serving versions: their subscriptions, and the
+    /// grants their outbox relays re-check.
     fn sync_subscriptions(&self) {
-        let wanted: Vec<_> = self
-            .registry
-            .load()
+        let registry = self.registry.load();
+        self.capabilities.messaging.sync_grants(
+            registry
+                .components
+                .values()
+                .map(|c| (c.name.as_str(), c.spec.publishes.as_slice())),
+        );
+        let wanted: Vec<_> = registry
             .components
             .values()
             .flat_map(|c| {

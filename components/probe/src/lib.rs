@@ -43,6 +43,18 @@ impl Service for Probe {
                 "CREATE TABLE kv (this is not sql",
             ));
         }
+        if cfg!(feature = "half-migration") {
+            // Good on its own, and fatal to v1 if it stayed without the rest.
+            all.push(Migration::new(
+                "0002_replace_kv",
+                "ALTER TABLE kv RENAME TO kv_v1;
+                 CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, version BIGINT NOT NULL);",
+            ));
+            all.push(Migration::new(
+                "0003_broken",
+                "CREATE TABLE broken (this is not sql",
+            ));
+        }
         all
     }
 

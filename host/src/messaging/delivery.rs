@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::{Broker, Envelope, Wakeups, DEAD_LETTER_PREFIX};
 use crate::bindings::messaging::Message;
-use crate::plugins::RetryPolicy;
+use crate::plugins::{Durability, RetryPolicy};
 
 /// Hands a message to a component's `subscriber` export.
 #[async_trait]
@@ -174,10 +174,13 @@ impl Consumer {
             ),
         ]);
         tracing::error!(component = %self.component, topic = %self.topic, event = %event.id, dead_letter = %dead.topic, "event dead-lettered");
+        // Rare, and the offset moves past the event next: its only copy
+        // must survive a machine crash first.
         persist!(
             self,
             "dead-lettering",
-            self.broker.append(std::slice::from_ref(&dead))
+            self.broker
+                .append(std::slice::from_ref(&dead), Durability::MachineCrash)
         );
         self.wakeups.notify(&dead.topic);
     }

@@ -3,8 +3,15 @@
 //! One partition per topic: the embedded host is a single process, so order
 //! per topic (stronger than per key) costs nothing. Offsets are the log's
 //! global sequence numbers, increasing but not dense within a topic, which
-//! is all a consumer needs. Appends are committed (WAL, `synchronous=NORMAL`)
-//! before `append` returns, so an acknowledged publish survives a host crash.
+//! is all a consumer needs.
+//!
+//! Durability, per the backend's `durability` setting: appends are committed
+//! before `append` returns, in WAL mode with `synchronous = NORMAL`
+//! (`process-crash`: an acknowledged publish survives a crash of the host
+//! process) or `FULL` (`machine-crash`: the WAL is fsynced at every commit,
+//! so it survives a crash of the machine too). An append that asks for more
+//! than the setting (the outbox relay's) commits with `FULL`, which fsyncs
+//! the WAL and so every commit before it.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,20 +21,24 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Broker, Envelope};
+use crate::plugins::Durability;
+use crate::storage::synchronous;
 
 pub struct EmbeddedLog {
     conn: Arc<Mutex<Connection>>,
+    durability: Durability,
 }
 
 impl EmbeddedLog {
-    pub fn open(dir: &Path) -> Result<Self> {
+    pub fn open(dir: &Path, durability: Durability) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("log.db");
         let conn =
             Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        conn.pragma_update(None, "synchronous", synchronous(durability))
+            .with_context(|| format!("initialising {}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
              CREATE TABLE IF NOT EXISTS events (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT,
                  topic TEXT NOT NULL,
@@ -49,6 +60,7 @@ impl EmbeddedLog {
         .with_context(|| format!("initialising {}", path.display()))?;
         Ok(EmbeddedLog {
             conn: Arc::new(Mutex::new(conn)),
+            durability,
         })
     }
 
@@ -64,28 +76,21 @@ impl EmbeddedLog {
 
 #[async_trait]
 impl Broker for EmbeddedLog {
-    async fn append(&self, events: &[Envelope]) -> Result<()> {
+    async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()> {
         let rows: Vec<(Envelope, String)> = events
             .iter()
             .map(|e| Ok((e.clone(), serde_json::to_string(&e.headers)?)))
             .collect::<Result<_>>()?;
+        let (configured, wanted) = (self.durability, self.durability.max(at_least));
         self.with(move |c| {
-            let tx = c.transaction()?;
-            for (e, headers) in rows {
-                tx.execute(
-                    "INSERT INTO events (topic, id, key, payload, headers, published_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        e.topic,
-                        e.id,
-                        e.key,
-                        e.payload,
-                        headers,
-                        e.published_at as i64
-                    ],
-                )?;
+            if wanted != configured {
+                c.pragma_update(None, "synchronous", synchronous(wanted))?;
             }
-            tx.commit()
+            let appended = append_rows(c, rows);
+            if wanted != configured {
+                c.pragma_update(None, "synchronous", synchronous(configured))?;
+            }
+            appended
         })
         .await
     }
@@ -178,5 +183,62 @@ impl Broker for EmbeddedLog {
 
     async fn ping(&self) -> Result<()> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+}
+
+fn append_rows(c: &mut Connection, rows: Vec<(Envelope, String)>) -> rusqlite::Result<()> {
+    let tx = c.transaction()?;
+    for (e, headers) in rows {
+        tx.execute(
+            "INSERT INTO events (topic, id, key, payload, headers, published_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                e.topic,
+                e.id,
+                e.key,
+                e.payload,
+                headers,
+                e.published_at as i64
+            ],
+        )?;
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn synchronous_level(log: &EmbeddedLog) -> i64 {
+        log.with(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn durability_sets_synchronous_and_an_append_may_ask_for_more() {
+        let event = Envelope {
+            id: "1".into(),
+            topic: "t".into(),
+            key: None,
+            payload: b"{}".to_vec(),
+            headers: Vec::new(),
+            published_at: 0,
+        };
+        // SQLite's numbers: NORMAL is 1, FULL is 2.
+        for (durability, level) in [(Durability::ProcessCrash, 1), (Durability::MachineCrash, 2)] {
+            let dir = tempfile::TempDir::new().unwrap();
+            let log = EmbeddedLog::open(dir.path(), durability).unwrap();
+            assert_eq!(synchronous_level(&log).await, level);
+            log.append(std::slice::from_ref(&event), Durability::MachineCrash)
+                .await
+                .unwrap();
+            assert_eq!(
+                synchronous_level(&log).await,
+                level,
+                "the setting is restored"
+            );
+            assert_eq!(log.read("t", 0, 0, 10).await.unwrap().len(), 1);
+        }
     }
 }

@@ -1,11 +1,27 @@
 //! `agora:platform/messaging`: publish events, deliver them to subscribers.
 //!
 //! Guarantees, whatever the backend:
-//! - `publish` returns once the event is durable in the broker;
+//! - `publish` returns once the event is durable in the broker (per the
+//!   broker's `durability` setting);
 //! - `publish-in` writes the event into the component's own database inside
 //!   its transaction (the outbox); a relay moves committed events to the
 //!   broker as soon as the commit wakes it, and on a timer for anything a
 //!   crash or a broker outage left behind;
+//! - one component's events leave in the order it published them, outbox
+//!   and direct alike: a direct `publish` first relays the outbox events
+//!   committed before it, under the same per-component lock as the relay
+//!   (without taking the component's write connection, which its own open
+//!   transaction may hold);
+//! - the relay re-checks every outbox event against the component's current
+//!   `publishes`, whatever wrote the row: an event not granted, or a row
+//!   that is not an event, is set aside (`_agora_outbox_rejected` in the
+//!   component's database) with a logged reason, and the events after it
+//!   flow on;
+//! - across a machine crash, an event leaves the outbox only once the
+//!   transaction that wrote it is on disk ([`Database::sync`]), and its row
+//!   is removed only once the broker's copy is (the relay's appends survive
+//!   a machine crash whatever the setting): the crash can duplicate an
+//!   event, never lose one or deliver one whose transaction it undid;
 //! - each subscriber gets each event at least once, in order per partition
 //!   (so per key), its progress committed only after its handler returned
 //!   ok; failures are retried with exponential backoff, then the event moves
@@ -18,8 +34,9 @@
 mod delivery;
 mod embedded;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +48,9 @@ use wasmtime::component::{HasSelf, Linker, Resource};
 
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
 use crate::capability::Capability;
-use crate::plugins::{ComponentSpec, Grant, MessagingBackend as BackendChoice, RetryPolicy};
+use crate::plugins::{
+    ComponentSpec, Durability, Grant, MessagingBackend as BackendChoice, RetryPolicy,
+};
 use crate::state::InstanceState;
 use crate::storage::{Database, TransactionHandle};
 
@@ -53,8 +72,9 @@ pub struct Envelope {
 /// A partitioned, durable log with consumer offsets.
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Appends events; returns once they are durable.
-    async fn append(&self, events: &[Envelope]) -> Result<()>;
+    /// Appends events; returns once they survive what the backend's
+    /// `durability` setting says, and a machine crash if `at_least` asks for it.
+    async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()>;
     async fn partitions(&self, topic: &str) -> Result<u32>;
     /// Up to `max` events of one partition from offset `from` on.
     async fn read(
@@ -105,19 +125,32 @@ pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
 /// crash or while the broker is down).
 const RELAY_SWEEP: Duration = Duration::from_secs(1);
 
+/// Outbox rows the relay reads at once.
+const RELAY_BATCH: usize = 256;
+
 pub struct MessagingCapability {
     broker: Arc<dyn Broker>,
     wakeups: Arc<Wakeups>,
     /// The outbox relay of each component with messaging.
-    relays: Mutex<HashMap<String, Relay>>,
+    relays: Mutex<HashMap<String, Arc<Relay>>>,
     subscriptions: Mutex<HashMap<(String, String), delivery::Running>>,
     stop: watch::Sender<bool>,
 }
 
-#[derive(Default)]
+/// One component's outbox relay, shared by its background task and the
+/// component's direct publishes.
 struct Relay {
-    wake: Arc<Notify>,
-    running: bool,
+    component: String,
+    wake: Notify,
+    running: AtomicBool,
+    /// What the component may publish: `publishes` of its serving version.
+    grants: Mutex<Vec<String>>,
+    /// Held while events move to the broker, so they leave in outbox order
+    /// and a direct publish follows the events committed before it. Holds
+    /// the rows already in the broker or set aside (with the reason) and
+    /// not yet removed from the outbox; in memory, so after a crash they are
+    /// relayed again (at least once).
+    handled: tokio::sync::Mutex<BTreeMap<i64, Option<String>>>,
 }
 
 /// A component's handle to messaging.
@@ -125,13 +158,15 @@ pub struct Publisher {
     publishes: Vec<String>,
     broker: Arc<dyn Broker>,
     wakeups: Arc<Wakeups>,
-    relay: Arc<Notify>,
+    relay: Arc<Relay>,
 }
 
 impl MessagingCapability {
     pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
         let broker: Arc<dyn Broker> = match choice {
-            BackendChoice::Embedded => Arc::new(EmbeddedLog::open(&data_dir.join("messaging"))?),
+            BackendChoice::Embedded { durability } => {
+                Arc::new(EmbeddedLog::open(&data_dir.join("messaging"), *durability)?)
+            }
         };
         Ok(MessagingCapability {
             broker,
@@ -142,42 +177,64 @@ impl MessagingCapability {
         })
     }
 
-    fn relay_wakeup(&self, component: &str) -> Arc<Notify> {
+    /// The relay of a component, made on its first version with that
+    /// version's grants.
+    fn relay(&self, component: &str, spec: &ComponentSpec) -> Arc<Relay> {
         let mut relays = self.relays.lock().unwrap();
-        relays.entry(component.to_owned()).or_default().wake.clone()
+        let relay = relays.entry(component.to_owned()).or_insert_with(|| {
+            Arc::new(Relay {
+                component: component.to_owned(),
+                wake: Notify::new(),
+                running: false.into(),
+                grants: Mutex::new(spec.publishes.clone()),
+                handled: tokio::sync::Mutex::default(),
+            })
+        });
+        relay.clone()
     }
 
-    /// Starts the outbox relay of a component (once; later versions share it).
+    /// Starts the outbox relay of a component (once; later versions share
+    /// it). Called after the component's messaging is configured.
     pub fn relay_outbox(&self, component: &str, db: Arc<dyn Database>) {
-        let wake = {
-            let mut relays = self.relays.lock().unwrap();
-            let relay = relays.entry(component.to_owned()).or_default();
-            if relay.running {
-                return;
-            }
-            relay.running = true;
-            relay.wake.clone()
+        let Some(relay) = self.relays.lock().unwrap().get(component).cloned() else {
+            tracing::error!(%component, "no relay: messaging is not configured for it");
+            return;
         };
+        if relay.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
         let broker = self.broker.clone();
         let wakeups = self.wakeups.clone();
         let mut stop = self.stop.subscribe();
-        let component = component.to_owned();
         tokio::spawn(async move {
             loop {
-                match relay_once(&*db, &*broker, &wakeups).await {
-                    Ok(0) => {}
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(%component, error = %e, "outbox relay failed; retrying")
-                    }
+                let moved = async {
+                    relay.forward(&*db, &*broker, &wakeups, None).await?;
+                    relay.settle(&*db).await
+                };
+                if let Err(e) = moved.await {
+                    tracing::warn!(component = %relay.component, error = %e, "outbox relay failed; retrying");
                 }
                 tokio::select! {
-                    _ = wake.notified() => {}
+                    _ = relay.wake.notified() => {}
                     _ = tokio::time::sleep(RELAY_SWEEP) => {}
                     _ = stop.changed() => return,
                 }
             }
         });
+    }
+
+    /// Gives each serving component's relay the `publishes` of its serving
+    /// version: what it re-checks outbox events against. (A component no
+    /// longer serving keeps its last grants for what its outbox still holds.)
+    pub fn sync_grants<'a>(&self, serving: impl IntoIterator<Item = (&'a str, &'a [String])>) {
+        let relays = self.relays.lock().unwrap();
+        for (component, publishes) in serving {
+            if let Some(relay) = relays.get(component) {
+                *relay.grants.lock().unwrap() = publishes.to_vec();
+                relay.wake.notify_one();
+            }
+        }
     }
 
     /// Runs exactly the wanted subscriptions: starts new ones, stops removed
@@ -253,21 +310,109 @@ impl MessagingCapability {
     }
 }
 
-/// Moves one batch of committed outbox events to the broker; returns how many.
-async fn relay_once(db: &dyn Database, broker: &dyn Broker, wakeups: &Wakeups) -> Result<usize> {
-    let pending = db.outbox_pending(256).await?;
-    if pending.is_empty() {
-        return Ok(0);
+fn may_publish(grants: &[String], topic: &str) -> bool {
+    grants.iter().any(|t| t == "*" || t == topic)
+}
+
+impl Relay {
+    /// Moves the committed outbox events not yet handled to the broker, in
+    /// outbox order, setting aside rows that are not events or whose topic
+    /// the component may not publish; then appends `direct` (a direct
+    /// publish), so that it follows them. Returns how many rows it handled.
+    async fn forward(
+        &self,
+        db: &dyn Database,
+        broker: &dyn Broker,
+        wakeups: &Wakeups,
+        direct: Option<&Envelope>,
+    ) -> Result<usize> {
+        let mut handled = self.handled.lock().await;
+        let mut count = 0;
+        loop {
+            // Rows are numbered in commit order and a new one is numbered
+            // above every row still in the outbox, so the unhandled ones lie
+            // above the handled ones.
+            let after = handled.last_key_value().map_or(0, |(seq, _)| *seq);
+            let rows = db.outbox_pending(after, RELAY_BATCH).await?;
+            if rows.is_empty() {
+                break;
+            }
+            let full = rows.len() == RELAY_BATCH;
+            let grants = self.grants.lock().unwrap().clone();
+            let mut events = Vec::new();
+            let mut verdicts = Vec::with_capacity(rows.len());
+            for row in rows {
+                let refusal = match row.event {
+                    Ok(event) if may_publish(&grants, &event.topic) => {
+                        events.push(event);
+                        None
+                    }
+                    Ok(event) => Some(format!(
+                        "`{}` may not publish to `{}` (see `publishes` in plugins.toml)",
+                        self.component, event.topic
+                    )),
+                    Err(reason) => Some(reason),
+                };
+                if let Some(reason) = &refusal {
+                    tracing::warn!(component = %self.component, seq = row.seq, %reason, "outbox event set aside");
+                }
+                verdicts.push((row.seq, refusal));
+            }
+            if !events.is_empty() {
+                // The transaction that wrote them first, then the broker's
+                // copy, each surviving a machine crash before the next step.
+                db.sync().await?;
+                broker.append(&events, Durability::MachineCrash).await?;
+                for event in &events {
+                    wakeups.notify(&event.topic);
+                }
+            }
+            count += verdicts.len();
+            handled.extend(verdicts);
+            if !full {
+                break;
+            }
+        }
+        if let Some(event) = direct {
+            broker
+                .append(std::slice::from_ref(event), Durability::ProcessCrash)
+                .await?;
+            wakeups.notify(&event.topic);
+        }
+        Ok(count)
     }
-    let (seqs, events): (Vec<i64>, Vec<Envelope>) = pending.into_iter().unzip();
-    broker.append(&events).await?;
-    // A crash here re-sends these events: at least once, and subscribers
-    // deduplicate on the event id.
-    db.outbox_remove(&seqs).await?;
-    for event in &events {
-        wakeups.notify(&event.topic);
+
+    /// Removes the handled rows from the outbox (the rejected ones to the
+    /// rejected table). Takes the component's write connection, so it runs
+    /// outside the ordering lock: a direct publish from an instance whose
+    /// transaction holds that connection must not wait on it.
+    async fn settle(&self, db: &dyn Database) -> Result<()> {
+        let done: Vec<(i64, Option<String>)> = self
+            .handled
+            .lock()
+            .await
+            .iter()
+            .map(|(seq, refusal)| (*seq, refusal.clone()))
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        let relayed: Vec<i64> = done
+            .iter()
+            .filter(|(_, refusal)| refusal.is_none())
+            .map(|(seq, _)| *seq)
+            .collect();
+        let rejected: Vec<(i64, String)> = done
+            .iter()
+            .filter_map(|(seq, refusal)| refusal.clone().map(|r| (*seq, r)))
+            .collect();
+        db.outbox_settle(&relayed, &rejected).await?;
+        let mut handled = self.handled.lock().await;
+        for (seq, _) in &done {
+            handled.remove(seq);
+        }
+        Ok(())
     }
-    Ok(events.len())
 }
 
 #[async_trait]
@@ -288,7 +433,7 @@ impl Capability for MessagingCapability {
             publishes: spec.publishes.clone(),
             broker: self.broker.clone(),
             wakeups: self.wakeups.clone(),
-            relay: self.relay_wakeup(component),
+            relay: self.relay(component, spec),
         })
     }
 
@@ -304,18 +449,14 @@ impl Capability for MessagingCapability {
 
 impl Publisher {
     pub fn wake_relay(&self) {
-        self.relay.notify_one();
+        self.relay.wake.notify_one();
     }
 
     fn envelope(&self, message: OutgoingMessage) -> Result<Envelope, Error> {
         if message.topic.is_empty() {
             return Err(Error::Invalid("the topic is empty".into()));
         }
-        if !self
-            .publishes
-            .iter()
-            .any(|t| t == "*" || *t == message.topic)
-        {
+        if !may_publish(&self.publishes, &message.topic) {
             return Err(Error::TopicNotGranted(format!(
                 "publishing to `{}` is not granted (see `publishes` in plugins.toml)",
                 message.topic
@@ -350,10 +491,28 @@ impl wit::Host for InstanceState {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
-        if let Err(e) = publisher.broker.append(std::slice::from_ref(&event)).await {
+        let (broker, wakeups) = (&*publisher.broker, &*publisher.wakeups);
+        let appended = match &self.caps.storage {
+            // After the events this component committed to its outbox, so
+            // that it cannot overtake them.
+            Some(db) => publisher
+                .relay
+                .forward(&**db, broker, wakeups, Some(&event))
+                .await
+                .map(|handled| {
+                    if handled > 0 {
+                        // The relay removes what this call moved.
+                        publisher.wake_relay();
+                    }
+                }),
+            None => broker
+                .append(std::slice::from_ref(&event), Durability::ProcessCrash)
+                .await
+                .map(|()| wakeups.notify(&event.topic)),
+        };
+        if let Err(e) = appended {
             return Ok(Err(Error::Unavailable(format!("{e:#}"))));
         }
-        publisher.wakeups.notify(&event.topic);
         Ok(Ok(event.id))
     }
 

@@ -8,7 +8,23 @@
 //! The transactional outbox lives here too: [`Transaction::enqueue`] writes an
 //! event into the component's own database in the same transaction, and the
 //! messaging capability relays committed events to the broker.
+//!
+//! Guarantees every backend keeps (SQLite now, PostgreSQL next):
+//! - a component's SQL reaches exactly its own tables: not another
+//!   component's, not the host's (`_agora_*`: the outbox, the migration
+//!   ledger), no file and no connection setting, by the backend's own
+//!   mechanisms (for SQLite, see `sandbox.rs`); transactions are opened
+//!   only with `begin()`;
+//! - a transaction its owner abandons (a trap, a deadline, a dropped
+//!   instance) is rolled back before its connection serves anyone else;
+//! - a version's new migrations apply in one transaction with their ledger
+//!   rows, so a refused version leaves the schema exactly as it was;
+//! - what an acknowledged commit survives is the backend's `durability`
+//!   setting (see [`crate::plugins::Durability`]); [`Database::sync`] makes every commit so
+//!   far survive a machine crash, which the outbox relay does before an
+//!   event leaves the component.
 
+mod sandbox;
 mod sqlite;
 
 use std::path::Path;
@@ -24,7 +40,7 @@ use crate::messaging::Envelope;
 use crate::plugins::{ComponentSpec, Grant, StorageBackend as BackendChoice};
 use crate::state::InstanceState;
 
-pub use sqlite::SqliteBackend;
+pub use sqlite::{synchronous, SqliteBackend};
 
 /// Opens component databases.
 #[async_trait]
@@ -41,14 +57,30 @@ pub trait Database: Send + Sync {
     async fn query(&self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error>;
     async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, Error>;
     async fn begin(&self) -> Result<Box<dyn Transaction>, Error>;
-    /// Applies, in order and each in its own transaction, the migrations not
-    /// yet recorded; refuses one that was applied with different SQL.
+    /// Applies the migrations not yet recorded, in order and all in one
+    /// transaction with their ledger rows, so a failing one leaves the
+    /// schema as it was; refuses one that was applied with different SQL.
     /// Returns the names it applied.
     async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<String>, Error>;
-    /// Committed outbox events, oldest first.
-    async fn outbox_pending(&self, limit: usize) -> Result<Vec<(i64, Envelope)>, Error>;
-    /// Forgets outbox events that reached the broker.
-    async fn outbox_remove(&self, seqs: &[i64]) -> Result<(), Error>;
+    /// Committed outbox rows with a `seq` above `after`, oldest first.
+    async fn outbox_pending(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, Error>;
+    /// Removes outbox rows that reached the broker (`relayed`), and moves
+    /// those the relay refused (`rejected`, with the reason) to the host's
+    /// table `_agora_outbox_rejected`, where an operator can inspect them.
+    async fn outbox_settle(&self, relayed: &[i64], rejected: &[(i64, String)])
+        -> Result<(), Error>;
+    /// Makes every transaction committed so far survive a machine crash
+    /// (a no-op where each commit already does).
+    async fn sync(&self) -> Result<(), Error>;
+}
+
+/// One row of a component's outbox.
+#[derive(Debug)]
+pub struct OutboxRow {
+    /// Increasing in commit order.
+    pub seq: i64,
+    /// The event, or why the row is not one.
+    pub event: Result<Envelope, String>,
 }
 
 /// An open transaction. Dropping it without [`Transaction::commit`] rolls it back.
@@ -89,7 +121,9 @@ pub struct StorageCapability {
 impl StorageCapability {
     pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
         let backend: Arc<dyn StorageBackend> = match choice {
-            BackendChoice::Sqlite => Arc::new(SqliteBackend::new(&data_dir.join("storage"))?),
+            BackendChoice::Sqlite { durability } => {
+                Arc::new(SqliteBackend::new(&data_dir.join("storage"), *durability)?)
+            }
         };
         Ok(StorageCapability { backend })
     }

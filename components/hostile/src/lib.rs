@@ -1,0 +1,191 @@
+//! A component for the host's sandbox tests: it runs whatever SQL and
+//! publishes whatever events the test asks for, as an attacker's component
+//! would. Granted only `storage`, `cache` and `messaging` in the tests.
+//!
+//! A storage or messaging error comes back as 422 with the host's message,
+//! so a test can check what was refused and that no host path shows.
+
+use agora_sdk::messaging;
+use agora_sdk::prelude::*;
+use agora_sdk::storage::{self, Rows, Transaction};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+struct Hostile;
+
+impl Service for Hostile {
+    fn router() -> Router {
+        Router::new()
+            .post("/hostile/execute", execute)
+            .post("/hostile/query", query)
+            .post("/hostile/transaction", transaction)
+            .post("/hostile/publish", publish)
+            .post("/hostile/alternate", alternate)
+            .post("/hostile/stall-in-transaction", stall_in_transaction)
+    }
+
+    fn migrations() -> Vec<Migration> {
+        vec![Migration::new(
+            "0001_init",
+            include_str!("../migrations/0001_init.sql"),
+        )]
+    }
+}
+
+/// The host's answer to a refused or failed call, passed on as is.
+fn refused(e: Error) -> Error {
+    let message = e
+        .message
+        .strip_prefix("storage: ")
+        .or_else(|| e.message.strip_prefix("messaging: "))
+        .unwrap_or(&e.message)
+        .to_owned();
+    Error::new(422, "refused", message)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Statement {
+    sql: String,
+    #[serde(default)]
+    params: Vec<Json>,
+}
+
+fn params(values: &[Json]) -> Result<Vec<Value>> {
+    values
+        .iter()
+        .map(|v| match v {
+            Json::Null => Ok(Value::Null),
+            Json::Bool(b) => Ok(Value::Boolean(*b)),
+            Json::Number(n) => n
+                .as_i64()
+                .map(Value::Integer)
+                .or_else(|| n.as_f64().map(Value::Real))
+                .ok_or_else(|| Error::bad_request("a number out of range")),
+            Json::String(s) => Ok(Value::Text(s.clone())),
+            other => Err(Error::bad_request(format!("{other} is not a SQL value"))),
+        })
+        .collect()
+}
+
+fn rows_json(rows: &Rows) -> Json {
+    let cell = |v: &Value| match v {
+        Value::Null => Json::Null,
+        Value::Boolean(b) => json!(b),
+        Value::Integer(i) => json!(i),
+        Value::Real(f) => json!(f),
+        Value::Text(s) => json!(s),
+        Value::Blob(b) => json!(b),
+    };
+    json!({
+        "columns": rows.columns,
+        "rows": rows.rows.iter().map(|r| r.iter().map(cell).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    })
+}
+
+fn execute(req: &Request) -> Result<Response> {
+    let s: Statement = req.json()?;
+    let changed = storage::execute(&s.sql, &params(&s.params)?).map_err(refused)?;
+    Ok(Response::ok(&json!({ "changed": changed })))
+}
+
+fn query(req: &Request) -> Result<Response> {
+    let s: Statement = req.json()?;
+    let rows = storage::query(&s.sql, &params(&s.params)?).map_err(refused)?;
+    Ok(Response::ok(&rows_json(&rows)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Event {
+    topic: String,
+    key: Option<String>,
+    payload: Json,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransactionRequest {
+    /// Run in order inside one `begin()`; the first error ends the request
+    /// and drops (rolls back) the transaction.
+    statements: Vec<Statement>,
+    #[serde(default)]
+    publish: Vec<Event>,
+    commit: bool,
+}
+
+fn transaction(req: &Request) -> Result<Response> {
+    let body: TransactionRequest = req.json()?;
+    let tx = storage::begin().map_err(refused)?;
+    let mut changed = Vec::new();
+    for s in &body.statements {
+        changed.push(tx.execute(&s.sql, &params(&s.params)?).map_err(refused)?);
+    }
+    for e in &body.publish {
+        tx.publish(&e.topic, e.key.as_deref(), &e.payload)
+            .map_err(refused)?;
+    }
+    if body.commit {
+        tx.commit().map_err(refused)?;
+    }
+    Ok(Response::ok(&json!({ "changed": changed })))
+}
+
+fn publish(req: &Request) -> Result<Response> {
+    let e: Event = req.json()?;
+    let id = messaging::publish(&e.topic, e.key.as_deref(), &e.payload).map_err(refused)?;
+    Ok(Response::created(&json!({ "id": id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Alternate {
+    topic: String,
+    key: String,
+    count: u32,
+}
+
+/// Publishes `count` events of one key, numbered from 0: even ones inside a
+/// committed transaction (the outbox), odd ones directly. Subscribers must
+/// see them in this order.
+fn alternate(req: &Request) -> Result<Response> {
+    let body: Alternate = req.json()?;
+    let key = Some(body.key.as_str());
+    for n in 0..body.count {
+        if n % 2 == 0 {
+            let tx: Transaction = storage::begin().map_err(refused)?;
+            tx.publish(&body.topic, key, &n).map_err(refused)?;
+            tx.commit().map_err(refused)?;
+        } else {
+            messaging::publish(&body.topic, key, &n).map_err(refused)?;
+        }
+    }
+    Ok(Response::no_content())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stall {
+    key: String,
+    /// A statement that runs past the request's deadline.
+    slow_sql: String,
+}
+
+/// Writes inside a transaction, then overruns its deadline inside it: in a
+/// slow statement, or spinning if the statement returns first.
+fn stall_in_transaction(req: &Request) -> Result<Response> {
+    let body: Stall = req.json()?;
+    let tx = storage::begin().map_err(refused)?;
+    tx.execute(
+        "INSERT INTO kv (key, value) VALUES ($1, 'abandoned')",
+        agora_sdk::params![body.key.as_str()],
+    )
+    .map_err(refused)?;
+    let _ = tx.query(&body.slow_sql, &[]);
+    let mut n: u64 = 0;
+    loop {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+}
+
+agora_sdk::service!(Hostile);
