@@ -66,7 +66,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
         format!(
             "[components.hello]\nwasm = \"{}\"\nroutes = [\"/\"]\n\n\
              [components.probe]\nwasm = \"{}\"\nroutes = [\"/probe\"]\n\
-             grants = [\"storage\", \"cache\", \"messaging\", \"tokens\", \"config\", \"http-out\"]\n",
+             grants = [\"storage\", \"cache\", \"messaging\", \"tokens\", \"tokens-issue\", \"config\", \"http-out\"]\n",
             component("hello").display(),
             component("probe").display()
         ),

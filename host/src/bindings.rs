@@ -14,5 +14,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use agora::platform::{cache, config, messaging, storage, tokens};
+pub use agora::platform::{cache, config, messaging, storage, token_issuer, tokens};
 pub use exports::agora::platform::{schema, subscriber};

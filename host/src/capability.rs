@@ -32,7 +32,7 @@ use crate::messaging::MessagingCapability;
 use crate::plugins::{ComponentSpec, Grant, Plugins, SHOP_INTERFACES};
 use crate::state::InstanceState;
 use crate::storage::StorageCapability;
-use crate::tokens::TokensCapability;
+use crate::tokens::{TokenIssuerCapability, TokensCapability};
 
 #[async_trait]
 pub trait Capability: Send + Sync + 'static {
@@ -65,6 +65,7 @@ pub struct Capabilities {
     pub cache: CacheCapability,
     pub messaging: MessagingCapability,
     pub tokens: TokensCapability,
+    pub token_issuer: TokenIssuerCapability,
     pub config: ConfigCapability,
     pub http_out: HttpOutCapability,
 }
@@ -76,6 +77,7 @@ pub struct ComponentCaps {
     pub cache: Option<<CacheCapability as Capability>::ComponentState>,
     pub messaging: Option<<MessagingCapability as Capability>::ComponentState>,
     pub tokens: Option<<TokensCapability as Capability>::ComponentState>,
+    pub token_issuer: Option<<TokenIssuerCapability as Capability>::ComponentState>,
     pub config: Option<<ConfigCapability as Capability>::ComponentState>,
     pub outbound_hosts: Option<<HttpOutCapability as Capability>::ComponentState>,
 }
@@ -93,6 +95,8 @@ const ALWAYS_ALLOWED: &[&str] = &[
 
 impl Capabilities {
     pub async fn init(plugins: &Plugins, data_dir: &Path) -> Result<Self> {
+        let tokens = TokensCapability::init(&plugins.tokens, data_dir)
+            .context("loading the token signing key")?;
         Ok(Capabilities {
             storage: StorageCapability::init(&plugins.backends.storage, data_dir)
                 .await
@@ -103,8 +107,8 @@ impl Capabilities {
             messaging: MessagingCapability::init(&plugins.backends.messaging, data_dir)
                 .await
                 .context("starting the messaging backend")?,
-            tokens: TokensCapability::init(&plugins.tokens, data_dir)
-                .context("loading the token signing key")?,
+            token_issuer: TokenIssuerCapability::new(&tokens),
+            tokens,
             config: ConfigCapability,
             http_out: HttpOutCapability,
         })
@@ -116,6 +120,7 @@ impl Capabilities {
         CacheCapability::add_to_linker(linker)?;
         MessagingCapability::add_to_linker(linker)?;
         TokensCapability::add_to_linker(linker)?;
+        TokenIssuerCapability::add_to_linker(linker)?;
         ConfigCapability::add_to_linker(linker)?;
         HttpOutCapability::add_to_linker(linker)?;
         Ok(())
@@ -132,6 +137,10 @@ impl Capabilities {
             (CacheCapability::GRANT, CacheCapability::INTERFACES),
             (MessagingCapability::GRANT, MessagingCapability::INTERFACES),
             (TokensCapability::GRANT, TokensCapability::INTERFACES),
+            (
+                TokenIssuerCapability::GRANT,
+                TokenIssuerCapability::INTERFACES,
+            ),
             (ConfigCapability::GRANT, ConfigCapability::INTERFACES),
             (HttpOutCapability::GRANT, HttpOutCapability::INTERFACES),
         ];
@@ -207,6 +216,7 @@ impl Capabilities {
             messaging,
             cache: granted(&self.cache, name, spec).await?,
             tokens: granted(&self.tokens, name, spec).await?,
+            token_issuer: granted(&self.token_issuer, name, spec).await?,
             config: granted(&self.config, name, spec).await?,
             outbound_hosts: granted(&self.http_out, name, spec).await?,
         })

@@ -1,6 +1,12 @@
 //! Gateway duties the host performs before a request reaches a component:
-//! bearer-token verification and role checks from the component's `auth`
-//! rules, and rate limits from its `rate_limits`, in plugins.toml.
+//! path normalization, bearer-token verification and role checks from the
+//! component's `auth` rules, and rate limits from its `rate_limits`, in
+//! plugins.toml.
+//!
+//! [`normalize`] runs first and replaces the request's path with its
+//! canonical form ([`canonical_path`]), so routing, every rule and the
+//! component all see one path: no spelling of an admin-only path slips past
+//! its rule while the component's router still reaches the handler.
 //!
 //! The verified user is passed in headers that only the host sets: any
 //! `x-agora-user-*` header a client sends is removed first, so a component
@@ -8,15 +14,16 @@
 //! (a component may personalise a public page); an invalid one there is
 //! ignored, as if absent.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 
 use crate::bindings::tokens::{Claims, Error as TokenError};
 use crate::cache::CacheBackend;
-use crate::plugins::{ComponentSpec, RateLimit};
-use crate::registry::prefix_matches;
+use crate::plugins::{ComponentSpec, RateLimit, RateLimitPer};
+use crate::registry::{canonical_path, prefix_matches};
 use crate::response::{self, Body};
 use crate::tokens::Signer;
 
@@ -30,6 +37,7 @@ pub struct ClientAddr(pub SocketAddr);
 /// Why the gateway refused a request.
 #[derive(Debug)]
 pub enum Refusal {
+    InvalidPath(String),
     Unauthorized { code: &'static str, message: String },
     Forbidden(String),
     RateLimited { retry_after_seconds: u64 },
@@ -38,6 +46,9 @@ pub enum Refusal {
 impl Refusal {
     pub fn response(&self) -> Response<Body> {
         match self {
+            Refusal::InvalidPath(message) => {
+                response::error(StatusCode::BAD_REQUEST, "invalid_path", message.clone())
+            }
             Refusal::Unauthorized { code, message } => {
                 let mut response = response::error(StatusCode::UNAUTHORIZED, code, message.clone());
                 response
@@ -70,6 +81,28 @@ fn unauthorized(code: &'static str, message: impl Into<String>) -> Refusal {
         code,
         message: message.into(),
     }
+}
+
+/// Replaces the request's path with its canonical form (the query is kept
+/// as sent), or refuses a path that has none with 400 `invalid_path`.
+pub fn normalize<B>(request: &mut Request<B>) -> Result<(), Refusal> {
+    let uri = request.uri();
+    let canonical = canonical_path(uri.path()).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
+    if canonical == uri.path() {
+        return Ok(());
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{canonical}?{query}"),
+        None => canonical,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        PathAndQuery::try_from(path_and_query)
+            .map_err(|e| Refusal::InvalidPath(format!("the path cannot be normalized: {e}")))?,
+    );
+    *request.uri_mut() = Uri::from_parts(parts)
+        .map_err(|e| Refusal::InvalidPath(format!("the path cannot be normalized: {e}")))?;
+    Ok(())
 }
 
 /// Applies the component's auth rules to `request`; on success the request
@@ -143,11 +176,25 @@ fn rule_applies(prefix: &str, methods: &[String], path: &str, method: &str) -> b
     prefix_matches(prefix, path) && (methods.is_empty() || methods.iter().any(|m| m == method))
 }
 
+/// The network a client address stands for: an IPv4 address itself, and
+/// the /64 of an IPv6 one, because a single IPv6 subscriber is routinely
+/// given a whole /64 and could otherwise rotate through 2^64 budgets.
+fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 /// Counts the request against every rate limit that applies to it, per
-/// client: the verified user (so call it after [`authorize`]), else the
-/// client address. Fixed windows, counted with the cache's atomic
-/// increment. If the cache cannot be reached the request is let through:
-/// a rate limit protects the service, it is not worth an outage of its own.
+/// client as each rule's `per` says: the verified user, else the client
+/// address (so call it after [`authorize`]), or the client address alone.
+/// Fixed windows, counted with the cache's atomic increment. If the cache
+/// cannot be reached the request is let through: a rate limit protects the
+/// service, it is not worth an outage of its own.
 pub async fn admit<B>(
     component: &str,
     spec: &ComponentSpec,
@@ -156,33 +203,38 @@ pub async fn admit<B>(
 ) -> Result<(), Refusal> {
     let path = request.uri().path();
     let method = request.method().as_str();
-    let rules = spec
-        .rate_limits
-        .iter()
-        .filter(|r| rule_applies(&r.prefix, &r.methods, path, method));
-    let client = || match request
-        .headers()
-        .get(USER_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(user) => format!("user:{user}"),
-        None => match request.extensions().get::<ClientAddr>() {
-            Some(ClientAddr(addr)) => format!("addr:{}", addr.ip()),
-            None => "addr:unknown".to_owned(),
-        },
+    let address = || match request.extensions().get::<ClientAddr>() {
+        Some(ClientAddr(addr)) => format!("addr:{}", client_network(addr.ip())),
+        None => "addr:unknown".to_owned(),
+    };
+    let user = || {
+        request
+            .headers()
+            .get(USER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(|user| format!("user:{user}"))
     };
     let now = crate::now_millis() / 1000;
-    for rule in rules {
+    for (index, rule) in spec.rate_limits.iter().enumerate() {
         let RateLimit {
             prefix,
+            methods,
             requests,
             window_seconds,
-            ..
+            per,
         } = rule;
+        if !rule_applies(prefix, methods, path, method) {
+            continue;
+        }
+        let client = match per {
+            RateLimitPer::User => user().unwrap_or_else(address),
+            RateLimitPer::Address => address(),
+        };
         let window = now / window_seconds;
-        // `/` cannot occur in a component name, so no component's keys
-        // (prefixed `<name>:`) can collide with these.
-        let key = format!("agora/rate:{component}:{prefix}:{}:{window}", client());
+        // One counter per rule (two rules on one prefix must not share
+        // one). `/` cannot occur in a component name, so no component's
+        // keys (prefixed `<name>:`) can collide with these.
+        let key = format!("agora/rate:{component}:{index}:{client}:{window}");
         match cache
             .increment(&key, 1, Some(Duration::from_secs(*window_seconds)))
             .await
@@ -199,4 +251,24 @@ pub async fn admit<B>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv6_client_counts_as_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_network(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_network(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            client_network(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            client_network(ip("2001:db8:1:2::1"))
+        );
+        assert_ne!(
+            client_network(ip("2001:db8:1:2::1")),
+            client_network(ip("2001:db8:1:3::1"))
+        );
+    }
 }

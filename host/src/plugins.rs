@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::registry::canonical_path;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PluginsError {
     #[error("cannot read {path}: {source}")]
@@ -36,7 +38,11 @@ pub enum Grant {
     Storage,
     Cache,
     Messaging,
+    /// Verifying tokens (`agora:platform/tokens`).
     Tokens,
+    /// Issuing tokens (`agora:platform/token-issuer`), with only the roles
+    /// in `issues_roles`.
+    TokensIssue,
     Config,
     HttpOut,
 }
@@ -48,6 +54,7 @@ impl Grant {
             Grant::Cache => "cache",
             Grant::Messaging => "messaging",
             Grant::Tokens => "tokens",
+            Grant::TokensIssue => "tokens-issue",
             Grant::Config => "config",
             Grant::HttpOut => "http-out",
         }
@@ -191,7 +198,8 @@ pub struct TokenSettings {
     /// `iss` of issued tokens; verification requires it.
     pub issuer: String,
     /// One hour: long enough for a shopping session, short enough that a
-    /// leaked token is not a standing credential.
+    /// leaked token is not a standing credential. Also the longest lifetime
+    /// a component may ask for, so a component cannot mint a standing one.
     pub ttl_seconds: u64,
     /// HS256 key file. Created with 32 random bytes when missing, so tokens
     /// survive restarts; several hosts must share it. Default: `<data_dir>/tokens.key`.
@@ -239,11 +247,16 @@ pub struct ComponentSpec {
     /// in `x-agora-user-id` and `x-agora-user-roles`, set by the host alone.
     #[serde(default)]
     pub auth: Vec<AuthRule>,
-    /// Requests per client (the signed-in user, else the client address)
-    /// and time window. Counted in the cache backend, so on Redis the limit
-    /// holds across hosts.
+    /// Requests per client (see [`RateLimit::per`]) and time window.
+    /// Counted in the cache backend, so on Redis the limit holds across hosts.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
+    /// The roles it may put in the tokens it issues. Needs the `tokens-issue`
+    /// grant; without this list it can issue only tokens without roles.
+    /// A token is a credential the gateway trusts, so a component that may
+    /// issue `admin` can make anyone an admin: list only what it must grant.
+    #[serde(default)]
+    pub issues_roles: Vec<String>,
     /// Read by the component through `agora:platform/config`.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
@@ -276,6 +289,25 @@ pub struct RateLimit {
     pub methods: Vec<String>,
     pub requests: u64,
     pub window_seconds: u64,
+    /// Whom the requests are counted for; see [`RateLimitPer`].
+    #[serde(default)]
+    pub per: RateLimitPer,
+}
+
+/// Whose requests a rate limit counts together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitPer {
+    /// The signed-in user, else the client address (for IPv6, its /64,
+    /// which one subscriber usually holds whole): users behind one
+    /// address (an office, a carrier's NAT) each get their own budget.
+    #[default]
+    User,
+    /// The client address, whatever token the request carries. For routes
+    /// that guard credentials (login): there a token is no reason to trust
+    /// the caller, and counting per user would give every account an
+    /// attacker holds a budget of its own.
+    Address,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -392,12 +424,8 @@ impl Plugins {
                 return Err(invalid(key("wasm"), "must name a .wasm file".into()));
             }
             for (i, route) in spec.routes.iter().enumerate() {
-                if !route.starts_with('/') {
-                    return Err(invalid(
-                        format!("{}[{i}]", key("routes")),
-                        format!("route {route:?} must start with '/'"),
-                    ));
-                }
+                check_canonical(route)
+                    .map_err(|m| invalid(format!("{}[{i}]", key("routes")), m))?;
                 if RESERVED_ROUTES.contains(&route.as_str()) {
                     return Err(invalid(
                         format!("{}[{i}]", key("routes")),
@@ -428,6 +456,21 @@ impl Plugins {
                 "outbound_hosts",
                 Grant::HttpOut,
             )?;
+            needs(
+                spec.issues_roles.is_empty(),
+                "issues_roles",
+                Grant::TokensIssue,
+            )?;
+            if let Some(role) = spec.issues_roles.iter().find(|r| {
+                r.is_empty()
+                    || r.chars()
+                        .any(|c| c == ',' || c.is_whitespace() || c.is_control())
+            }) {
+                return Err(invalid(
+                    key("issues_roles"),
+                    format!("{role:?} is not a role name (no spaces or commas)"),
+                ));
+            }
             for (i, topic) in spec.subscribes.iter().chain(&spec.publishes).enumerate() {
                 if topic.is_empty() || topic.chars().any(char::is_whitespace) {
                     return Err(invalid(
@@ -459,22 +502,12 @@ impl Plugins {
             }
             for (i, rule) in spec.auth.iter().enumerate() {
                 let key = format!("{}[{i}]", key("auth"));
-                if !rule.prefix.starts_with('/') {
-                    return Err(invalid(
-                        format!("{key}.prefix"),
-                        "must start with '/'".into(),
-                    ));
-                }
+                check_canonical(&rule.prefix).map_err(|m| invalid(format!("{key}.prefix"), m))?;
                 check_methods(&rule.methods).map_err(|m| invalid(format!("{key}.methods"), m))?;
             }
             for (i, rule) in spec.rate_limits.iter().enumerate() {
                 let key = format!("{}[{i}]", key("rate_limits"));
-                if !rule.prefix.starts_with('/') {
-                    return Err(invalid(
-                        format!("{key}.prefix"),
-                        "must start with '/'".into(),
-                    ));
-                }
+                check_canonical(&rule.prefix).map_err(|m| invalid(format!("{key}.prefix"), m))?;
                 check_methods(&rule.methods).map_err(|m| invalid(format!("{key}.methods"), m))?;
                 if rule.requests == 0 || rule.window_seconds == 0 {
                     return Err(invalid(
@@ -504,6 +537,21 @@ impl Plugins {
             }
         }
         Ok(())
+    }
+}
+
+/// Routes and rule prefixes are compared with canonical request paths (see
+/// [`canonical_path`]), so one written otherwise would never match: an auth
+/// rule on `/admin/` would silently protect nothing.
+fn check_canonical(path: &str) -> Result<(), String> {
+    match canonical_path(path) {
+        Ok(canonical) if canonical == path => Ok(()),
+        Ok(canonical) => Err(format!(
+            "{path:?} is not a canonical path (write {canonical:?}): requests are matched \
+             after the host normalizes their path"
+        )),
+        Err(_) if !path.starts_with('/') => Err(format!("{path:?} must start with '/'")),
+        Err(e) => Err(format!("{path:?}: {e}")),
     }
 }
 
@@ -601,6 +649,20 @@ mod tests {
                 "rate_limits = [{ prefix = \"/a\", requests = 0, window_seconds = 1 }]",
                 "components.a.rate_limits[0]",
             ),
+            ("routes = [\"/a/\"]", "components.a.routes[0]"),
+            (
+                "auth = [{ prefix = \"/a//b\" }]",
+                "components.a.auth[0].prefix",
+            ),
+            (
+                "rate_limits = [{ prefix = \"/a/%62\", requests = 1, window_seconds = 1 }]",
+                "components.a.rate_limits[0].prefix",
+            ),
+            ("issues_roles = [\"admin\"]", "components.a.issues_roles"),
+            (
+                "grants = [\"tokens-issue\"]\nissues_roles = [\"a,b\"]",
+                "components.a.issues_roles",
+            ),
         ];
         for (line, key) in cases {
             let err = parse(&format!("[components.a]\nwasm = \"a.wasm\"\n{line}\n"))
@@ -608,6 +670,30 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn a_non_canonical_prefix_names_its_canonical_form() {
+        let err = parse("[components.a]\nwasm = \"a.wasm\"\nauth = [{ prefix = \"/admin/\" }]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("write \"/admin\""), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_count_per_user_unless_told_per_address() {
+        let p = parse(
+            "[components.a]\nwasm = \"a.wasm\"\nrate_limits = [\n\
+             { prefix = \"/a\", requests = 1, window_seconds = 1 },\n\
+             { prefix = \"/b\", requests = 1, window_seconds = 1, per = \"address\" },\n]\n",
+        )
+        .unwrap();
+        let per: Vec<_> = p.components["a"]
+            .rate_limits
+            .iter()
+            .map(|r| r.per)
+            .collect();
+        assert_eq!(per, [RateLimitPer::User, RateLimitPer::Address]);
     }
 
     #[test]

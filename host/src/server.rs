@@ -142,7 +142,14 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     response
 }
 
-async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>, Response<Body>) {
+async fn route(
+    runtime: &Runtime,
+    mut request: Request<Incoming>,
+) -> (Option<String>, Response<Body>) {
+    // One path for everything below: routing, auth, rate limits, the component.
+    if let Err(refused) = gateway::normalize(&mut request) {
+        return (None, refused.response());
+    }
     match request.uri().path() {
         "/healthz" => {
             return (
@@ -164,7 +171,6 @@ async fn route(runtime: &Runtime, request: Request<Incoming>) -> (Option<String>
     };
     drop(registry);
     let name = component.name.clone();
-    let mut request = request;
     let signer = runtime.capabilities.tokens.signer();
     if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
         return (Some(name), refused.response());

@@ -4,6 +4,14 @@
 //! in the `admin_emails` setting are also `admin`, so changing the setting
 //! takes effect at the next login.
 //!
+//! Password guessing is limited twice. The gateway counts login attempts
+//! per client address (plugins.toml, `per = "address"`), which stops one
+//! client trying many accounts; this component counts them per target
+//! account, in its cache, which stops many clients (a botnet, or one client
+//! with many addresses) trying one account: only the email tells which
+//! account a guess is for, and only this component reads it. See
+//! [`LoginLimit`] for the default and its trade-off.
+//!
 //! Exports `agora:shop/users` so other services can look a user up.
 
 use agora_sdk::prelude::*;
@@ -53,6 +61,31 @@ shop::export!(Identity with_types_in shop);
 
 const MIN_PASSWORD: usize = 8;
 const MAX_NAME: usize = 100;
+
+/// Login attempts per account and window (setting `login_limit`, e.g.
+/// `{ attempts = 10, window_seconds = 900 }`, the default). Ten is far more
+/// than a forgetful owner needs and caps a guesser at 40 an hour per
+/// account. The price of any per-account limit is that a stranger can keep
+/// an account's login closed for a window by guessing on purpose; 15
+/// minutes keeps that short, and tokens already issued keep working. A
+/// successful login clears the count. Attempts are counted in fixed
+/// windows in the cache; if the cache is unreachable, login answers 503
+/// rather than let guesses through uncounted.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LoginLimit {
+    attempts: i64,
+    window_seconds: u64,
+}
+
+impl Default for LoginLimit {
+    fn default() -> Self {
+        LoginLimit {
+            attempts: 10,
+            window_seconds: 900,
+        }
+    }
+}
 
 #[derive(Serialize)]
 struct Profile {
@@ -210,9 +243,58 @@ struct Login {
     password: String,
 }
 
+/// What counting a login attempt on an account decided.
+enum Attempt {
+    /// Go ahead; the key of the account's counter, cleared on success.
+    Counted(String),
+    /// The account has had its attempts for this window: the 429 to send.
+    Refused(Response),
+}
+
+/// Counts an attempt on the account `email`.
+fn count_attempt(email: &str) -> Result<Attempt> {
+    let limit: LoginLimit = config::get_json("login_limit")?.unwrap_or_default();
+    if limit.attempts <= 0 || limit.window_seconds == 0 {
+        return Err(Error::internal(
+            "setting `login_limit` needs `attempts` and `window_seconds` above 0",
+        ));
+    }
+    let now = now_millis() as u64 / 1000;
+    let window = now / limit.window_seconds;
+    let key = format!("login-attempts:{window}:{email}");
+    let ttl = std::time::Duration::from_secs(limit.window_seconds);
+    if cache::increment(&key, 1, Some(ttl))? <= limit.attempts {
+        return Ok(Attempt::Counted(key));
+    }
+    let retry_after = (window + 1) * limit.window_seconds - now;
+    let refusal = Error::new(
+        429,
+        "rate_limited",
+        format!("too many login attempts for this account; retry in {retry_after} s"),
+    );
+    Ok(Attempt::Refused(
+        refusal
+            .into_response()
+            .with_header("retry-after", &retry_after.to_string()),
+    ))
+}
+
+fn invalid_credentials() -> Error {
+    Error::new(401, "invalid_credentials", "wrong email or password")
+}
+
 fn login(req: &Request) -> Result<Response> {
     let body: Login = req.json()?;
-    let user = find("email", &body.email.trim().to_lowercase())?;
+    let email = body.email.trim().to_lowercase();
+    if !valid_email(&email) {
+        // No account has such an address, and anyone can tell it is malformed.
+        return Err(invalid_credentials());
+    }
+    let counter = match count_attempt(&email)? {
+        Attempt::Counted(counter) => counter,
+        Attempt::Refused(refusal) => return Ok(refusal),
+    };
+    let user = find("email", &email)?;
     let verified = match &user {
         Some(user) => password_matches(&body.password, &user.password_hash),
         None => {
@@ -223,12 +305,9 @@ fn login(req: &Request) -> Result<Response> {
         }
     };
     let Some(user) = user.filter(|_| verified) else {
-        return Err(Error::new(
-            401,
-            "invalid_credentials",
-            "wrong email or password",
-        ));
+        return Err(invalid_credentials());
     };
+    cache::delete(&counter)?;
     let issued = tokens::issue(&user.id, &roles_of(&user.email)?, None)?;
     Ok(Response::ok(&serde_json::json!({
         "token": issued.token,

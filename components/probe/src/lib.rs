@@ -24,6 +24,7 @@ impl Service for Probe {
             .get("/probe/received", received)
             .get("/probe/config/{key}", setting)
             .post("/probe/token", token)
+            .post("/probe/token-as", token_as)
             .get("/probe/whoami", whoami)
             .get("/probe/trap", |_| panic!("the probe was asked to trap"))
             .get("/probe/loop", spin)
@@ -189,6 +190,23 @@ fn token(req: &Request) -> Result<Response> {
     }
     let body: Subject = req.json()?;
     let issued = tokens::issue(&body.subject, &["tester".to_owned()], None)?;
+    Ok(Response::created(
+        &json!({ "token": issued.token, "expires_in": issued.expires_in }),
+    ))
+}
+
+/// Asks the host for a token with the roles and lifetime the caller names,
+/// whether plugins.toml lets the probe issue them or not.
+fn token_as(req: &Request) -> Result<Response> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wanted {
+        subject: String,
+        roles: Vec<String>,
+        ttl_seconds: Option<u64>,
+    }
+    let body: Wanted = req.json()?;
+    let issued = tokens::issue(&body.subject, &body.roles, body.ttl_seconds)?;
     Ok(Response::created(
         &json!({ "token": issued.token, "expires_in": issued.expires_in }),
     ))

@@ -301,8 +301,16 @@ impl Router {
 
     /// Dispatches: 404 when no pattern matches the path, 405 when one does
     /// but not for this method.
+    ///
+    /// The path is split on `/`, empty segments skipped, and each segment
+    /// percent-decoded once (a `+` stays a `+`: it means a space only in a
+    /// query) before literals and parameters are matched. The host hands
+    /// over the canonical path it routed and checked its rules on, so this
+    /// sees the same segments the gateway did.
     pub fn handle(&self, mut request: Request) -> Response {
-        let path: Vec<&str> = segments(&request.path).collect();
+        let path: Vec<String> = segments(&request.path)
+            .map(|s| percent_decode(s, false))
+            .collect();
         let mut path_matched = false;
         for (method, pattern, handler) in &self.routes {
             let Some(params) = match_path(pattern, &path) else {
@@ -331,7 +339,7 @@ fn segments(path: &str) -> impl Iterator<Item = &str> {
     path.split('/').filter(|s| !s.is_empty())
 }
 
-fn match_path(pattern: &[Segment], path: &[&str]) -> Option<Vec<(String, String)>> {
+fn match_path(pattern: &[Segment], path: &[String]) -> Option<Vec<(String, String)>> {
     if pattern.len() != path.len() {
         return None;
     }
@@ -340,7 +348,7 @@ fn match_path(pattern: &[Segment], path: &[&str]) -> Option<Vec<(String, String)
         match segment {
             Segment::Literal(l) if l == actual => {}
             Segment::Literal(_) => return None,
-            Segment::Param(name) => params.push((name.clone(), percent_decode(actual))),
+            Segment::Param(name) => params.push((name.clone(), actual.clone())),
         }
     }
     Some(params)
@@ -352,19 +360,21 @@ fn parse_query(query: &str) -> Vec<(String, String)> {
         .filter(|p| !p.is_empty())
         .map(|pair| {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
+            (percent_decode(k, true), percent_decode(v, true))
         })
         .collect()
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (a malformed one stays as it is), and `+` as a
+/// space when `plus_is_space` (form-encoded queries).
+fn percent_decode(s: &str, plus_is_space: bool) -> String {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
                 (Some(high), Some(low)) => {
                     out.push(high * 16 + low);
@@ -469,6 +479,21 @@ mod tests {
         assert!(String::from_utf8(r.body)
             .unwrap()
             .contains(r#""code":"conflict""#));
+    }
+
+    #[test]
+    fn path_segments_are_decoded_once_before_matching() {
+        let router = Router::new()
+            .get("/items/special", fail)
+            .get("/items/{id}", echo);
+        // An encoded literal reaches the literal's handler, not the parameter.
+        let r = router.handle(Request::new("GET", "/items/%73pecial", vec![]));
+        assert_eq!(r.status, 409);
+        let r = router.handle(Request::new("GET", "/items/1+1%2B1%252B", vec![]));
+        assert_eq!(
+            String::from_utf8(r.body).unwrap(),
+            r#"{"id":"1+1+1%2B","q":null}"#
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! Signed tokens, issued and verified by the host (the key stays there).
+//!
+//! Verifying needs the `tokens` grant, issuing the `tokens-issue` grant;
+//! the host issues only the roles plugins.toml lists in `issues_roles`.
 
+use crate::bindings::agora::platform::token_issuer as issuer;
 use crate::bindings::agora::platform::tokens as wit;
 use crate::http::Error;
 
-pub use wit::{Claims, IssuedToken};
+pub use issuer::IssuedToken;
+pub use wit::Claims;
 
 impl From<wit::Error> for Error {
     fn from(e: wit::Error) -> Error {
@@ -14,13 +19,24 @@ impl From<wit::Error> for Error {
     }
 }
 
-/// Issues a token for `subject`; `ttl_seconds` defaults to the host's setting.
+/// A refused issue is the component's own fault or its configuration's, never the client's: 500.
+impl From<issuer::Error> for Error {
+    fn from(e: issuer::Error) -> Error {
+        match e {
+            issuer::Error::RoleNotGranted(m) => Error::new(500, "role_not_granted", m),
+            issuer::Error::Invalid(m) => Error::new(500, "invalid_token_request", m),
+        }
+    }
+}
+
+/// Issues a token for `subject`; `ttl_seconds` defaults to the host's
+/// setting, which is also the longest allowed.
 pub fn issue(
     subject: &str,
     roles: &[String],
     ttl_seconds: Option<u64>,
 ) -> Result<IssuedToken, Error> {
-    Ok(wit::issue(subject, roles, ttl_seconds)?)
+    Ok(issuer::issue(subject, roles, ttl_seconds)?)
 }
 
 pub fn verify(token: &str) -> Result<Claims, Error> {

@@ -1,8 +1,20 @@
-//! `agora:platform/tokens`: JWTs signed by the host (HS256).
+//! JWTs signed by the host (HS256), as two capabilities:
+//! `agora:platform/tokens` (grant `tokens`) verifies, and
+//! `agora:platform/token-issuer` (grant `tokens-issue`) issues.
 //!
 //! The key never enters a component: components ask the host to issue and
 //! verify. The gateway verifies bearer tokens with the same [`Signer`].
+//!
+//! Issuing is split from verifying because a token is a credential the
+//! gateway trusts: a component that may issue one can act as any user. So
+//! issuing is a grant of its own, refused at load to a component without it
+//! (the grant check works per interface), and the host puts into a token
+//! only the roles plugins.toml lists for the issuing component
+//! (`issues_roles`), so even the component that logs users in cannot make
+//! anyone a role it was not given. Lifetimes are capped at the host's
+//! `ttl_seconds`, so no component can mint a standing credential.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,7 +24,8 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Heade
 use serde::{Deserialize, Serialize};
 use wasmtime::component::{HasSelf, Linker};
 
-use crate::bindings::tokens::{self as wit, Claims, Error, IssuedToken};
+use crate::bindings::token_issuer::{self as issuer_wit, Error as IssueError, IssuedToken};
+use crate::bindings::tokens::{self as wit, Claims, Error};
 use crate::capability::Capability;
 use crate::plugins::{ComponentSpec, Grant, TokenSettings};
 use crate::state::InstanceState;
@@ -53,14 +66,26 @@ impl Signer {
         }
     }
 
-    pub fn issue(
+    /// Signs a token; the roles must already be checked ([`Issuer::issue`]).
+    fn issue(
         &self,
         subject: &str,
         roles: &[String],
         ttl: Option<u64>,
-    ) -> Result<IssuedToken, Error> {
+    ) -> Result<IssuedToken, IssueError> {
         let now = crate::now_millis() / 1000;
         let ttl = ttl.unwrap_or(self.ttl_seconds);
+        if ttl > self.ttl_seconds {
+            return Err(IssueError::Invalid(format!(
+                "a token may live at most {} s (tokens.ttl_seconds), not {ttl} s",
+                self.ttl_seconds
+            )));
+        }
+        if subject.is_empty() || subject.chars().any(char::is_control) {
+            return Err(IssueError::Invalid(
+                "the subject must be non-empty printable text".into(),
+            ));
+        }
         let claims = JwtClaims {
             sub: subject.to_owned(),
             roles: roles.to_vec(),
@@ -69,7 +94,7 @@ impl Signer {
             iss: self.issuer.clone(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| IssueError::Invalid(e.to_string()))?;
         Ok(IssuedToken {
             token,
             expires_in: ttl,
@@ -118,6 +143,8 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
     Ok(key)
 }
 
+/// Verifying: `agora:platform/tokens`, grant `tokens`. Also owns the
+/// [`Signer`], which the gateway and [`TokenIssuerCapability`] share.
 pub struct TokensCapability {
     signer: Arc<Signer>,
 }
@@ -157,26 +184,85 @@ impl Capability for TokensCapability {
     }
 }
 
-impl InstanceState {
-    fn signer(&self) -> wasmtime::Result<&Signer> {
-        self.caps
-            .tokens
-            .as_deref()
-            .ok_or_else(|| wasmtime::format_err!("tokens are not granted to `{}`", self.caps.name))
+/// Issuing: `agora:platform/token-issuer`, grant `tokens-issue`.
+pub struct TokenIssuerCapability {
+    signer: Arc<Signer>,
+}
+
+impl TokenIssuerCapability {
+    pub fn new(tokens: &TokensCapability) -> Self {
+        TokenIssuerCapability {
+            signer: tokens.signer(),
+        }
+    }
+}
+
+/// What one component may issue.
+pub struct Issuer {
+    signer: Arc<Signer>,
+    component: String,
+    roles: BTreeSet<String>,
+}
+
+impl Issuer {
+    fn issue(
+        &self,
+        subject: &str,
+        roles: &[String],
+        ttl: Option<u64>,
+    ) -> Result<IssuedToken, IssueError> {
+        if let Some(role) = roles.iter().find(|r| !self.roles.contains(*r)) {
+            return Err(IssueError::RoleNotGranted(format!(
+                "component `{}` may not issue the role {role:?} (plugins.toml \
+                 components.{}.issues_roles)",
+                self.component, self.component
+            )));
+        }
+        self.signer.issue(subject, roles, ttl)
+    }
+}
+
+#[async_trait]
+impl Capability for TokenIssuerCapability {
+    const GRANT: Grant = Grant::TokensIssue;
+    const INTERFACES: &'static [&'static str] = &["agora:platform/token-issuer"];
+    type ComponentState = Issuer;
+
+    fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
+        Ok(issuer_wit::add_to_linker::<_, HasSelf<InstanceState>>(
+            linker,
+            |s| s,
+        )?)
+    }
+
+    async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Issuer> {
+        Ok(Issuer {
+            signer: self.signer.clone(),
+            component: component.to_owned(),
+            roles: spec.issues_roles.iter().cloned().collect(),
+        })
     }
 }
 
 impl wit::Host for InstanceState {
+    async fn verify(&mut self, token: String) -> wasmtime::Result<Result<Claims, Error>> {
+        let signer = self.caps.tokens.as_deref().ok_or_else(|| {
+            wasmtime::format_err!("`tokens` is not granted to `{}`", self.caps.name)
+        })?;
+        Ok(signer.verify(&token))
+    }
+}
+
+impl issuer_wit::Host for InstanceState {
     async fn issue(
         &mut self,
         subject: String,
         roles: Vec<String>,
         ttl_seconds: Option<u64>,
-    ) -> wasmtime::Result<Result<IssuedToken, Error>> {
-        Ok(self.signer()?.issue(&subject, &roles, ttl_seconds))
-    }
-
-    async fn verify(&mut self, token: String) -> wasmtime::Result<Result<Claims, Error>> {
-        Ok(self.signer()?.verify(&token))
+    ) -> wasmtime::Result<Result<IssuedToken, IssueError>> {
+        let issuer = self.caps.token_issuer.as_ref().ok_or_else(|| {
+            wasmtime::format_err!("`tokens-issue` is not granted to `{}`", self.caps.name)
+        })?;
+        Ok(issuer.issue(&subject, &roles, ttl_seconds))
     }
 }

@@ -1,0 +1,553 @@
+//! The gateway attacked through real clients: other spellings of protected
+//! paths, login guessing spread over tokens, addresses and accounts, and a
+//! component minting tokens it was not allowed to.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One window for a whole test: at this length no window boundary can fall
+/// inside it (the next is in 2033), so counts never reset halfway.
+const ONE_WINDOW: &str = "1000000000";
+
+/// Sends one request exactly as written (the target is not parsed or
+/// cleaned up by any client library) from the loopback address `from`.
+async fn raw(
+    from: Ipv4Addr,
+    port: u16,
+    method: &str,
+    target: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Reply {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut stream = socket
+        .connect((Ipv4Addr::LOCALHOST, port).into())
+        .await
+        .unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n{auth}\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.unwrap();
+    parse_response(&bytes)
+}
+
+fn parse_response(bytes: &[u8]) -> Reply {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head")
+        + 4;
+    let head = std::str::from_utf8(&bytes[..split]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut map = http::HeaderMap::new();
+    let mut chunked = false;
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':').unwrap();
+        let name: http::HeaderName = name.trim().parse().unwrap();
+        chunked |= name == http::header::TRANSFER_ENCODING && value.contains("chunked");
+        map.append(name, value.trim().parse().unwrap());
+    }
+    let mut body = bytes[split..].to_vec();
+    if chunked {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        headers: map,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// The probe with an admin-only `PUT /probe/kv/...`, and leave to issue
+/// `admin` tokens so the test can hold one.
+fn probe_with_admin_only_writes(ports: &Ports, _: &std::path::Path) -> String {
+    standard_config(ports, &component("probe"))
+        .replace("issues_roles = [\"tester\"]", "issues_roles = [\"tester\", \"admin\"]")
+        .replace(
+            "retry = {",
+            "auth = [{ prefix = \"/probe/kv\", methods = [\"PUT\"], roles = [\"admin\"] }]\nretry = {",
+        )
+}
+
+async fn probe_token(host: &TestHost, roles: &[&str]) -> String {
+    let issued = post_json(
+        &host.url("/probe/token-as"),
+        &json!({"subject": "someone", "roles": roles}),
+    )
+    .await;
+    assert_eq!(issued.status, 201, "{}", issued.text());
+    issued.json()["token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_spelling_of_a_path_escapes_its_auth_rule() {
+    let host = TestHost::start(probe_with_admin_only_writes);
+    let port = host.ports.public;
+    let tester = probe_token(&host, &["tester"]).await;
+    let spellings = [
+        "/probe/kv/k",
+        "/probe//kv/k",
+        "//probe/kv/k",
+        "/probe/kv//k",
+        "/probe/kv/k/",
+        "/probe/./kv/k",
+        "/probe/x/../kv/k",
+        "/hello/../probe/kv/k",
+        "/../probe/kv/k",
+        "/probe/%2E/kv/k",
+        "/probe/x/%2e%2E/kv/k",
+        "/probe/x/.%2e/kv/k",
+        "/probe/%6Bv/k",
+        "/probe/%6bv/k",
+        "/%70robe/kv/k",
+    ];
+    for target in spellings {
+        let anonymous = raw(LOOPBACK, port, "PUT", target, None, "stolen").await;
+        assert_eq!(
+            (anonymous.status, anonymous.error_code().as_str()),
+            (401, "unauthorized"),
+            "{target}: {}",
+            anonymous.text()
+        );
+        let customer = raw(LOOPBACK, port, "PUT", target, Some(&tester), "stolen").await;
+        assert_eq!(
+            (customer.status, customer.error_code().as_str()),
+            (403, "forbidden"),
+            "{target}: {}",
+            customer.text()
+        );
+    }
+    // What has no single meaning is refused before any rule or component.
+    for target in [
+        "/probe%2Fkv/k",
+        "/probe/kv%2fk",
+        "/probe/kv/%2F",
+        "/probe/kv/%zz",
+        "/probe/kv/k%",
+        "/probe/kv/%FF",
+    ] {
+        let refused = raw(LOOPBACK, port, "PUT", target, Some(&tester), "stolen").await;
+        assert_eq!(
+            (refused.status, refused.error_code().as_str()),
+            (400, "invalid_path"),
+            "{target}: {}",
+            refused.text()
+        );
+    }
+    // Nothing was written by any of them.
+    assert_eq!(get(&host.url("/probe/kv/k")).await.status, 404);
+
+    // The component is handed the path the gateway decided on: another
+    // spelling reaches the same handler with the same parameter.
+    let admin = probe_token(&host, &["admin"]).await;
+    let written = raw(
+        LOOPBACK,
+        port,
+        "PUT",
+        "/probe//kv/./%6B/",
+        Some(&admin),
+        "mine",
+    )
+    .await;
+    assert_eq!(written.status, 204, "{}", written.text());
+    assert_eq!(
+        get(&host.url("/probe/kv/k")).await.json(),
+        json!({"value": "mine"})
+    );
+    // A parameter is decoded once, and `+` in a path is a plus.
+    let plus = raw(
+        LOOPBACK,
+        port,
+        "PUT",
+        "/probe/kv/a+b%2Bc%2520",
+        Some(&admin),
+        "plus",
+    )
+    .await;
+    assert_eq!(plus.status, 204, "{}", plus.text());
+    assert_eq!(
+        get(&host.url("/probe/kv/a%2Bb%2Bc%2520")).await.json(),
+        json!({"value": "plus"})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_spelling_of_a_shop_path_escapes_its_auth_rule() {
+    let host = TestHost::start(shop_config(|c| c));
+    let port = host.ports.public;
+    let admin = user(&host, "admin@example.com", "admin-password").await;
+    let customer = user(&host, "c@example.com", "customer-password").await;
+    let product = json!({"name": "Stolen", "price_cents": 1, "stock": 1}).to_string();
+    for target in [
+        "/products",
+        "//products",
+        "/products/",
+        "/./products",
+        "/products/.",
+        "/orders/../products",
+        "/%2e%2E/products",
+        "/cart/%2E%2E/products",
+        "/%70roducts",
+        "/%70RODUCTS/../products",
+    ] {
+        let anonymous = raw(LOOPBACK, port, "POST", target, None, &product).await;
+        assert_eq!(anonymous.status, 401, "{target}: {}", anonymous.text());
+        let refused = raw(LOOPBACK, port, "POST", target, Some(&customer), &product).await;
+        assert_eq!(refused.status, 403, "{target}: {}", refused.text());
+    }
+    for target in ["/products%2F", "/products/%2f", "/products/%"] {
+        let refused = raw(LOOPBACK, port, "POST", target, Some(&customer), &product).await;
+        assert_eq!(refused.status, 400, "{target}: {}", refused.text());
+    }
+    for target in [
+        "/orders",
+        "//orders",
+        "/orders/",
+        "/%6Frders",
+        "/products/../orders",
+        "/users/me",
+        "/users//me",
+        "/users/./me",
+        "/users/%6De",
+    ] {
+        let anonymous = raw(LOOPBACK, port, "GET", target, None, "").await;
+        assert_eq!(
+            (anonymous.status, anonymous.error_code().as_str()),
+            (401, "unauthorized"),
+            "{target}: {}",
+            anonymous.text()
+        );
+    }
+    let listed = get(&host.url("/products")).await.json();
+    assert_eq!(listed["total"], 0, "no product was created: {listed}");
+
+    // The admin's request, spelt oddly, is the same request.
+    let created = raw(
+        LOOPBACK,
+        port,
+        "POST",
+        "//products/",
+        Some(&admin),
+        &product,
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(get(&host.url("/products")).await.json()["total"], 1);
+}
+
+/// Logs in as `email` with `password` from `from`, carrying `token` if given.
+async fn login(
+    host: &TestHost,
+    from: Ipv4Addr,
+    token: Option<&str>,
+    email: &str,
+    password: &str,
+) -> Reply {
+    let body = json!({"email": email, "password": password}).to_string();
+    raw(from, host.ports.public, "POST", "/auth/login", token, &body).await
+}
+
+async fn register(host: &TestHost, email: &str, password: &str) {
+    let body = json!({"email": email, "password": password, "name": "N"}).to_string();
+    let created = raw(LOOPBACK, host.ports.public, "POST", "/users", None, &body).await;
+    assert_eq!(created.status, 201, "{}", created.text());
+}
+
+/// Registers and logs in; returns the token.
+async fn user(host: &TestHost, email: &str, password: &str) -> String {
+    register(host, email, password).await;
+    let reply = login(host, LOOPBACK, None, email, password).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["token"].as_str().unwrap().to_owned()
+}
+
+fn retry_after(reply: &Reply) -> u64 {
+    reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_attempts_are_limited_per_address_whatever_the_token() {
+    let host = TestHost::start(shop_config(|c| {
+        let limited = c.replace(
+            "requests = 20, window_seconds = 60, per = \"address\"",
+            &format!("requests = 20, window_seconds = {ONE_WINDOW}, per = \"address\""),
+        );
+        assert_ne!(limited, c, "the login rule is in plugins.toml");
+        limited
+    }));
+    // Attempts 1 and 2.
+    let tokens = [
+        user(&host, "a@example.com", "password-a").await,
+        user(&host, "b@example.com", "password-b").await,
+    ];
+    // Attempts 3 to 20, each with a valid token and on an account of its
+    // own (so no per-account limit is reached).
+    for i in 3..=20 {
+        let token = &tokens[i % 2];
+        let reply = login(
+            &host,
+            LOOPBACK,
+            Some(token),
+            &format!("guess{i}@example.com"),
+            "x",
+        )
+        .await;
+        assert_error(&reply, 401, "invalid_credentials");
+    }
+    for token in [Some(tokens[0].as_str()), Some(tokens[1].as_str()), None] {
+        let reply = login(&host, LOOPBACK, token, "guess21@example.com", "x").await;
+        assert_error(&reply, 429, "rate_limited");
+        assert!(retry_after(&reply) > 0);
+        // Not even the right password gets through from this address now.
+        let reply = login(&host, LOOPBACK, token, "a@example.com", "password-a").await;
+        assert_error(&reply, 429, "rate_limited");
+    }
+    // The count is this address's: another client is not shut out.
+    let other = Ipv4Addr::new(127, 0, 0, 2);
+    let reply = login(&host, other, None, "a@example.com", "password-a").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_guesses_on_one_account_are_limited_across_tokens_and_addresses() {
+    let host = TestHost::start(shop_config(|c| {
+        let limited = c.replace(
+            "login_limit = { attempts = 10, window_seconds = 900 }",
+            &format!("login_limit = {{ attempts = 10, window_seconds = {ONE_WINDOW} }}"),
+        );
+        assert_ne!(limited, c, "the login limit is in plugins.toml");
+        limited
+    }));
+    register(&host, "victim@example.com", "victim-password").await;
+    let attacker = user(&host, "attacker@example.com", "attacker-password").await;
+    // Ten guesses, each from an address of its own, half with a token.
+    for i in 1..=10u8 {
+        let from = Ipv4Addr::new(127, 0, 1, i);
+        let token = (i % 2 == 0).then_some(attacker.as_str());
+        let reply = login(
+            &host,
+            from,
+            token,
+            "victim@example.com",
+            &format!("guess {i}"),
+        )
+        .await;
+        assert_error(&reply, 401, "invalid_credentials");
+    }
+    // The account is closed to guesses from anywhere, however spelt, and
+    // the right password does not tell the guesser it was right.
+    for (i, email) in ["victim@example.com", " VICTIM@example.com"]
+        .iter()
+        .enumerate()
+    {
+        let from = Ipv4Addr::new(127, 0, 2, i as u8 + 1);
+        let reply = login(&host, from, Some(&attacker), email, "victim-password").await;
+        assert_error(&reply, 429, "rate_limited");
+        assert!(reply.json()["token"].is_null());
+        assert!(retry_after(&reply) > 0);
+        let reply = login(&host, from, None, email, "guess 11").await;
+        assert_error(&reply, 429, "rate_limited");
+    }
+    // Other accounts are not closed by it.
+    let other = Ipv4Addr::new(127, 0, 2, 9);
+    let reply = login(
+        &host,
+        other,
+        None,
+        "attacker@example.com",
+        "attacker-password",
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_login_clears_the_accounts_count() {
+    let host = TestHost::start(shop_config(|c| {
+        c.replace(
+            "login_limit = { attempts = 10, window_seconds = 900 }",
+            &format!("login_limit = {{ attempts = 3, window_seconds = {ONE_WINDOW} }}"),
+        )
+    }));
+    register(&host, "owner@example.com", "owner-password").await;
+    for round in 0..3 {
+        for guess in 0..2 {
+            let reply = login(
+                &host,
+                LOOPBACK,
+                None,
+                "owner@example.com",
+                &format!("typo {round} {guess}"),
+            )
+            .await;
+            assert_error(&reply, 401, "invalid_credentials");
+        }
+        let reply = login(&host, LOOPBACK, None, "owner@example.com", "owner-password").await;
+        assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+    }
+    // Without a success in between, the fourth attempt is one too many.
+    for guess in 0..3 {
+        let reply = login(
+            &host,
+            LOOPBACK,
+            None,
+            "owner@example.com",
+            &format!("guess {guess}"),
+        )
+        .await;
+        assert_error(&reply, 401, "invalid_credentials");
+    }
+    let reply = login(&host, LOOPBACK, None, "owner@example.com", "owner-password").await;
+    assert_error(&reply, 429, "rate_limited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_component_issues_only_the_roles_plugins_toml_lists_for_it() {
+    let host = TestHost::standard();
+    let ask = |roles: Value, ttl: Option<u64>| {
+        let url = host.url("/probe/token-as");
+        async move {
+            post_json(
+                &url,
+                &json!({"subject": "mallory", "roles": roles, "ttl_seconds": ttl}),
+            )
+            .await
+        }
+    };
+    for roles in [
+        json!(["admin"]),
+        json!(["tester", "admin"]),
+        json!(["tester,admin"]),
+    ] {
+        let refused = ask(roles.clone(), None).await;
+        assert_error(&refused, 500, "role_not_granted");
+        let message = refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.contains("components.probe.issues_roles") && message.contains("admin"),
+            "{roles}: {message}"
+        );
+        assert!(refused.json()["token"].is_null());
+    }
+    // Nor a token that outlives the host's own lifetime.
+    let refused = ask(json!(["tester"]), Some(10_000_000)).await;
+    assert_error(&refused, 500, "invalid_token_request");
+    assert!(
+        refused.text().contains("tokens.ttl_seconds"),
+        "{}",
+        refused.text()
+    );
+    let refused = ask(json!([]), Some(u64::MAX)).await;
+    assert_error(&refused, 500, "invalid_token_request");
+
+    // What it was given, it can issue.
+    let issued = ask(json!(["tester"]), Some(60)).await;
+    assert_eq!(issued.status, 201, "{}", issued.text());
+    assert_eq!(issued.json()["expires_in"], 60);
+    let bearer = format!("Bearer {}", issued.json()["token"].as_str().unwrap());
+    let me = request(
+        "GET",
+        &host.url("/probe/whoami"),
+        &[("authorization", &bearer)],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        me.json(),
+        json!({"subject": "mallory", "roles": ["tester"]})
+    );
+}
+
+/// `agora check` on the standard configuration with `edit` applied.
+fn check(edit: impl FnOnce(String) -> String) -> std::process::Output {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = standard_config(
+        &Ports {
+            public: 1,
+            admin: 2,
+        },
+        &component("probe"),
+    );
+    let edited = edit(config.clone());
+    assert_ne!(edited, config, "the edit applies");
+    let path = dir.path().join("plugins.toml");
+    std::fs::write(&path, edited).unwrap();
+    agora(&["check", "--config", path.to_str().unwrap()])
+}
+
+#[test]
+fn a_component_importing_the_issuer_without_its_grant_is_refused_at_load() {
+    let out = check(|c| {
+        c.replace("\"tokens-issue\", ", "")
+            .replace("issues_roles = [\"tester\"]\n", "")
+    });
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("component `probe` imports `agora:platform/token-issuer")
+            && err.contains("`tokens-issue`"),
+        "{err}"
+    );
+    // Issuing does not bring verifying with it, either.
+    let out = check(|c| c.replace("\"tokens\", ", ""));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("imports `agora:platform/tokens@") && err.contains("`tokens`"),
+        "{err}"
+    );
+    // Roles to issue without the grant to issue are a mistake, named.
+    let out = check(|c| c.replace("\"tokens-issue\", ", ""));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("components.probe.issues_roles"),
+        "{}",
+        stderr(&out)
+    );
+}
