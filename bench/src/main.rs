@@ -8,6 +8,8 @@
 //!    outside load generator, because the two disagree and neither alone is
 //!    the truth.
 //! 3. A hot swap of an already compiled version through the admin API.
+//! 4. Storage commits per second on the embedded backend at each
+//!    `durability` setting: what an fsync per commit costs.
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32).
 
@@ -19,8 +21,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agora_host::plugins::Plugins;
+use agora_host::bindings::storage::Value;
+use agora_host::plugins::{Durability, Plugins};
 use agora_host::runtime::Runtime;
+use agora_host::storage::{Migration, SqliteBackend, StorageBackend};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -116,6 +120,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
     println!("agora / native hyper:   {:.2}x", agora_rps / native);
 
     swap(&config, &scratch.join("swap")).await?;
+    durability(&scratch.join("durability")).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
@@ -387,4 +392,37 @@ async fn deploy(admin: SocketAddr, wasm: &[u8]) -> Result<serde_json::Value> {
         bail!("deploy failed: {}", String::from_utf8_lossy(&body));
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// One connection inserting and committing a row at a time, as a request
+/// that writes does, for two seconds per setting.
+async fn durability(dir: &Path) -> Result<()> {
+    println!("\n## Storage: single-row insert + commit, one connection, embedded SQLite");
+    for (setting, name) in [
+        (Durability::ProcessCrash, "process-crash (default)"),
+        (Durability::MachineCrash, "machine-crash"),
+    ] {
+        let backend = SqliteBackend::new(&dir.join(name), setting)?;
+        let db = backend.open("bench").await?;
+        db.migrate(&[Migration {
+            name: "0001".into(),
+            sql: "CREATE TABLE rows (n BIGINT NOT NULL)".into(),
+        }])
+        .await?;
+        let started = Instant::now();
+        let mut commits = 0u64;
+        while started.elapsed() < Duration::from_secs(2) {
+            let mut tx = db.begin().await?;
+            tx.execute(
+                "INSERT INTO rows (n) VALUES ($1)",
+                vec![Value::Integer(commits as i64)],
+            )
+            .await?;
+            tx.commit().await?;
+            commits += 1;
+        }
+        let rate = commits as f64 / started.elapsed().as_secs_f64();
+        println!("durability = {name:<24} {rate:>8.0} commits/s");
+    }
+    Ok(())
 }
