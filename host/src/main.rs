@@ -213,6 +213,10 @@ async fn up(
 ) -> Result<()> {
     let public = server::bind(listen, "public API").await?;
     let admin_listener = server::bind(admin_listen, "admin API").await?;
+    let (public_limits, admin_limits) = (
+        server::Limits::public(&plugins.host),
+        server::Limits::admin(&plugins.host),
+    );
     let runtime = Runtime::start(plugins, plugins_path, data_dir).await?;
     watch::start(runtime.clone())?;
     tracing::info!(
@@ -226,12 +230,14 @@ async fn up(
     let rt = runtime.clone();
     let public = tokio::spawn(server::serve(
         public,
+        public_limits,
         move |req| server::handle(rt.clone(), req),
         stopped.clone(),
     ));
     let rt = runtime.clone();
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
+        admin_limits,
         move |req| admin::handle(rt.clone(), req),
         stopped,
     ));
