@@ -1,7 +1,7 @@
 //! The listeners under attack by real TCP clients: connections that never
 //! finish a request or sit idle, a flood of them under a small
 //! file-descriptor limit, a burst of requests waiting for one instance slot,
-//! and HTTP/2.
+//! HTTP/2, and the admin API reached without its token or from a browser.
 //!
 //! Timeouts are configured small and waited for generously, so a busy
 //! machine makes the tests slower, not flaky.
@@ -9,6 +9,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -231,4 +232,192 @@ async fn http2_with_prior_knowledge_is_answered_in_http2() {
     }
     // HTTP/1.1 still works beside it.
     assert_eq!(get(&host.url("/hello")).await.status, 200);
+}
+
+/// The probe's version as the public API reports it.
+async fn probe_version(host: &TestHost) -> serde_json::Value {
+    get(&host.url("/probe/version")).await.json()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_requests_without_its_token() {
+    let host = TestHost::standard();
+    let before = probe_version(&host).await;
+    let v2 = std::fs::read(component("probe-v2")).unwrap();
+    let deploy = format!("{}/components/probe/deploy", host.admin_url());
+
+    let missing = request("POST", &deploy, &[], v2.clone()).await;
+    assert_error(&missing, 401, "missing_token");
+    assert!(missing.headers.contains_key("www-authenticate"));
+    let wrong = request(
+        "POST",
+        &deploy,
+        &[("authorization", &format!("Bearer {}", "0".repeat(64)))],
+        v2.clone(),
+    )
+    .await;
+    assert_error(&wrong, 401, "invalid_token");
+    // A token that is a prefix of the real one is no better.
+    let prefix = format!("Bearer {}", &host.admin_token()[..32]);
+    let short = request("POST", &deploy, &[("authorization", &prefix)], v2.clone()).await;
+    assert_error(&short, 401, "invalid_token");
+    let reads = request(
+        "GET",
+        &format!("{}/components", host.admin_url()),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_error(&reads, 401, "missing_token");
+    assert_eq!(
+        probe_version(&host).await,
+        before,
+        "a refused deploy changed the probe"
+    );
+
+    // The token: random, in the data directory, for the owner only.
+    let token = host.admin_token();
+    assert_eq!(token.len(), 64);
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(host.data_dir().join("admin.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let ok = host.admin("POST", "/components/probe/deploy", v2).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_ne!(probe_version(&host).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_refuses_browser_requests_even_with_its_token() {
+    let host = TestHost::standard();
+    let before = probe_version(&host).await;
+    let v2 = std::fs::read(component("probe-v2")).unwrap();
+    let deploy = format!("{}/components/probe/deploy", host.admin_url());
+    let bearer = format!("Bearer {}", host.admin_token());
+
+    let cross_origin = request(
+        "POST",
+        &deploy,
+        &[
+            ("authorization", &bearer),
+            ("origin", "http://evil.example"),
+        ],
+        v2.clone(),
+    )
+    .await;
+    assert_error(&cross_origin, 403, "browser_request");
+    // A DNS-rebinding page reaches the same socket under its own name.
+    let rebound = request(
+        "POST",
+        &deploy,
+        &[("authorization", &bearer), ("host", "evil.example")],
+        v2.clone(),
+    )
+    .await;
+    assert_error(&rebound, 403, "foreign_host");
+    let rebound_with_port = request(
+        "GET",
+        &format!("{}/components", host.admin_url()),
+        &[
+            ("authorization", &bearer),
+            ("host", &format!("evil.example:{}", host.ports.admin)),
+        ],
+        vec![],
+    )
+    .await;
+    assert_error(&rebound_with_port, 403, "foreign_host");
+    let own = format!("127.0.0.1:{}", host.ports.admin);
+    let two_hosts = request(
+        "POST",
+        &deploy,
+        &[
+            ("authorization", &bearer),
+            ("host", &own),
+            ("host", "evil.example"),
+        ],
+        v2.clone(),
+    )
+    .await;
+    assert_error(&two_hosts, 403, "foreign_host");
+    assert_eq!(
+        probe_version(&host).await,
+        before,
+        "a refused deploy changed the probe"
+    );
+
+    // The listener's own address and localhost are fine.
+    let by_name = request(
+        "GET",
+        &format!("{}/components", host.admin_url()),
+        &[
+            ("authorization", &bearer),
+            ("host", &format!("localhost:{}", host.ports.admin)),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(by_name.status, 200, "{}", by_name.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_beside_the_host_finds_the_admin_api_and_its_token_without_flags() {
+    let host = TestHost::start(|ports, _| {
+        format!(
+            "[host]\nadmin_listen = \"127.0.0.1:{}\"\ndata_dir = \"data\"\n{}",
+            ports.admin,
+            standard_config(ports, &component("probe"))
+        )
+    });
+    let beside = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_agora"))
+            .args(args)
+            .current_dir(host.dir.path())
+            .env("NO_COLOR", "1")
+            .env_remove("AGORA_ADMIN_TOKEN")
+            .env_remove("AGORA_CONFIG")
+            .env_remove("AGORA_DATA")
+            .env_remove("AGORA_ADMIN")
+            .output()
+            .unwrap()
+    };
+    let out = beside(&["events", "test.events"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
+    let before = probe_version(&host).await;
+    let out = beside(&["deploy", "probe", component("probe-v2").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deployed = probe_version(&host).await;
+    assert_ne!(deployed, before);
+
+    // An explicit token overrides the file: a wrong one is refused.
+    let wrong = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["rollback", "probe"])
+        .current_dir(host.dir.path())
+        .env("AGORA_ADMIN_TOKEN", "f".repeat(64))
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("401"), "{}", stderr(&wrong));
+    assert_eq!(probe_version(&host).await, deployed);
+
+    // Elsewhere, without plugins.toml or flags, it says what it needs.
+    let elsewhere = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["events", "test.events"])
+        .current_dir(std::env::temp_dir())
+        .env_remove("AGORA_ADMIN_TOKEN")
+        .env_remove("AGORA_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!elsewhere.status.success());
+    assert!(
+        stderr(&elsewhere).contains("--admin-token-file"),
+        "{}",
+        stderr(&elsewhere)
+    );
 }

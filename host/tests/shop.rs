@@ -599,15 +599,14 @@ async fn redelivered_events_change_nothing_and_providers_are_called_once() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
     for (topic, component) in rewound {
-        let progress = format!(
-            "{}/topics/{topic}/subscribers/{component}",
-            shop.host.admin_url()
-        );
+        let progress = format!("/topics/{topic}/subscribers/{component}");
         eventually(
             "the redelivery to be handled",
             Duration::from_secs(20),
             || async {
-                let partitions = get(&progress).await.json()["partitions"].clone();
+                let partitions = shop.host.admin("GET", &progress, Vec::new()).await.json()
+                    ["partitions"]
+                    .clone();
                 let caught_up = partitions
                     .as_array()
                     .unwrap()

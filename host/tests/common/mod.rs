@@ -210,11 +210,29 @@ impl TestHost {
         format!("http://127.0.0.1:{}", self.ports.admin)
     }
 
-    /// Runs an `agora` subcommand against this host's admin API.
+    /// The admin API's token, made by the host on its first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A request to the admin API, with its token.
+    pub async fn admin(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
+        let bearer = format!("Bearer {}", self.admin_token());
+        let url = format!("{}{path}", self.admin_url());
+        request(method, &url, &[("authorization", &bearer)], body).await
+    }
+
+    /// Runs an `agora` subcommand against this host's admin API, pointed at
+    /// the host's plugins.toml and data directory (the harness passes
+    /// `--data` and `--admin-listen` to `up`, so the file alone does not say).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut all: Vec<&str> = args.to_vec();
-        let admin = self.admin_url();
-        all.extend(["--admin", &admin]);
+        let (config, data, admin) = (self.plugins_path(), self.data_dir(), self.admin_url());
+        all.extend(["--config", config.to_str().unwrap()]);
+        all.extend(["--data", data.to_str().unwrap(), "--admin", &admin]);
         agora(&all)
     }
 }
@@ -229,6 +247,7 @@ pub fn agora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agora"))
         .args(args)
         .env("NO_COLOR", "1")
+        .env_remove("AGORA_ADMIN_TOKEN")
         .stdin(Stdio::null())
         .output()
         .unwrap()
