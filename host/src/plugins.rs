@@ -91,6 +91,11 @@ pub struct HostSettings {
     /// lossy mobile link while a slow-loris client holds a connection for no
     /// longer than that.
     pub header_read_timeout_seconds: u64,
+    /// Seconds a client has to send a request's whole body, answered with
+    /// 408 beyond. 30 s moves the default 1 MiB limit at 35 KB/s, slower
+    /// than any working link, while a client trickling a body cannot hold
+    /// its connection for longer.
+    pub body_read_timeout_seconds: u64,
     /// Seconds a connection may stay open with no request in flight before
     /// the host closes it (HTTP/2 gets a GOAWAY first). 30 s lets a browser
     /// reuse its connection across page views; an idle connection costs a
@@ -120,6 +125,7 @@ impl Default for HostSettings {
             data_dir: PathBuf::from(".agora"),
             openapi: None,
             header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
             idle_timeout_seconds: 30,
             max_connections: 1024,
             max_waiting_requests: 128,
@@ -355,6 +361,10 @@ impl Plugins {
             (
                 "host.header_read_timeout_seconds",
                 host.header_read_timeout_seconds,
+            ),
+            (
+                "host.body_read_timeout_seconds",
+                host.body_read_timeout_seconds,
             ),
             ("host.idle_timeout_seconds", host.idle_timeout_seconds),
             ("host.max_connections", host.max_connections.into()),
@@ -602,6 +612,7 @@ mod tests {
     fn host_limits_of_zero_name_their_key() {
         for key in [
             "header_read_timeout_seconds",
+            "body_read_timeout_seconds",
             "idle_timeout_seconds",
             "max_connections",
         ] {

@@ -49,6 +49,7 @@ const RESERVED_DESCRIPTORS: u64 = 128;
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
 }
@@ -73,17 +74,28 @@ impl Limits {
         };
         Limits {
             max_connections: max_connections as usize,
-            ..Limits::admin(host)
+            ..Limits::public_uncapped(host)
         }
     }
 
-    /// The admin listener's: the same timeouts, and a small cap of its own,
-    /// so a flood of the public listener never locks the operator out.
+    /// The admin listener's: the same timeouts but for the body, and a
+    /// small cap of its own, so a flood of the public listener never locks
+    /// the operator out. A deploy's body may be 256 MiB from afar: ten
+    /// minutes, for the client that got past the token check.
     pub fn admin(host: &HostSettings) -> Limits {
         Limits {
-            header_read_timeout: Duration::from_secs(host.header_read_timeout_seconds),
-            idle_timeout: Duration::from_secs(host.idle_timeout_seconds),
+            body_read_timeout: Duration::from_secs(600),
             max_connections: 16,
+            ..Limits::public_uncapped(host)
+        }
+    }
+
+    fn public_uncapped(host: &HostSettings) -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(host.header_read_timeout_seconds),
+            body_read_timeout: Duration::from_secs(host.body_read_timeout_seconds),
+            idle_timeout: Duration::from_secs(host.idle_timeout_seconds),
+            max_connections: host.max_connections as usize,
         }
     }
 }
@@ -98,6 +110,11 @@ fn open_file_limit() -> Option<u64> {
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
     (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
 }
+
+/// How long the listener gives a request to send its whole body: a client
+/// trickling one forever would otherwise hold its connection forever.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
 
 /// The address the client connected to, for the admin API's `Host` check.
 #[derive(Debug, Clone, Copy)]
@@ -216,6 +233,8 @@ pub async fn serve<H, F>(
             let busy = tracker.begin();
             req.extensions_mut().insert(gateway::ClientAddr(peer));
             req.extensions_mut().insert(LocalAddr(local));
+            req.extensions_mut()
+                .insert(BodyReadTimeout(limits.body_read_timeout));
             let response = handler(req);
             async move {
                 // The request stays in flight until its body is sent.
@@ -269,7 +288,8 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))
 }
 
-/// Reads a whole body, refusing more than `limit` bytes with 413.
+/// Reads a whole body, refusing more than `limit` bytes with 413 and a body
+/// slower than the listener's `BodyReadTimeout` with 408.
 pub async fn read_body(
     request: Request<Incoming>,
     limit: usize,
@@ -289,8 +309,23 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    let timeout = request
+        .extensions()
+        .get::<BodyReadTimeout>()
+        .map_or(Duration::MAX, |t| t.0);
     let (parts, body) = request.into_parts();
-    match Limited::new(body, limit).collect().await {
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    else {
+        return Err(response::error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs()
+            ),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(Request::from_parts(parts, Full::new(collected.to_bytes()))),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(response::error(

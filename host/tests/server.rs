@@ -1,5 +1,5 @@
 //! The listeners under attack by real TCP clients: connections that never
-//! finish a request or sit idle, a flood of them under a small
+//! finish a request head or body or sit idle, a flood of them under a small
 //! file-descriptor limit, a burst of requests waiting for one instance slot,
 //! HTTP/2, and the admin API reached without its token or from a browser.
 //!
@@ -80,6 +80,27 @@ async fn a_connection_that_does_not_finish_its_request_head_is_closed() {
     closed_by_host(&mut silent, "a connection that sent nothing").await;
     closed_by_host(&mut slow_preface, "a half-sent HTTP/2 preface").await;
     assert_eq!(get(&host.url("/hello")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_whose_body_trickles_is_refused_with_408() {
+    let host = TestHost::start(with_host_settings(
+        "body_read_timeout_seconds = 1\nidle_timeout_seconds = 600",
+    ));
+    let mut stream = TcpStream::connect(("127.0.0.1", host.ports.public))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"PUT /probe/kv/trickled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+    let answer = closed_by_host(&mut stream, "a request whose body never ends").await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert_eq!(get(&host.url("/probe/kv/trickled")).await.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
