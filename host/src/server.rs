@@ -272,6 +272,8 @@ pub async fn serve<H, F>(
             }
         });
     }
+    // New clients are refused from now on, not queued for nobody.
+    drop(listener);
     // Every connection holds a slot until it ends.
     let all = limits.max_connections as u32;
     if tokio::time::timeout(GRACE, slots.acquire_many(all))
