@@ -348,6 +348,8 @@ async fn swap(config: &Path, data: &Path) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Made by the host before it listens.
+    let token = std::fs::read_to_string(data.join("admin.token"))?;
     let binaries = [
         std::fs::read(component("probe-v2"))?,
         std::fs::read(component("probe"))?,
@@ -356,7 +358,7 @@ async fn swap(config: &Path, data: &Path) -> Result<()> {
     let mut round_trip = Vec::new();
     for i in 0..22 {
         let started = Instant::now();
-        let reply = deploy(admin, &binaries[i % 2]).await?;
+        let reply = deploy(admin, token.trim(), &binaries[i % 2]).await?;
         let elapsed = started.elapsed();
         // The first two deploys compile; the rest swap precompiled versions.
         if i >= 2 {
@@ -378,12 +380,13 @@ async fn swap(config: &Path, data: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn deploy(admin: SocketAddr, wasm: &[u8]) -> Result<serde_json::Value> {
+async fn deploy(admin: SocketAddr, token: &str, wasm: &[u8]) -> Result<serde_json::Value> {
     let stream = tokio::net::TcpStream::connect(admin).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let request = http::Request::post("/components/probe/deploy")
         .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::copy_from_slice(wasm)))?;
     let response = sender.send_request(request).await?;
     let status = response.status();

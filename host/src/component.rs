@@ -7,15 +7,16 @@
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::timeout_at;
 use wasmtime::component::{Component, InstancePre, Linker, Val};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -27,7 +28,7 @@ use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
 use crate::links;
-use crate::plugins::ComponentSpec;
+use crate::plugins::{ComponentSpec, HostSettings};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
@@ -45,12 +46,17 @@ pub struct ComponentVersion {
     subscriber: Option<subscriber::GuestIndices>,
     caps: Arc<ComponentCaps>,
     permits: Arc<Semaphore>,
+    /// HTTP requests waiting for a permit, each holding its body, and how
+    /// many may (`host.max_waiting_requests`).
+    waiting: AtomicUsize,
+    max_waiting: usize,
 }
 
 /// Why an invocation failed, as the client is told.
 #[derive(Debug)]
 pub enum Failure {
     Busy,
+    Overloaded,
     Timeout,
     MemoryExhausted,
     Trapped(String),
@@ -77,6 +83,7 @@ impl Failure {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Failure::Busy => (StatusCode::SERVICE_UNAVAILABLE, "component_busy"),
+            Failure::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "component_overloaded"),
             Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
             Failure::MemoryExhausted => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "memory_limit_exceeded")
@@ -90,6 +97,9 @@ impl Failure {
     pub fn message(&self, component: &str) -> String {
         match self {
             Failure::Busy => format!("component `{component}` is at its concurrency limit"),
+            Failure::Overloaded => format!(
+                "component `{component}` is at its concurrency limit with too many requests waiting"
+            ),
             Failure::Timeout => format!("component `{component}` exceeded its deadline"),
             Failure::MemoryExhausted => {
                 format!("component `{component}` exceeded its memory limit")
@@ -103,7 +113,14 @@ impl Failure {
     pub fn response(&self, component: &str) -> Response<Body> {
         let (status, code) = self.status_and_code();
         tracing::warn!(%component, %code, "{}", self.message(component));
-        response::error(status, code, self.message(component))
+        let mut response = response::error(status, code, self.message(component));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A slot frees as soon as any instance finishes.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -115,6 +132,15 @@ struct Slot {
     permit: OwnedSemaphorePermit,
     store: Store<InstanceState>,
     deadline: tokio::time::Instant,
+}
+
+/// A request counted among those waiting for a slot, until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub fn version_of(wasm: &[u8]) -> String {
@@ -170,9 +196,17 @@ impl ComponentVersion {
             subscriber,
             caps,
             permits: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
+            waiting: AtomicUsize::new(0),
+            max_waiting: HostSettings::default().max_waiting_requests as usize,
         };
         loaded.migrate().await?;
         Ok(loaded)
+    }
+
+    /// Bounds the HTTP requests that may wait for an instance slot.
+    pub fn with_max_waiting(mut self, max_waiting: usize) -> Self {
+        self.max_waiting = max_waiting;
+        self
     }
 
     fn deadline(&self) -> Instant {
@@ -206,18 +240,39 @@ impl ComponentVersion {
     }
 
     /// Waits, until this version's deadline, for an instance slot (the
-    /// concurrency limit) and makes the store for that instance.
-    async fn claim_slot(&self) -> Result<Slot, Failure> {
+    /// concurrency limit) and makes the store for that instance. With
+    /// `bounded`, refuses at once when `max_waiting` others already wait:
+    /// HTTP requests hold their bodies while they wait, deliveries and
+    /// service calls are bounded by partitions and callers.
+    async fn claim_slot(&self, bounded: bool) -> Result<Slot, Failure> {
         let deadline = self.deadline();
         let until = tokio::time::Instant::from_std(deadline);
-        match timeout_at(until, self.permits.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(Slot {
-                permit,
-                store: self.new_store(deadline),
-                deadline: until,
-            }),
-            _ => Err(Failure::Busy),
-        }
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return Err(Failure::Busy),
+            Err(TryAcquireError::NoPermits) => {
+                let _waiting = bounded.then(|| self.wait_in_line()).transpose()?;
+                match timeout_at(until, self.permits.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => return Err(Failure::Busy),
+                }
+            }
+        };
+        Ok(Slot {
+            permit,
+            store: self.new_store(deadline),
+            deadline: until,
+        })
+    }
+
+    /// A place among the requests waiting for a slot, if one is free.
+    fn wait_in_line(&self) -> Result<Waiting<'_>, Failure> {
+        self.waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.max_waiting).then_some(n + 1)
+            })
+            .map(|_| Waiting(&self.waiting))
+            .map_err(|_| Failure::Overloaded)
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -264,7 +319,7 @@ impl ComponentVersion {
             permit,
             mut store,
             deadline,
-        } = match self.claim_slot().await {
+        } = match self.claim_slot(true).await {
             Ok(slot) => slot,
             Err(failure) => return failure.response(&self.name),
         };
@@ -338,7 +393,7 @@ impl ComponentVersion {
             permit: _permit,
             mut store,
             deadline,
-        } = match self.claim_slot().await {
+        } = match self.claim_slot(false).await {
             Ok(slot) => slot,
             Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
@@ -376,7 +431,10 @@ impl ComponentVersion {
             permit: _permit,
             mut store,
             deadline,
-        } = self.claim_slot().await.map_err(|f| f.message(&self.name))?;
+        } = self
+            .claim_slot(false)
+            .await
+            .map_err(|f| f.message(&self.name))?;
         let run = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
             indices

@@ -17,6 +17,7 @@ pub mod plugins;
 pub mod registry;
 pub mod response;
 pub mod runtime;
+pub mod secret;
 pub mod server;
 pub mod state;
 pub mod storage;

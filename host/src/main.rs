@@ -1,9 +1,15 @@
 //! `agora`: the command line. `up` serves, `check` validates, and `deploy`,
-//! `rollback` and `events` talk to a running host's admin API.
+//! `rollback`, `rewind` and `events` talk to a running host's admin API.
+//!
+//! Run beside a host (the same plugins.toml, found like `up` finds it), the
+//! admin commands need no flags: the admin address comes from
+//! `host.admin_listen` and the token from `<data_dir>/admin.token`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use agora_host::admin::Admin;
 use agora_host::plugins::Plugins;
 use agora_host::runtime::Runtime;
 use agora_host::{admin, server, watch};
@@ -25,8 +31,24 @@ struct Cli {
     command: Command,
 }
 
-/// The admin API of a host started with the defaults.
-const DEFAULT_ADMIN: &str = "http://127.0.0.1:8081";
+/// How the admin commands find the host's admin API and its token.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The host's plugins.toml, for its admin address and data directory.
+    #[arg(long, env = "AGORA_CONFIG", default_value = "plugins.toml")]
+    config: PathBuf,
+    /// The host's data directory (if `up` was given `--data`).
+    #[arg(long, env = "AGORA_DATA")]
+    data: Option<PathBuf>,
+    /// The admin API's URL (default: from host.admin_listen).
+    #[arg(long, env = "AGORA_ADMIN")]
+    admin: Option<String>,
+    /// A file holding the admin token (default: <data_dir>/admin.token).
+    /// The token itself may be given in AGORA_ADMIN_TOKEN instead; there is
+    /// no flag for it, so it never shows in the process list.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+}
 
 #[derive(Subcommand)]
 enum Command {
@@ -41,7 +63,7 @@ enum Command {
         #[arg(long)]
         admin_listen: Option<SocketAddr>,
         /// Data directory (overrides host.data_dir).
-        #[arg(long)]
+        #[arg(long, env = "AGORA_DATA")]
         data: Option<PathBuf>,
         /// Run each component's build command first.
         #[arg(long)]
@@ -57,14 +79,14 @@ enum Command {
     Deploy {
         name: String,
         file: PathBuf,
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Restore a component's previous version on a running host.
     Rollback {
         name: String,
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Make a subscriber handle a topic's events again, from offset `to`.
     Rewind {
@@ -72,16 +94,16 @@ enum Command {
         component: String,
         #[arg(long, default_value_t = 0)]
         to: u64,
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Print a topic's events (dead letters: `dead-letter.<component>`).
     Events {
         topic: String,
         #[arg(long, default_value_t = 0)]
         from: u64,
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -119,10 +141,7 @@ async fn run(cli: Cli) -> Result<()> {
             if build {
                 run_builds(&plugins)?;
             }
-            let data_dir = match data {
-                Some(dir) => std::path::absolute(dir)?,
-                None => std::path::absolute(plugins.resolve(&plugins.host.data_dir))?,
-            };
+            let data_dir = resolve_data_dir(&plugins, data)?;
             up(
                 plugins.clone(),
                 &plugins_path,
@@ -152,7 +171,7 @@ async fn run(cli: Cli) -> Result<()> {
             let wasm =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let reply = admin_call(
-                &admin,
+                admin,
                 Method::POST,
                 &format!("/components/{name}/deploy"),
                 wasm,
@@ -167,7 +186,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Rollback { name, admin } => {
             let reply = admin_call(
-                &admin,
+                admin,
                 Method::POST,
                 &format!("/components/{name}/rollback"),
                 vec![],
@@ -186,13 +205,13 @@ async fn run(cli: Cli) -> Result<()> {
             admin,
         } => {
             let path = format!("/topics/{topic}/subscribers/{component}/rewind?to={to}");
-            admin_call(&admin, Method::POST, &path, vec![]).await?;
+            admin_call(admin, Method::POST, &path, vec![]).await?;
             println!("{component} will handle {topic} again from offset {to}");
             Ok(())
         }
         Command::Events { topic, from, admin } => {
             let reply = admin_call(
-                &admin,
+                admin,
                 Method::GET,
                 &format!("/topics/{topic}/events?from={from}"),
                 vec![],
@@ -211,9 +230,16 @@ async fn up(
     listen: SocketAddr,
     admin_listen: SocketAddr,
 ) -> Result<()> {
+    // Before the admin listener: whoever can connect finds the token.
+    let token = admin::load_or_create_token(data_dir)?;
     let public = server::bind(listen, "public API").await?;
     let admin_listener = server::bind(admin_listen, "admin API").await?;
+    let (public_limits, admin_limits) = (
+        server::Limits::public(&plugins.host),
+        server::Limits::admin(&plugins.host),
+    );
     let runtime = Runtime::start(plugins, plugins_path, data_dir).await?;
+    let admin = Arc::new(Admin::new(runtime.clone(), token));
     watch::start(runtime.clone())?;
     tracing::info!(
         public = %public.local_addr()?,
@@ -226,13 +252,14 @@ async fn up(
     let rt = runtime.clone();
     let public = tokio::spawn(server::serve(
         public,
+        public_limits,
         move |req| server::handle(rt.clone(), req),
         stopped.clone(),
     ));
-    let rt = runtime.clone();
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
-        move |req| admin::handle(rt.clone(), req),
+        admin_limits,
+        move |req| admin::handle(admin.clone(), req),
         stopped,
     ));
     shutdown_signal().await;
@@ -280,13 +307,75 @@ fn tempdir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The data directory: `--data`, else `host.data_dir` from plugins.toml.
+fn resolve_data_dir(plugins: &Plugins, data: Option<PathBuf>) -> Result<PathBuf> {
+    let dir = data.unwrap_or_else(|| plugins.resolve(&plugins.host.data_dir));
+    Ok(std::path::absolute(dir)?)
+}
+
+/// Where a host's admin API is, and the token it wants.
+struct AdminApi {
+    base: String,
+    token: String,
+}
+
+impl AdminArgs {
+    /// Finds the admin API: flags and environment first, then the host's
+    /// plugins.toml (read only if they leave something open).
+    fn resolve(self) -> Result<AdminApi> {
+        let plugins = || -> Result<Plugins> {
+            Plugins::load(&std::path::absolute(&self.config)?).context(
+                "finding the host's admin API: run beside its plugins.toml or pass --config \
+                 (or --admin with --data, --admin-token-file or AGORA_ADMIN_TOKEN)",
+            )
+        };
+        let base = match self.admin {
+            Some(base) => base,
+            None => {
+                let mut addr = plugins()?.host.admin_listen;
+                // A host listening on every interface is reached on loopback.
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                format!("http://{addr}")
+            }
+        };
+        let token = match (self.admin_token_file, std::env::var("AGORA_ADMIN_TOKEN")) {
+            (Some(file), _) => read_token_file(&file)?,
+            (None, Ok(token)) => token.trim().to_owned(),
+            (None, Err(_)) => {
+                let data = match self.data {
+                    Some(data) => std::path::absolute(data)?,
+                    None => resolve_data_dir(&plugins()?, None)?,
+                };
+                read_token_file(&data.join(admin::TOKEN_FILE))?
+            }
+        };
+        Ok(AdminApi { base, token })
+    }
+}
+
+fn read_token_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the admin token {} (the host makes it on its first start)",
+            path.display()
+        )
+    })?;
+    admin::read_token(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
 /// One request to a running host's admin API.
 async fn admin_call(
-    base: &str,
+    admin: AdminArgs,
     method: Method,
     path: &str,
     body: Vec<u8>,
 ) -> Result<serde_json::Value> {
+    let AdminApi { base, token } = admin.resolve()?;
     let uri: http::Uri = base
         .parse()
         .with_context(|| format!("`{base}` is not a URL"))?;
@@ -306,6 +395,7 @@ async fn admin_call(
         .method(method)
         .uri(path)
         .header(http::header::HOST, authority.as_str())
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
         .body(Full::new(Bytes::from(body)))?;
     let response = sender.send_request(request).await?;
     let status = response.status();

@@ -91,6 +91,37 @@ pub struct HostSettings {
     /// An OpenAPI document served at `/openapi.json`, read on each request
     /// so it is as current as the file.
     pub openapi: Option<PathBuf>,
+    /// Seconds a client has to send a request's head (request line and
+    /// headers): from when the connection opens until its first request, and
+    /// in HTTP/1.1 again while a kept-alive connection waits for the next
+    /// one. A real client sends its head in one packet; 10 s allows for a
+    /// lossy mobile link while a slow-loris client holds a connection for no
+    /// longer than that.
+    pub header_read_timeout_seconds: u64,
+    /// Seconds a client has to send a request's whole body, answered with
+    /// 408 beyond. 30 s moves the default 1 MiB limit at 35 KB/s, slower
+    /// than any working link, while a client trickling a body cannot hold
+    /// its connection for longer.
+    pub body_read_timeout_seconds: u64,
+    /// Seconds a connection may stay open with no request in flight before
+    /// the host closes it (HTTP/2 gets a GOAWAY first). 30 s lets a browser
+    /// reuse its connection across page views; an idle connection costs a
+    /// file descriptor. In HTTP/1.1 the header timeout runs while waiting
+    /// too, so there the smaller of the two applies.
+    pub idle_timeout_seconds: u64,
+    /// Open connections on the public listener. Further clients wait in the
+    /// kernel's accept queue, not refused, and are served as others close
+    /// (the timeouts above make sure they do). 1024 fits the usual
+    /// open-file limit; at start the cap is lowered, with a warning, to
+    /// leave descriptors for the host's own files when `ulimit -n` is lower.
+    pub max_connections: u32,
+    /// Requests that may wait for an instance slot of one component (its
+    /// `limits.max_concurrency` busy); beyond it the host answers 503 with
+    /// `Retry-After` at once. A waiting request holds its body, so this
+    /// bounds that memory at `max_waiting_requests` x `limits.max_body_kib`
+    /// per component; 128 rides out a burst of twice the default
+    /// concurrency. 0 refuses whatever finds every slot busy.
+    pub max_waiting_requests: u32,
 }
 
 impl Default for HostSettings {
@@ -100,6 +131,11 @@ impl Default for HostSettings {
             admin_listen: ([127, 0, 0, 1], 8081).into(),
             data_dir: PathBuf::from(".agora"),
             openapi: None,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            idle_timeout_seconds: 30,
+            max_connections: 1024,
+            max_waiting_requests: 128,
         }
     }
 }
@@ -407,6 +443,23 @@ impl Plugins {
             key,
             message,
         };
+        let host = &self.host;
+        for (key, value) in [
+            (
+                "host.header_read_timeout_seconds",
+                host.header_read_timeout_seconds,
+            ),
+            (
+                "host.body_read_timeout_seconds",
+                host.body_read_timeout_seconds,
+            ),
+            ("host.idle_timeout_seconds", host.idle_timeout_seconds),
+            ("host.max_connections", host.max_connections.into()),
+        ] {
+            if value == 0 {
+                return Err(invalid(key.into(), "must be above 0".into()));
+            }
+        }
         let mut route_owner: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, spec) in &self.components {
             let key = |field: &str| format!("components.{name}.{field}");
@@ -694,6 +747,23 @@ mod tests {
             .map(|r| r.per)
             .collect();
         assert_eq!(per, [RateLimitPer::User, RateLimitPer::Address]);
+    }
+
+    #[test]
+    fn host_limits_of_zero_name_their_key() {
+        for key in [
+            "header_read_timeout_seconds",
+            "body_read_timeout_seconds",
+            "idle_timeout_seconds",
+            "max_connections",
+        ] {
+            let err = parse(&format!("[host]\n{key} = 0\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("host.{key}")), "{err}");
+        }
+        let p = parse("[host]\nmax_waiting_requests = 0\n").unwrap();
+        assert_eq!(p.host.max_waiting_requests, 0);
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub struct Runtime {
     plugins_path: PathBuf,
     plugins: Mutex<Plugins>,
     data_dir: PathBuf,
+    /// `host.max_waiting_requests`, read at start like the rest of `[host]`.
+    max_waiting: usize,
     control: tokio::sync::Mutex<()>,
     /// Consumers reach the runtime weakly, so it is not kept alive by them.
     this: Weak<Runtime>,
@@ -69,6 +71,7 @@ impl Runtime {
             plugins_path: plugins_path.to_owned(),
             plugins: Mutex::new(plugins.clone()),
             data_dir: data_dir.to_owned(),
+            max_waiting: plugins.host.max_waiting_requests as usize,
             control: tokio::sync::Mutex::new(()),
         });
         let components = runtime.load_all(&plugins, &Registry::default()).await?;
@@ -134,7 +137,8 @@ impl Runtime {
             spec,
             wasm,
         )
-        .await?;
+        .await?
+        .with_max_waiting(self.max_waiting);
         tracing::info!(component = %name, version = %version.version, routes = ?spec.routes, "component loaded");
         Ok(Arc::new(version))
     }

@@ -1,9 +1,24 @@
-//! The HTTP/1.1 listeners: the public one routing to components, and the
-//! admin one. Both shut down gracefully: on a signal they stop accepting and
-//! let in-flight requests finish, up to a grace period.
+//! The listeners: the public one routing to components, and the admin one.
+//!
+//! Each serves HTTP/1.1 and cleartext HTTP/2 (prior knowledge, told apart by
+//! the connection preface) and shuts down gracefully: on a signal it stops
+//! accepting and lets in-flight requests finish, up to a grace period.
+//! HTTP/2 through `Upgrade: h2c` is not offered (hyper does not implement
+//! it, and RFC 9113 deprecates it): such a request is answered in HTTP/1.1.
+//!
+//! A client holds a connection only while it is useful. It has
+//! `header_read_timeout` to send a request head (the auto builder's protocol
+//! detection and HTTP/2's first request included, which hyper's HTTP/1 timer
+//! does not cover), and a connection with no request in flight for
+//! `idle_timeout` is shut down. Beyond `max_connections` the listener stops
+//! accepting: new clients wait in the kernel's accept queue, costing the
+//! host no descriptor and no memory, and are served in order as the
+//! timeouts close the connections that hold the slots. Closing them at once
+//! instead would turn a burst of idle attackers into refusals for everyone.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,54 +27,256 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::gateway;
+use crate::plugins::HostSettings;
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// Descriptors kept for the host's own files (databases, the event log,
+/// compiled code, outbound connections) and the admin listener when the
+/// public listener's cap is fitted under the open-file limit.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// Connection limits and timeouts of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The public listener's limits from `[host]`, the connection cap fitted
+    /// under the process's open-file limit.
+    pub fn public(host: &HostSettings) -> Limits {
+        let configured = host.max_connections as u64;
+        let max_connections = match open_file_limit() {
+            Some(files) if files.saturating_sub(RESERVED_DESCRIPTORS) < configured => {
+                let fitted = files.saturating_sub(RESERVED_DESCRIPTORS).max(1);
+                tracing::warn!(
+                    configured,
+                    fitted,
+                    open_file_limit = files,
+                    "host.max_connections lowered to leave descriptors for the host's own files; raise `ulimit -n` for more"
+                );
+                fitted
+            }
+            _ => configured,
+        };
+        Limits {
+            max_connections: max_connections as usize,
+            ..Limits::public_uncapped(host)
+        }
+    }
+
+    /// The admin listener's: the same timeouts but for the body, and a
+    /// small cap of its own, so a flood of the public listener never locks
+    /// the operator out. A deploy's body may be 256 MiB from afar: ten
+    /// minutes, for the client that got past the token check.
+    pub fn admin(host: &HostSettings) -> Limits {
+        Limits {
+            body_read_timeout: Duration::from_secs(600),
+            max_connections: 16,
+            ..Limits::public_uncapped(host)
+        }
+    }
+
+    fn public_uncapped(host: &HostSettings) -> Limits {
+        Limits {
+            header_read_timeout: Duration::from_secs(host.header_read_timeout_seconds),
+            body_read_timeout: Duration::from_secs(host.body_read_timeout_seconds),
+            idle_timeout: Duration::from_secs(host.idle_timeout_seconds),
+            max_connections: host.max_connections as usize,
+        }
+    }
+}
+
+/// The soft limit on open files (`ulimit -n`), if there is one.
+fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    (ok && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// How long the listener gives a request to send its whole body: a client
+/// trickling one forever would otherwise hold its connection forever.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyReadTimeout(pub Duration);
+
+/// The address the client connected to, for the admin API's `Host` check.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// When a connection last had nothing to do, and how much it has now.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `opened`; `u64::MAX` until the first request.
+    idle_since_ms: AtomicU64,
+}
+
+/// One request in flight, until its response body is done or dropped.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.idle_since_ms
+            .store(self.elapsed_ms(), Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// Resolves once the connection has waited `header` for its first
+    /// request, or later has had no request in flight for `idle`. Wakes at
+    /// least every `idle`, so a deadline moved earlier by a request that
+    /// came and went is never missed by more than that.
+    async fn unused(&self, header: Duration, idle: Duration) {
+        loop {
+            let now = Instant::now();
+            let deadline = if self.in_flight.load(Ordering::SeqCst) > 0 {
+                now + idle
+            } else {
+                match self.idle_since_ms.load(Ordering::SeqCst) {
+                    u64::MAX => (self.opened + header).min(now + idle),
+                    since => self.opened + Duration::from_millis(since) + idle,
+                }
+            };
+            if deadline <= now {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .idle_since_ms
+            .store(self.0.elapsed_ms(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
 /// Accepts connections on `listener` and serves each request with `handler`
 /// until `stop` turns true.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    limits: Limits,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let http = hyper::server::conn::http1::Builder::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = stopped(&mut stop) => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
+                    // Out of descriptors, most likely: the client stays in
+                    // the accept queue until a connection closes.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = stop.changed() => break,
+            _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let activity = Activity::new();
         let handler = handler.clone();
+        let tracker = activity.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
+            let busy = tracker.begin();
             req.extensions_mut().insert(gateway::ClientAddr(peer));
+            req.extensions_mut().insert(LocalAddr(local));
+            req.extensions_mut()
+                .insert(BodyReadTimeout(limits.body_read_timeout));
             let response = handler(req);
-            async move { Ok::<_, std::convert::Infallible>(response.await) }
+            async move {
+                // The request stays in flight until its body is sent.
+                let response = response.await.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _ = &busy;
+                        frame
+                    })
+                    .boxed_unsync()
+                });
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let (builder, mut stop) = (builder.clone(), stop.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let _slot = slot;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let unused = activity.unused(limits.header_read_timeout, limits.idle_timeout);
+            tokio::pin!(unused);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = &mut unused, if !closing => closing = true,
+                    _ = stopped(&mut stop), if !closing => closing = true,
+                }
+                // Idle: closed now; HTTP/2: GOAWAY, then streams finish.
+                connection.as_mut().graceful_shutdown();
             }
         });
     }
-    if tokio::time::timeout(GRACE, graceful.shutdown())
+    // New clients are refused from now on, not queued for nobody.
+    drop(listener);
+    // Every connection holds a slot until it ends.
+    let all = limits.max_connections as u32;
+    if tokio::time::timeout(GRACE, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -73,7 +290,8 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))
 }
 
-/// Reads a whole body, refusing more than `limit` bytes with 413.
+/// Reads a whole body, refusing more than `limit` bytes with 413 and a body
+/// slower than the listener's `BodyReadTimeout` with 408.
 pub async fn read_body(
     request: Request<Incoming>,
     limit: usize,
@@ -93,8 +311,23 @@ pub async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    let timeout = request
+        .extensions()
+        .get::<BodyReadTimeout>()
+        .map_or(Duration::MAX, |t| t.0);
     let (parts, body) = request.into_parts();
-    match Limited::new(body, limit).collect().await {
+    let Ok(collected) = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await
+    else {
+        return Err(response::error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs()
+            ),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(Request::from_parts(parts, Full::new(collected.to_bytes()))),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(response::error(

@@ -239,12 +239,10 @@ async fn events_are_delivered_retried_and_dead_lettered() {
     }
     // Order per key holds, so once "fail-always" is dead-lettered the others are done.
     let dead = eventually("the dead letter", Duration::from_secs(15), || async {
-        let events = get(&format!(
-            "{}/topics/dead-letter.probe/events",
-            host.admin_url()
-        ))
-        .await
-        .json();
+        let events = host
+            .admin("GET", "/topics/dead-letter.probe/events", Vec::new())
+            .await
+            .json();
         let events = events["events"].as_array().unwrap().clone();
         (!events.is_empty()).then_some(events)
     })

@@ -149,15 +149,14 @@ impl Shop {
 
     /// Waits until `component` has handled every event of `topic`.
     async fn caught_up(&self, topic: &str, component: &str) {
-        let progress = format!(
-            "{}/topics/{topic}/subscribers/{component}",
-            self.host.admin_url()
-        );
+        let progress = format!("/topics/{topic}/subscribers/{component}");
         eventually(
             "the subscriber to catch up",
             Duration::from_secs(20),
             || async {
-                let partitions = get(&progress).await.json()["partitions"].clone();
+                let partitions = self.host.admin("GET", &progress, Vec::new()).await.json()
+                    ["partitions"]
+                    .clone();
                 let caught_up = partitions
                     .as_array()
                     .unwrap()

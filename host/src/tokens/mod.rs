@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -119,27 +119,12 @@ impl Signer {
 
 /// Reads the signing key, creating it on first start.
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(key) if key.len() >= KEY_BYTES => return Ok(key),
-        Ok(_) => anyhow::bail!("{} holds fewer than {KEY_BYTES} bytes", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let key = crate::secret::load_or_create(path, "token signing key", || {
+        crate::secret::random_bytes(KEY_BYTES)
+    })?;
+    if key.len() < KEY_BYTES {
+        anyhow::bail!("{} holds fewer than {KEY_BYTES} bytes", path.display());
     }
-    let mut key = vec![0u8; KEY_BYTES];
-    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness for the key: {e}"))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    use std::io::Write;
-    options
-        .open(path)
-        .and_then(|mut f| f.write_all(&key))
-        .with_context(|| format!("writing {}", path.display()))?;
-    tracing::info!(path = %path.display(), "created a new token signing key");
     Ok(key)
 }
 

@@ -46,8 +46,9 @@ pub struct TestHost {
     child: Option<Child>,
     pub dir: TempDir,
     pub ports: Ports,
-    /// `ulimit -v` for the host, to run it where the instance pool cannot fit.
-    address_space_kib: Option<u64>,
+    /// `ulimit` options for the host (`-v KiB`: where the instance pool
+    /// cannot fit; `-n N`: few file descriptors).
+    ulimit: Option<String>,
 }
 
 /// hello on /hello, probe (every grant) on /probe.
@@ -79,12 +80,28 @@ retry = {{ max_attempts = 3, backoff_ms = 20 }}
 impl TestHost {
     /// Writes plugins.toml from `config` and starts a host on it.
     pub fn start(config: impl FnOnce(&Ports, &Path) -> String) -> TestHost {
-        TestHost::start_limited(config, None)
+        TestHost::start_with_ulimit(config, None)
     }
 
+    /// A host with at most `address_space_kib` of address space.
     pub fn start_limited(
         config: impl FnOnce(&Ports, &Path) -> String,
         address_space_kib: Option<u64>,
+    ) -> TestHost {
+        TestHost::start_with_ulimit(config, address_space_kib.map(|kib| format!("-v {kib}")))
+    }
+
+    /// A host that may open at most `files` file descriptors.
+    pub fn start_with_open_files(
+        config: impl FnOnce(&Ports, &Path) -> String,
+        files: u64,
+    ) -> TestHost {
+        TestHost::start_with_ulimit(config, Some(format!("-n {files}")))
+    }
+
+    fn start_with_ulimit(
+        config: impl FnOnce(&Ports, &Path) -> String,
+        ulimit: Option<String>,
     ) -> TestHost {
         let dir = TempDir::new().unwrap();
         let ports = Ports {
@@ -96,7 +113,7 @@ impl TestHost {
             child: None,
             dir,
             ports,
-            address_space_kib,
+            ulimit,
         };
         host.spawn();
         host
@@ -128,11 +145,11 @@ impl TestHost {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut command = match self.address_space_kib {
-            Some(kib) => {
+        let mut command = match &self.ulimit {
+            Some(ulimit) => {
                 let mut sh = Command::new("sh");
                 sh.arg("-c")
-                    .arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\""))
+                    .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
                     .arg(env!("CARGO_BIN_EXE_agora"));
                 sh
             }
@@ -205,11 +222,29 @@ impl TestHost {
         format!("http://127.0.0.1:{}", self.ports.admin)
     }
 
-    /// Runs an `agora` subcommand against this host's admin API.
+    /// The admin API's token, made by the host on its first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// A request to the admin API, with its token.
+    pub async fn admin(&self, method: &str, path: &str, body: Vec<u8>) -> Reply {
+        let bearer = format!("Bearer {}", self.admin_token());
+        let url = format!("{}{path}", self.admin_url());
+        request(method, &url, &[("authorization", &bearer)], body).await
+    }
+
+    /// Runs an `agora` subcommand against this host's admin API, pointed at
+    /// the host's plugins.toml and data directory (the harness passes
+    /// `--data` and `--admin-listen` to `up`, so the file alone does not say).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut all: Vec<&str> = args.to_vec();
-        let admin = self.admin_url();
-        all.extend(["--admin", &admin]);
+        let (config, data, admin) = (self.plugins_path(), self.data_dir(), self.admin_url());
+        all.extend(["--config", config.to_str().unwrap()]);
+        all.extend(["--data", data.to_str().unwrap(), "--admin", &admin]);
         agora(&all)
     }
 }
@@ -224,6 +259,7 @@ pub fn agora(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agora"))
         .args(args)
         .env("NO_COLOR", "1")
+        .env_remove("AGORA_ADMIN_TOKEN")
         .stdin(Stdio::null())
         .output()
         .unwrap()
@@ -278,8 +314,10 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Ve
     tokio::spawn(connection);
     let mut builder = http::Request::builder()
         .method(method)
-        .uri(uri.path_and_query().unwrap().as_str())
-        .header("host", authority.as_str());
+        .uri(uri.path_and_query().unwrap().as_str());
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", authority.as_str());
+    }
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
