@@ -108,6 +108,20 @@ impl Shop {
         created.json()["id"].as_str().unwrap().to_owned()
     }
 
+    async fn add_to_cart(&self, token: &str, product: &str, quantity: u32) {
+        let body = json!({"product_id": product, "quantity": quantity});
+        let added = self
+            .call(
+                "POST",
+                "/cart/items",
+                "/cart/items",
+                Some(token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(added.status, 200, "{}", added.text());
+    }
+
     async fn place_order(&self, token: &str, product: &str, quantity: u32) -> Reply {
         let body = json!({"items": [{"product_id": product, "quantity": quantity}]});
         self.call("POST", "/orders", "/orders", Some(token), Some(body))
@@ -286,16 +300,7 @@ async fn a_purchase_is_paid_and_the_customer_is_told() {
     );
 
     for (product, quantity) in [(&lamp, 2), (&mug, 1), (&mug, 2)] {
-        let added = shop
-            .call(
-                "POST",
-                "/cart/items",
-                "/cart/items",
-                Some(&customer),
-                Some(json!({"product_id": product, "quantity": quantity})),
-            )
-            .await;
-        assert_eq!(added.status, 200, "{}", added.text());
+        shop.add_to_cart(&customer, product, quantity).await;
     }
     let cart = shop
         .call("GET", "/cart", "/cart", Some(&customer), None)
@@ -575,17 +580,7 @@ async fn every_error_case_has_its_status_and_code() {
     let dear = shop.product(&admin, "Dear", 1, 5).await;
     let cheap = shop.product(&admin, "Cheap", 1, 5).await;
     for product in [&dear, &cheap] {
-        let body = json!({"product_id": product, "quantity": 1});
-        let added = shop
-            .call(
-                "POST",
-                "/cart/items",
-                "/cart/items",
-                Some(&customer),
-                Some(body),
-            )
-            .await;
-        assert_eq!(added.status, 200, "{}", added.text());
+        shop.add_to_cart(&customer, product, 1).await;
     }
     let path = format!("/products/{dear}");
     let repriced = shop
