@@ -145,7 +145,7 @@ impl Default for HostSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct Backends {
     pub storage: StorageBackend,
-    pub cache: CacheBackend,
+    pub cache: crate::cache::BackendConfig,
     pub messaging: MessagingBackend,
 }
 
@@ -194,18 +194,48 @@ pub enum Durability {
     MachineCrash,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum CacheBackend {
-    /// A map in the host process with a memory quota per component;
-    /// entries do not survive a restart.
-    Memory(crate::cache::MemoryConfig),
+/// One backend of a capability as `[backends.<capability>]` chooses it: its
+/// `kind` and how its own settings are read (strictly: each backend's
+/// settings struct denies unknown keys). A backend's file declares one; its
+/// capability lists them. `S` is the capability's settings trait.
+pub struct BackendKind<S: ?Sized> {
+    pub kind: &'static str,
+    pub parse: fn(toml::Table) -> Result<Box<S>, toml::de::Error>,
 }
 
-impl Default for CacheBackend {
-    fn default() -> Self {
-        CacheBackend::Memory(Default::default())
-    }
+/// Reads `[backends.<capability>]` with the backend its `kind` names. Errors
+/// name the capability and the backend, e.g. "unknown field `urll`, expected
+/// one of `url`, ... (the `redis` cache backend)".
+pub fn choose_backend<S: ?Sized>(
+    capability: &str,
+    kinds: &[BackendKind<S>],
+    mut table: toml::Table,
+) -> Result<Box<S>, String> {
+    let known = || {
+        kinds
+            .iter()
+            .map(|k| format!("`{}`", k.kind))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let kind = match table.remove("kind") {
+        Some(toml::Value::String(kind)) => kind,
+        Some(_) => return Err(format!("`kind` must be a string: one of {}", known())),
+        None => {
+            return Err(format!(
+                "`kind` is missing: the {capability} backend, one of {}",
+                known()
+            ))
+        }
+    };
+    let backend = kinds.iter().find(|k| k.kind == kind).ok_or_else(|| {
+        format!(
+            "unknown {capability} backend `{kind}`: expected one of {}",
+            known()
+        )
+    })?;
+    (backend.parse)(table)
+        .map_err(|e| format!("{} (the `{kind}` {capability} backend)", e.message()))
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -414,11 +444,29 @@ impl Plugins {
         Self::parse(&text, path)
     }
 
+    /// Parses the file, substituting environment variables in its string
+    /// values (see [`substitute_env`]) before the values reach their types,
+    /// so a port, a path or a URL can each come from the environment.
     pub fn parse(text: &str, path: &Path) -> Result<Plugins, PluginsError> {
-        let mut plugins: Plugins = toml::from_str(text).map_err(|e| PluginsError::Parse {
+        let parse_error = |mut e: toml::de::Error| {
+            // Spans point into the original text, so errors show the line as written.
+            e.set_input(Some(text));
+            PluginsError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            }
+        };
+        let mut root = toml::de::DeTable::parse(text).map_err(parse_error)?;
+        substitute_table(root.get_mut(), &mut Vec::new(), &|name| {
+            std::env::var(name).ok()
+        })
+        .map_err(|(key, message)| PluginsError::Invalid {
             path: path.to_owned(),
-            message: e.to_string(),
+            key,
+            message,
         })?;
+        let mut plugins =
+            Plugins::deserialize(toml::de::Deserializer::from(root)).map_err(parse_error)?;
         plugins.base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -591,6 +639,107 @@ impl Plugins {
         }
         Ok(())
     }
+}
+
+/// Substitutes every string value of a table, recursively; an error names
+/// the key (as a dotted path) and what is wrong.
+fn substitute_table(
+    table: &mut toml::de::DeTable<'_>,
+    path: &mut Vec<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    for (key, value) in table.iter_mut() {
+        path.push(key.get_ref().to_string());
+        substitute_value(value.get_mut(), path, env)?;
+        path.pop();
+    }
+    Ok(())
+}
+
+fn substitute_value(
+    value: &mut toml::de::DeValue<'_>,
+    path: &mut Vec<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), (String, String)> {
+    match value {
+        toml::de::DeValue::String(s) if s.contains('$') => {
+            *s = substitute_env(s, env)
+                .map_err(|m| (path.join("."), m))?
+                .into();
+        }
+        toml::de::DeValue::Table(t) => substitute_table(t, path, env)?,
+        toml::de::DeValue::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let last = path.pop().unwrap_or_default();
+                path.push(format!("{last}[{i}]"));
+                substitute_value(item.get_mut(), path, env)?;
+                path.pop();
+                path.push(last);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Environment variables in a value of plugins.toml, so one file serves a
+/// laptop and a container: `${NAME}` is the variable's value and an error
+/// when it is unset; `${NAME:-default}` is the default when the variable is
+/// unset or empty (as in a shell or Compose). `$${` stands for a literal
+/// `${`. Any other `$` is kept as written (`$1` in SQL, a `$` in a
+/// password), so no existing value changes meaning. Names are
+/// `[A-Za-z_][A-Za-z0-9_]*`; defaults are taken literally (no nesting).
+pub fn substitute_env(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        if let Some(after) = rest.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+            continue;
+        }
+        let Some(body) = rest.strip_prefix("${") else {
+            out.push('$');
+            rest = &rest[1..];
+            continue;
+        };
+        let end = body
+            .find('}')
+            .ok_or_else(|| format!("`${{` without a closing `}}` in {text:?}"))?;
+        let (name, default) = match body[..end].split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (&body[..end], None),
+        };
+        let valid = name
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+        if name.is_empty() || !valid {
+            return Err(format!(
+                "`${{{}}}` does not name an environment variable (write `${{NAME}}` or \
+                 `${{NAME:-default}}`, and `$${{` for a literal `${{`)",
+                &body[..end]
+            ));
+        }
+        match (
+            env(name).filter(|v| !v.is_empty() || default.is_none()),
+            default,
+        ) {
+            (Some(value), _) => out.push_str(&value),
+            (None, Some(default)) => out.push_str(default),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable `{name}` is not set (give a default with \
+                     `${{{name}:-default}}`)"
+                ))
+            }
+        }
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Routes and rule prefixes are compared with canonical request paths (see
@@ -813,6 +962,110 @@ mod tests {
             err.contains("power-loss") && err.contains("machine-crash"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn environment_variables_are_substituted() {
+        let env = |name: &str| match name {
+            "HOST" => Some("db.internal".to_owned()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let sub = |text: &str| substitute_env(text, &env);
+        assert_eq!(
+            sub("redis://${HOST}:6379").unwrap(),
+            "redis://db.internal:6379"
+        );
+        assert_eq!(sub("${MISSING:-redis://x}").unwrap(), "redis://x");
+        assert_eq!(sub("${HOST:-other}").unwrap(), "db.internal");
+        // Set but empty: `${X}` is empty, `${X:-d}` takes the default.
+        assert_eq!(sub("[${EMPTY}]").unwrap(), "[]");
+        assert_eq!(sub("${EMPTY:-d}").unwrap(), "d");
+        assert_eq!(sub("${MISSING:-}").unwrap(), "");
+        assert_eq!(sub("${A:-x}${B:-y}").unwrap(), "xy");
+        // Any other `$` is kept: SQL placeholders, passwords, prices.
+        assert_eq!(
+            sub("$1 and $ and $HOST and $$").unwrap(),
+            "$1 and $ and $HOST and $$"
+        );
+        assert_eq!(sub("$${HOST}").unwrap(), "${HOST}");
+        let err = sub("x${MISSING}").unwrap_err();
+        assert!(err.contains("`MISSING` is not set"), "{err}");
+        for bad in ["${HOST", "${}", "${1X}", "${A-B}", "${A:-b}${"] {
+            assert!(sub(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_in_the_file_name_environment_variables() {
+        // Unique names, as tests run in parallel within one process.
+        std::env::set_var("AGORA_TEST_PLUGINS_PORT", "9999");
+        let p = parse(
+            "[host]\nlisten = \"127.0.0.1:${AGORA_TEST_PLUGINS_PORT}\"\n\
+             data_dir = \"${AGORA_TEST_PLUGINS_UNSET:-/var/lib/agora}\"\n\
+             [components.a]\nwasm = \"a.wasm\"\nsettings = { list = [\"${AGORA_TEST_PLUGINS_PORT}\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(p.host.listen.port(), 9999);
+        assert_eq!(p.host.data_dir, Path::new("/var/lib/agora"));
+        assert_eq!(
+            p.components["a"].settings_as_strings()["list"],
+            "[\"9999\"]"
+        );
+        let err = parse(
+            "[components.a]\nwasm = \"a.wasm\"\n\
+             settings = { list = [\"ok\", \"${AGORA_TEST_PLUGINS_UNSET}\"] }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("components.a.settings.list[1]")
+                && err.contains("`AGORA_TEST_PLUGINS_UNSET` is not set"),
+            "{err}"
+        );
+        // Errors after substitution still point at the line as written.
+        let err = parse("[host]\nlisten = \"${AGORA_TEST_PLUGINS_PORT}\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("${AGORA_TEST_PLUGINS_PORT}"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_cache_backend_is_chosen_by_kind_and_its_keys_are_checked() {
+        let p = parse("[backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n")
+            .unwrap();
+        assert!(format!("{:?}", p.backends.cache).contains("RedisConfig"));
+        let p = parse("[backends.cache]\nkind = \"memory\"\nquota_mib = 4\n").unwrap();
+        assert!(format!("{:?}", p.backends.cache).contains("quota_mib: 4"));
+        for (text, expected) in [
+            (
+                "kind = \"redis\"\nurll = \"redis://x\"",
+                &["unknown field `urll`", "`redis` cache backend"][..],
+            ),
+            (
+                "kind = \"redis\"",
+                &["missing field `url`", "`redis` cache backend"],
+            ),
+            (
+                "kind = \"memory\"\nurl = \"redis://x\"",
+                &["unknown field `url`", "`memory` cache backend"],
+            ),
+            (
+                "kind = \"mongo\"",
+                &["unknown cache backend `mongo`", "`memory`, `redis`"],
+            ),
+            ("quota_mib = 1", &["`kind` is missing"]),
+        ] {
+            let err = parse(&format!("[backends.cache]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            for part in expected {
+                assert!(err.contains(part), "{text}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -22,7 +22,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{CacheBackend, Error};
+use super::{CacheBackend, CacheSettings, Error};
+use crate::plugins::BackendKind;
+
+pub const KIND: BackendKind<dyn CacheSettings> = BackendKind {
+    kind: "memory",
+    parse: |table| Ok(Box::new(MemoryConfig::deserialize(table)?)),
+};
 
 /// How often expired entries are reclaimed.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
@@ -45,6 +51,16 @@ pub struct MemoryConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig { quota_mib: 32 }
+    }
+}
+
+#[async_trait]
+impl CacheSettings for MemoryConfig {
+    async fn start(&self) -> anyhow::Result<Arc<dyn CacheBackend>> {
+        if self.quota_mib == 0 {
+            anyhow::bail!("`quota_mib` of the memory cache backend must be above 0");
+        }
+        Ok(MemoryCache::start(self))
     }
 }
 

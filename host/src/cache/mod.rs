@@ -3,27 +3,69 @@
 //! Each component gets its own key space: the host prefixes every key with
 //! `<component>:` before it reaches the backend, so components sharing one
 //! Redis cannot read each other's entries.
+//!
+//! Backends: one file each, declaring its `kind`, its settings and its
+//! constructor ([`CacheSettings`]), and one line in [`BACKENDS`]. Every
+//! backend passes the contract suite in `contract.rs`.
 
+#[cfg(test)]
+mod contract;
 mod memory;
+mod redis;
 
+use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
+use serde::{Deserialize, Deserializer};
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::cache::{self as wit, Error};
 use crate::capability::Capability;
-use crate::plugins::{CacheBackend as BackendChoice, ComponentSpec, Grant};
+use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
 pub use memory::{MemoryCache, MemoryConfig};
+pub use redis::{RedisCache, RedisConfig};
+
+/// Every cache backend, by the `kind` that chooses it in `[backends.cache]`.
+const BACKENDS: &[BackendKind<dyn CacheSettings>] = &[memory::KIND, redis::KIND];
+
+/// A cache backend's settings from `[backends.cache]`, which start it.
+#[async_trait]
+pub trait CacheSettings: Debug + Send + Sync {
+    async fn start(&self) -> Result<Arc<dyn CacheBackend>>;
+}
+
+/// `[backends.cache]`: the chosen backend's settings. The embedded
+/// `memory` backend by default, which needs no server.
+#[derive(Debug, Clone)]
+pub struct BackendConfig(Arc<dyn CacheSettings>);
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig(Arc::new(MemoryConfig::default()))
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let table = toml::Table::deserialize(deserializer)?;
+        choose_backend("cache", BACKENDS, table)
+            .map(|settings| BackendConfig(settings.into()))
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 /// A cache backend. Every key arrives as `<space>:<key>`, the space being a
 /// component's name (added by [`Namespace`]) or the host's own (`agora/...`,
 /// which no component name can be): backends that bound memory do it per
-/// space.
+/// space. Errors: `unavailable` when the backend cannot answer (within its
+/// timeout, never hanging), `not-a-number` from `increment` on a value that
+/// is not a decimal integer, `too-large` for an entry beyond the backend's
+/// limit, which then changes nothing.
 #[async_trait]
 pub trait CacheBackend: Send + Sync {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
@@ -57,11 +99,10 @@ impl CacheCapability {
         self.backend.clone()
     }
 
-    pub async fn init(choice: &BackendChoice) -> Result<Self> {
-        let backend: Arc<dyn CacheBackend> = match choice {
-            BackendChoice::Memory(config) => MemoryCache::start(config),
-        };
-        Ok(CacheCapability { backend })
+    pub async fn init(config: &BackendConfig) -> Result<Self> {
+        Ok(CacheCapability {
+            backend: config.0.start().await?,
+        })
     }
 }
 
