@@ -22,6 +22,7 @@ impl Service for Hostile {
             .post("/hostile/publish", publish)
             .post("/hostile/alternate", alternate)
             .post("/hostile/stall-in-transaction", stall_in_transaction)
+            .post("/hostile/cache", cache_call)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -38,6 +39,7 @@ fn refused(e: Error) -> Error {
         .message
         .strip_prefix("storage: ")
         .or_else(|| e.message.strip_prefix("messaging: "))
+        .or_else(|| e.message.strip_prefix("cache: "))
         .unwrap_or(&e.message)
         .to_owned();
     Error::new(422, "refused", message)
@@ -93,6 +95,36 @@ fn query(req: &Request) -> Result<Response> {
     let s: Statement = req.json()?;
     let rows = storage::query(&s.sql, &params(&s.params)?).map_err(refused)?;
     Ok(Response::ok(&rows_json(&rows)))
+}
+
+/// One cache call with any key the test names (another component's, the
+/// host's, protocol bytes): `{"op": "get" | "set" | "delete" | "increment",
+/// "key": ..., "value": ...}`. Answers `{"value": ...}` (text, or null).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheCall {
+    op: String,
+    key: String,
+    #[serde(default)]
+    value: String,
+}
+
+fn cache_call(req: &Request) -> Result<Response> {
+    let call: CacheCall = req.json()?;
+    let key = call.key.as_str();
+    let value = match call.op.as_str() {
+        "get" => cache::get(key)
+            .map_err(refused)?
+            .map(|v| json!(String::from_utf8_lossy(&v))),
+        "set" => {
+            cache::set(key, call.value.as_bytes(), None).map_err(refused)?;
+            None
+        }
+        "delete" => Some(json!(cache::delete(key).map_err(refused)?)),
+        "increment" => Some(json!(cache::increment(key, 1, None).map_err(refused)?)),
+        other => return Err(Error::bad_request(format!("no cache op `{other}`"))),
+    };
+    Ok(Response::ok(&json!({ "value": value })))
 }
 
 #[derive(Deserialize)]

@@ -127,10 +127,9 @@ impl Capability for CacheCapability {
     }
 
     async fn ready(&self) -> Result<()> {
-        self.backend
-            .ping()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
+        self.backend.ping().await.map_err(|e| match e {
+            Error::Unavailable(m) | Error::NotANumber(m) | Error::TooLarge(m) => anyhow::anyhow!(m),
+        })
     }
 }
 

@@ -196,7 +196,7 @@ impl RedisCache {
         tracing::warn!(server = %self.server, error = %e, "redis cache: {what} failed");
         let why = match e.kind() {
             ErrorKind::Timeout => "timed out",
-            ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Backpressure => "not reachable",
+            ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Backpressure => "is not reachable",
             _ => "failed",
         };
         Error::Unavailable(format!("the cache {why} ({what})"))
