@@ -376,3 +376,35 @@ async fn with_redis_unreachable_the_cache_fails_fast_and_catalog_serves_from_sto
         host.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_production_file_runs_the_shop_with_its_cache_on_redis() {
+    if !redis_answers().await {
+        return;
+    }
+    let prefix = unique_prefix("production");
+    // The file as shipped, but for a prefix of this test's own (its default
+    // is empty), so the test cannot meet another run's keys. The URL stays
+    // `${REDIS_URL:-...}`: its default is used, as REDIS_URL is unset here.
+    let in_file = prefix.clone();
+    let host = TestHost::start(repo_config("plugins.production.toml", move |c| {
+        let edited = c.replace("${REDIS_KEY_PREFIX:-}", &in_file);
+        assert_ne!(edited, c, "the file has a key prefix setting");
+        assert!(c.contains("${REDIS_URL:-redis://127.0.0.1:6379}"));
+        edited
+    }));
+    let ready = get(&host.url("/readyz")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["backends"]["cache"], "ok");
+    assert_eq!(ready.json()["components"].as_object().unwrap().len(), 5);
+    assert_eq!(get(&host.url("/products")).await.json()["total"], 0);
+    // Identity and catalog keep their entries in Redis, under the prefix.
+    let login = post_json(
+        &host.url("/auth/login"),
+        &json!({"email": "someone@example.com", "password": "x"}),
+    )
+    .await;
+    assert_error(&login, 401, "invalid_credentials");
+    let page = format!("{prefix}catalog:products::20:0:");
+    assert!(redis_get(&page).await.is_some(), "no {page} in redis");
+}

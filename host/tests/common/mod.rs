@@ -388,9 +388,18 @@ where
 /// The repository's own plugins.toml, pointed at the built components and
 /// with `edit` applied (to change settings for a test).
 pub fn shop_config(edit: impl FnOnce(String) -> String) -> impl FnOnce(&Ports, &Path) -> String {
+    repo_config("plugins.toml", edit)
+}
+
+/// A plugins file of the repository (`plugins.toml`,
+/// `plugins.production.toml`), as [`shop_config`] makes it.
+pub fn repo_config(
+    file: &'static str,
+    edit: impl FnOnce(String) -> String,
+) -> impl FnOnce(&Ports, &Path) -> String {
     move |_, _| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let text = std::fs::read_to_string(root.join("plugins.toml")).unwrap();
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
         let components = component("identity").parent().unwrap().to_owned();
         edit(
             text.replace(
