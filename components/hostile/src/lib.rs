@@ -22,6 +22,7 @@ impl Service for Hostile {
             .post("/hostile/publish", publish)
             .post("/hostile/alternate", alternate)
             .post("/hostile/stall-in-transaction", stall_in_transaction)
+            .post("/hostile/cache", cache_op)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -112,6 +113,10 @@ struct TransactionRequest {
     #[serde(default)]
     publish: Vec<Event>,
     commit: bool,
+    /// Carry on past a failed statement, as a component that logs and
+    /// continues would; each statement's outcome is reported.
+    #[serde(default)]
+    ignore_errors: bool,
 }
 
 fn transaction(req: &Request) -> Result<Response> {
@@ -119,14 +124,28 @@ fn transaction(req: &Request) -> Result<Response> {
     let tx = storage::begin().map_err(refused)?;
     let mut changed = Vec::new();
     for s in &body.statements {
-        changed.push(tx.execute(&s.sql, &params(&s.params)?).map_err(refused)?);
+        match tx.execute(&s.sql, &params(&s.params)?) {
+            Ok(n) => changed.push(json!(n)),
+            Err(e) if body.ignore_errors => changed.push(json!(e.message)),
+            Err(e) => return Err(refused(e)),
+        }
     }
     for e in &body.publish {
-        tx.publish(&e.topic, e.key.as_deref(), &e.payload)
-            .map_err(refused)?;
+        match tx.publish(&e.topic, e.key.as_deref(), &e.payload) {
+            Ok(_) => changed.push(json!("published")),
+            Err(e) if body.ignore_errors => changed.push(json!(e.message)),
+            Err(e) => return Err(refused(e)),
+        }
     }
     if body.commit {
-        tx.commit().map_err(refused)?;
+        if let Err(e) = tx.commit() {
+            if !body.ignore_errors {
+                return Err(refused(e));
+            }
+            return Ok(Response::ok(
+                &json!({ "changed": changed, "commit": e.message }),
+            ));
+        }
     }
     Ok(Response::ok(&json!({ "changed": changed })))
 }
@@ -186,6 +205,38 @@ fn stall_in_transaction(req: &Request) -> Result<Response> {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheOp {
+    op: String,
+    key: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default)]
+    delta: i64,
+    ttl_ms: Option<u64>,
+}
+
+/// Runs one cache call with an attacker-chosen key.
+fn cache_op(req: &Request) -> Result<Response> {
+    let c: CacheOp = req.json()?;
+    let ttl = c.ttl_ms.map(std::time::Duration::from_millis);
+    let fail = |e: Error| Error::new(422, "refused", e.message);
+    let out = match c.op.as_str() {
+        "get" => json!(agora_sdk::cache::get(&c.key)
+            .map_err(fail)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())),
+        "set" => {
+            agora_sdk::cache::set(&c.key, c.value.as_bytes(), ttl).map_err(fail)?;
+            json!(true)
+        }
+        "delete" => json!(agora_sdk::cache::delete(&c.key).map_err(fail)?),
+        "increment" => json!(agora_sdk::cache::increment(&c.key, c.delta, ttl).map_err(fail)?),
+        other => return Err(Error::bad_request(format!("unknown op {other}"))),
+    };
+    Ok(Response::ok(&json!({ "result": out })))
 }
 
 agora_sdk::service!(Hostile);
