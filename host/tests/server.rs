@@ -457,5 +457,9 @@ async fn a_missing_openapi_document_is_a_500_that_shows_no_host_path() {
         "the answer shows the path: {text}"
     );
     // The operator's log names it.
-    assert!(host.log().contains("missing-openapi.json"), "{}", host.log());
+    assert!(
+        host.log().contains("missing-openapi.json"),
+        "{}",
+        host.log()
+    );
 }

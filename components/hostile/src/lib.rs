@@ -22,7 +22,6 @@ impl Service for Hostile {
             .post("/hostile/publish", publish)
             .post("/hostile/alternate", alternate)
             .post("/hostile/stall-in-transaction", stall_in_transaction)
-            .post("/hostile/cache", cache_op)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -205,38 +204,6 @@ fn stall_in_transaction(req: &Request) -> Result<Response> {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CacheOp {
-    op: String,
-    key: String,
-    #[serde(default)]
-    value: String,
-    #[serde(default)]
-    delta: i64,
-    ttl_ms: Option<u64>,
-}
-
-/// Runs one cache call with an attacker-chosen key.
-fn cache_op(req: &Request) -> Result<Response> {
-    let c: CacheOp = req.json()?;
-    let ttl = c.ttl_ms.map(std::time::Duration::from_millis);
-    let fail = |e: Error| Error::new(422, "refused", e.message);
-    let out = match c.op.as_str() {
-        "get" => json!(agora_sdk::cache::get(&c.key)
-            .map_err(fail)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned())),
-        "set" => {
-            agora_sdk::cache::set(&c.key, c.value.as_bytes(), ttl).map_err(fail)?;
-            json!(true)
-        }
-        "delete" => json!(agora_sdk::cache::delete(&c.key).map_err(fail)?),
-        "increment" => json!(agora_sdk::cache::increment(&c.key, c.delta, ttl).map_err(fail)?),
-        other => return Err(Error::bad_request(format!("unknown op {other}"))),
-    };
-    Ok(Response::ok(&json!({ "result": out })))
 }
 
 agora_sdk::service!(Hostile);
