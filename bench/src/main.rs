@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use agora_host::bindings::storage::Value;
 use agora_host::plugins::{Durability, Plugins};
 use agora_host::runtime::Runtime;
-use agora_host::storage::{Migration, SqliteBackend, StorageBackend};
+use agora_host::storage::{Migration, SqliteBackend, SqliteSettings, StorageBackend};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -405,7 +405,11 @@ async fn durability(dir: &Path) -> Result<()> {
         (Durability::ProcessCrash, "process-crash (default)"),
         (Durability::MachineCrash, "machine-crash"),
     ] {
-        let backend = SqliteBackend::new(&dir.join(name), setting)?;
+        let settings = SqliteSettings {
+            durability: setting,
+            max_size_mib: 1024,
+        };
+        let backend = SqliteBackend::new(&dir.join(name), settings)?;
         let db = backend.open("bench").await?;
         db.migrate(&[Migration {
             name: "0001".into(),

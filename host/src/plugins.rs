@@ -156,13 +156,26 @@ pub enum StorageBackend {
     Sqlite {
         #[serde(default)]
         durability: Durability,
+        /// The most one component's database may hold, in MiB; a write
+        /// beyond fails with "database or disk is full". The databases
+        /// share the data directory's disk, so one component must not be
+        /// able to fill it for the others (or for the message log). 1 GiB
+        /// is thousands of times a shop's working data; raise it for a
+        /// component that keeps more.
+        #[serde(default = "default_max_size_mib")]
+        max_size_mib: u32,
     },
+}
+
+fn default_max_size_mib() -> u32 {
+    1024
 }
 
 impl Default for StorageBackend {
     fn default() -> Self {
         StorageBackend::Sqlite {
             durability: Durability::default(),
+            max_size_mib: default_max_size_mib(),
         }
     }
 }
@@ -507,6 +520,13 @@ impl Plugins {
             if value == 0 {
                 return Err(invalid(key.into(), "must be above 0".into()));
             }
+        }
+        let StorageBackend::Sqlite { max_size_mib, .. } = self.backends.storage;
+        if max_size_mib == 0 {
+            return Err(invalid(
+                "backends.storage.max_size_mib".into(),
+                "must be above 0".into(),
+            ));
         }
         let mut route_owner: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, spec) in &self.components {
@@ -935,18 +955,20 @@ mod tests {
         assert_eq!(
             p.backends.storage,
             StorageBackend::Sqlite {
-                durability: Durability::ProcessCrash
+                durability: Durability::ProcessCrash,
+                max_size_mib: 1024,
             }
         );
         let p = parse(
             "[backends.storage]\nkind = \"sqlite\"\ndurability = \"machine-crash\"\n\
-             [backends.messaging]\nkind = \"embedded\"\ndurability = \"machine-crash\"\n",
+             max_size_mib = 5\n[backends.messaging]\nkind = \"embedded\"\ndurability = \"machine-crash\"\n",
         )
         .unwrap();
         assert_eq!(
             p.backends.storage,
             StorageBackend::Sqlite {
-                durability: Durability::MachineCrash
+                durability: Durability::MachineCrash,
+                max_size_mib: 5,
             }
         );
         assert_eq!(
@@ -962,6 +984,10 @@ mod tests {
             err.contains("power-loss") && err.contains("machine-crash"),
             "{err}"
         );
+        let err = parse("[backends.storage]\nkind = \"sqlite\"\nmax_size_mib = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backends.storage.max_size_mib"), "{err}");
     }
 
     #[test]

@@ -438,11 +438,15 @@ async fn openapi(runtime: &Runtime) -> Response<Body> {
             );
             response
         }
-        Err(e) => response::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            format!("cannot read the OpenAPI document {}: {e}", path.display()),
-        ),
+        Err(e) => {
+            // The path is the operator's to see, not the client's.
+            tracing::error!(path = %path.display(), error = %e, "cannot read the OpenAPI document");
+            response::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "cannot read the OpenAPI document: see the host's log",
+            )
+        }
     }
 }
 

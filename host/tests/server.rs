@@ -442,3 +442,24 @@ async fn the_cli_beside_the_host_finds_the_admin_api_and_its_token_without_flags
         stderr(&elsewhere)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_openapi_document_is_a_500_that_shows_no_host_path() {
+    let host = TestHost::start(with_host_settings(
+        "openapi = \"docs/missing-openapi.json\"",
+    ));
+    let reply = get(&host.url("/openapi.json")).await;
+    assert_error(&reply, 500, "internal_error");
+    let text = reply.text();
+    let dir = host.dir.path().to_string_lossy();
+    assert!(
+        !text.contains(&*dir) && !text.contains("missing-openapi"),
+        "the answer shows the path: {text}"
+    );
+    // The operator's log names it.
+    assert!(
+        host.log().contains("missing-openapi.json"),
+        "{}",
+        host.log()
+    );
+}

@@ -144,6 +144,10 @@ struct TransactionRequest {
     #[serde(default)]
     publish: Vec<Event>,
     commit: bool,
+    /// Carry on past a failed statement, as a component that logs and
+    /// continues would; each statement's outcome is reported.
+    #[serde(default)]
+    ignore_errors: bool,
 }
 
 fn transaction(req: &Request) -> Result<Response> {
@@ -151,14 +155,28 @@ fn transaction(req: &Request) -> Result<Response> {
     let tx = storage::begin().map_err(refused)?;
     let mut changed = Vec::new();
     for s in &body.statements {
-        changed.push(tx.execute(&s.sql, &params(&s.params)?).map_err(refused)?);
+        match tx.execute(&s.sql, &params(&s.params)?) {
+            Ok(n) => changed.push(json!(n)),
+            Err(e) if body.ignore_errors => changed.push(json!(e.message)),
+            Err(e) => return Err(refused(e)),
+        }
     }
     for e in &body.publish {
-        tx.publish(&e.topic, e.key.as_deref(), &e.payload)
-            .map_err(refused)?;
+        match tx.publish(&e.topic, e.key.as_deref(), &e.payload) {
+            Ok(_) => changed.push(json!("published")),
+            Err(e) if body.ignore_errors => changed.push(json!(e.message)),
+            Err(e) => return Err(refused(e)),
+        }
     }
     if body.commit {
-        tx.commit().map_err(refused)?;
+        if let Err(e) = tx.commit() {
+            if !body.ignore_errors {
+                return Err(refused(e));
+            }
+            return Ok(Response::ok(
+                &json!({ "changed": changed, "commit": e.message }),
+            ));
+        }
     }
     Ok(Response::ok(&json!({ "changed": changed })))
 }

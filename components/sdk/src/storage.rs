@@ -2,6 +2,9 @@
 //!
 //! Write the PostgreSQL/SQLite common subset with `$1` placeholders:
 //! TEXT, BIGINT, BOOLEAN, DOUBLE PRECISION, `RETURNING`, `ON CONFLICT`.
+//! [`query`] only reads; every statement that writes (with `RETURNING` too)
+//! goes through [`execute`]. A query's result is capped (16 MiB on the
+//! SQLite backend): read large sets in pages.
 //! Generate ids in the component and keep money in integer cents.
 
 use serde::Serialize;
@@ -231,6 +234,7 @@ impl<T: Into<Value>> From<Option<T>> for Value {
     }
 }
 
+/// Runs a statement that only reads; one that writes is refused.
 pub fn query(sql: &str, params: &[Value]) -> Result<Rows, Error> {
     Ok(wit::query(sql, params)?.into())
 }

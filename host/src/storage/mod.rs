@@ -14,7 +14,11 @@
 //!   component's, not the host's (`_agora_*`: the outbox, the migration
 //!   ledger), no file and no connection setting, by the backend's own
 //!   mechanisms (for SQLite, see `sandbox.rs`); transactions are opened
-//!   only with `begin()`;
+//!   only with `begin()`, and `query` only reads;
+//! - a transaction commits whole or not at all, also when the database
+//!   ends it by itself after an error: every later call on it fails;
+//! - what one component's SQL can make the host hold (memory, disk) is
+//!   bounded, so it cannot starve the others;
 //! - a transaction its owner abandons (a trap, a deadline, a dropped
 //!   instance) is rolled back before its connection serves anyone else;
 //! - a version's new migrations apply in one transaction with their ledger
@@ -40,7 +44,7 @@ use crate::messaging::Envelope;
 use crate::plugins::{ComponentSpec, Grant, StorageBackend as BackendChoice};
 use crate::state::InstanceState;
 
-pub use sqlite::{synchronous, SqliteBackend};
+pub use sqlite::{synchronous, Settings as SqliteSettings, SqliteBackend};
 
 /// Opens component databases.
 #[async_trait]
@@ -121,9 +125,16 @@ pub struct StorageCapability {
 impl StorageCapability {
     pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
         let backend: Arc<dyn StorageBackend> = match choice {
-            BackendChoice::Sqlite { durability } => {
-                Arc::new(SqliteBackend::new(&data_dir.join("storage"), *durability)?)
-            }
+            BackendChoice::Sqlite {
+                durability,
+                max_size_mib,
+            } => Arc::new(SqliteBackend::new(
+                &data_dir.join("storage"),
+                SqliteSettings {
+                    durability: *durability,
+                    max_size_mib: *max_size_mib,
+                },
+            )?),
         };
         Ok(StorageCapability { backend })
     }

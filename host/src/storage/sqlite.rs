@@ -11,6 +11,22 @@
 //!
 //! Every connection runs component SQL inside the sandbox of `sandbox.rs`;
 //! the host's own statements (transactions, outbox, ledger) run past it.
+//! The read connections are opened read-only, so `query` cannot write
+//! beside the writer's lock; `execute` holds it.
+//!
+//! A transaction commits whole or not at all, also when SQLite ends it by
+//! itself: after some errors (SQLITE_FULL, NOMEM, IOERR, INTERRUPT, an
+//! `OR ROLLBACK` conflict) SQLite rolls the whole transaction back and the
+//! connection is in autocommit mode again. The transaction's handle checks
+//! for that after every statement, and from then on refuses every
+//! statement, outbox event and `commit()`, which would otherwise each
+//! commit alone.
+//!
+//! Bounds on what one component can take from the others: a database file
+//! holds at most the backend's `max_size_mib` (`max_page_count`, 1 GiB by
+//! default), so one component cannot fill the disk they share; a `query`
+//! result carries at most [`MAX_RESULT_BYTES`], since it is collected in
+//! host memory; `sandbox.rs` bounds the memory a statement may use.
 //!
 //! Abandoned work: a caller that stops waiting (its request's deadline
 //! passed, its instance was dropped) interrupts the statement it started,
@@ -38,24 +54,34 @@ use rusqlite::{params_from_iter, Connection, InterruptHandle};
 use sha2::{Digest, Sha256};
 use tokio::sync::OwnedMutexGuard;
 
-use super::sandbox::Sandboxed;
+use super::sandbox::{Access, Failure, Sandboxed};
 use super::{Database, Error, Migration, OutboxRow, RowSet, StorageBackend, Transaction, Value};
 use crate::messaging::Envelope;
 use crate::plugins::Durability;
 
 pub struct SqliteBackend {
     dir: PathBuf,
-    durability: Durability,
+    settings: Settings,
     open: Mutex<HashMap<String, Arc<SqliteDatabase>>>,
 }
 
+/// The backend's settings from plugins.toml, for every database it opens.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub durability: Durability,
+    /// The most a component's database file may hold, in MiB (see
+    /// [`crate::plugins::StorageBackend`]); beyond it a write fails with
+    /// SQLITE_FULL ("database or disk is full").
+    pub max_size_mib: u32,
+}
+
 impl SqliteBackend {
-    pub fn new(dir: &Path, durability: Durability) -> anyhow::Result<Self> {
+    pub fn new(dir: &Path, settings: Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         Ok(SqliteBackend {
             dir: dir.to_owned(),
-            durability,
+            settings,
             open: Mutex::default(),
         })
     }
@@ -76,8 +102,8 @@ impl StorageBackend for SqliteBackend {
             return Ok(db.clone());
         }
         let path = self.dir.join(format!("{component}.db"));
-        let (name, durability) = (component.to_owned(), self.durability);
-        let db = blocking(move || SqliteDatabase::open(name, path, durability)).await?;
+        let (name, settings) = (component.to_owned(), self.settings);
+        let db = blocking(move || SqliteDatabase::open(name, path, settings)).await?;
         let db = Arc::new(db);
         // Two loads racing here would open the file twice; keep the first.
         let db = self
@@ -105,7 +131,7 @@ struct SqliteDatabase {
     /// The component's name: errors name it, never the file.
     component: String,
     path: PathBuf,
-    durability: Durability,
+    settings: Settings,
     writer: Arc<tokio::sync::Mutex<Sandboxed>>,
     readers: Arc<Mutex<Vec<Sandboxed>>>,
 }
@@ -114,9 +140,11 @@ struct SqliteDatabase {
 /// closed afterwards.
 const IDLE_READERS: usize = 4;
 
-/// The host's tables in every component's database, created before any
-/// component SQL runs there, so a component cannot take their names first.
-const HOST_TABLES: &str = "
+/// The host's tables in every component's database
+/// ([`HOST_TABLES`](super::sandbox::HOST_TABLES)),
+/// created before any component SQL runs there, so a component cannot take
+/// their names first.
+const HOST_SCHEMA: &str = "
     CREATE TABLE IF NOT EXISTS _agora_migrations (
         name TEXT PRIMARY KEY,
         checksum TEXT NOT NULL,
@@ -134,15 +162,32 @@ const HOST_TABLES: &str = "
         rejected_at INTEGER NOT NULL
     );";
 
-fn connect(component: &str, path: &Path, durability: Durability) -> Result<Sandboxed, Error> {
-    let setup = format!(
-        "PRAGMA journal_mode = WAL;
-         PRAGMA synchronous = {};
+/// Opens a connection: the writer `ReadWrite`, the readers `ReadOnly`, so
+/// `query` cannot write whatever its SQL (see `sandbox.rs`).
+fn connect(
+    component: &str,
+    path: &Path,
+    settings: Settings,
+    access: Access,
+) -> Result<Sandboxed, Error> {
+    let mut setup = format!(
+        "PRAGMA synchronous = {};
          PRAGMA foreign_keys = ON;
          PRAGMA busy_timeout = 5000;",
-        synchronous(durability)
+        synchronous(settings.durability)
     );
-    Sandboxed::open(path, &setup).map_err(|e| {
+    if access == Access::ReadWrite {
+        // WAL is a property of the file, set by its writer. The size limit
+        // is the writer's setting: `max_page_count` at the default 4 KiB
+        // page, which components cannot change (PRAGMA page_size and
+        // VACUUM are refused).
+        setup.push_str(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA max_page_count = {};",
+            u64::from(settings.max_size_mib) * 1024 * 1024 / 4096
+        ));
+    }
+    Sandboxed::open(path, access, &setup).map_err(|e| {
         // rusqlite names the file in some of these; the operator's log may
         // show it, the component must not.
         tracing::error!(%component, error = %e, "cannot open the database");
@@ -157,9 +202,9 @@ fn connect(component: &str, path: &Path, durability: Durability) -> Result<Sandb
 }
 
 impl SqliteDatabase {
-    fn open(component: String, path: PathBuf, durability: Durability) -> Result<Self, Error> {
-        let conn = connect(&component, &path, durability)?;
-        conn.host(|c| c.execute_batch(HOST_TABLES))?;
+    fn open(component: String, path: PathBuf, settings: Settings) -> Result<Self, Error> {
+        let conn = connect(&component, &path, settings, Access::ReadWrite)?;
+        conn.host(|c| c.execute_batch(HOST_SCHEMA))?;
         // The file and its WAL now exist: make their names durable, so that
         // `sync`, which fsyncs the WAL's contents, has a file to keep.
         if let Some(dir) = path.parent() {
@@ -170,7 +215,7 @@ impl SqliteDatabase {
         Ok(SqliteDatabase {
             component,
             path,
-            durability,
+            settings,
             writer: Arc::new(tokio::sync::Mutex::new(conn)),
             readers: Arc::default(),
         })
@@ -199,9 +244,9 @@ impl SqliteDatabase {
         let conn = match pooled {
             Some(conn) => conn,
             None => {
-                let (component, path, durability) =
-                    (self.component.clone(), self.path.clone(), self.durability);
-                blocking(move || connect(&component, &path, durability)).await?
+                let (component, path, settings) =
+                    (self.component.clone(), self.path.clone(), self.settings);
+                blocking(move || connect(&component, &path, settings, Access::ReadOnly)).await?
             }
         };
         let (conn, result) = on_connection(conn, f).await?;
@@ -297,20 +342,22 @@ impl Database for SqliteDatabase {
 
     async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
         let sql = adapt_placeholders(sql);
-        self.with_writer(move |c| c.component(|c| run_execute(c, &sql, &params)))
+        self.with_writer(move |c| c.component_write(|c| run_execute(c, &sql, &params)))
             .await
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>, Error> {
-        let mut tx = SqliteTransaction {
-            conn: Some(self.writer.clone().lock_owned().await),
-        };
-        tx.run(|c| {
+        let conn = self.writer.clone().lock_owned().await;
+        let (conn, begun) = on_connection(conn, |c| {
             roll_back_abandoned(c)?;
             c.host(|c| c.execute_batch("BEGIN IMMEDIATE"))
         })
         .await?;
-        Ok(Box::new(tx))
+        begun?;
+        Ok(Box::new(SqliteTransaction {
+            conn: Some(conn),
+            rolled_back: None,
+        }))
     }
 
     async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<String>, Error> {
@@ -343,6 +390,8 @@ impl Database for SqliteDatabase {
             let applied = apply_migrations(c, &new);
             let ended = match applied {
                 Ok(_) => c.host(|c| c.execute_batch("COMMIT")),
+                // Unless SQLite rolled it back itself after the error.
+                Err(_) if c.raw().is_autocommit() => Ok(()),
                 Err(_) => c.host(|c| c.execute_batch("ROLLBACK")),
             };
             let applied = applied?;
@@ -399,7 +448,7 @@ impl Database for SqliteDatabase {
                     }
                     c.execute_batch("COMMIT")
                 })();
-                if result.is_err() {
+                if result.is_err() && !c.is_autocommit() {
                     c.execute_batch("ROLLBACK")?;
                 }
                 result
@@ -409,7 +458,7 @@ impl Database for SqliteDatabase {
     }
 
     async fn sync(&self) -> Result<(), Error> {
-        if self.durability == Durability::MachineCrash {
+        if self.settings.durability == Durability::MachineCrash {
             return Ok(());
         }
         // Committed frames are in the WAL (fsynced here) or were already
@@ -434,7 +483,7 @@ impl Database for SqliteDatabase {
 fn apply_migrations(c: &Sandboxed, new: &[(Migration, String)]) -> Result<Vec<String>, Error> {
     let now = crate::now_millis() as i64;
     for (m, checksum) in new {
-        c.component(|c| c.execute_batch(&m.sql)).map_err(|e| {
+        c.component_batch(&m.sql).map_err(|e| {
             Error::InvalidQuery(format!("migration `{}` failed: {}", m.name, message(&e)))
         })?;
         c.host(|c| {
@@ -456,22 +505,63 @@ fn message(e: &Error) -> &str {
 /// Owns the write connection from `BEGIN` until commit or drop.
 struct SqliteTransaction {
     conn: Option<OwnedMutexGuard<Sandboxed>>,
+    /// The error after which SQLite rolled the transaction back by itself.
+    rolled_back: Option<Error>,
 }
 
 impl SqliteTransaction {
+    /// Runs `f` in the transaction, and checks it is still open afterwards.
+    /// SQLite rolls a whole transaction back by itself after some errors
+    /// (SQLITE_FULL, NOMEM, IOERR, INTERRUPT, a constraint with ON CONFLICT
+    /// ROLLBACK or RAISE(ROLLBACK)), and the connection is back in
+    /// autocommit mode: each later statement, outbox event included, would
+    /// commit on its own. So once that happened, every later call fails,
+    /// and `commit()` too: the transaction commits whole or not at all.
     async fn run<R: Send + 'static>(
         &mut self,
         f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
+        if let Some(cause) = &self.rolled_back {
+            return Err(reworded(
+                cause,
+                format!(
+                    "the transaction was rolled back by the database after an earlier error: {}",
+                    message(cause)
+                ),
+            ));
+        }
         let conn = self
             .conn
             .take()
             .ok_or_else(|| Error::InvalidQuery("the transaction has ended".into()))?;
         // If this is cancelled, the connection is released with the
         // transaction open; its next user rolls it back.
-        let (conn, result) = on_connection(conn, f).await?;
+        let (conn, (result, ended)) = on_connection(conn, |c| {
+            let result = f(c);
+            (result, c.raw().is_autocommit())
+        })
+        .await?;
         self.conn = Some(conn);
-        result
+        match result {
+            Err(e) if ended => {
+                let error = reworded(
+                    &e,
+                    format!("{}: the database rolled back the transaction", message(&e)),
+                );
+                self.rolled_back = Some(e);
+                Err(error)
+            }
+            result => result,
+        }
+    }
+}
+
+/// `e` with another message, of the same kind.
+fn reworded(e: &Error, message: String) -> Error {
+    match e {
+        Error::ConstraintViolation(_) => Error::ConstraintViolation(message),
+        Error::InvalidQuery(_) => Error::InvalidQuery(message),
+        Error::Unavailable(_) => Error::Unavailable(message),
     }
 }
 
@@ -485,7 +575,7 @@ impl Transaction for SqliteTransaction {
 
     async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
         let sql = adapt_placeholders(sql);
-        self.run(move |c| c.component(|c| run_execute(c, &sql, &params)))
+        self.run(move |c| c.component_write(|c| run_execute(c, &sql, &params)))
             .await
     }
 
@@ -509,6 +599,10 @@ impl Transaction for SqliteTransaction {
 impl Drop for SqliteTransaction {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            // Nothing is left to roll back if SQLite did it already.
+            if conn.raw().is_autocommit() {
+                return;
+            }
             if let Err(e) = conn.host(|c| c.execute_batch("ROLLBACK")) {
                 tracing::warn!(error = ?e, "rollback failed");
             }
@@ -516,15 +610,42 @@ impl Drop for SqliteTransaction {
     }
 }
 
-fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> rusqlite::Result<RowSet> {
+/// The most a `query` result may carry, in bytes of its values: it is
+/// collected in host memory and then copied into the instance's, whose
+/// default is 64 MiB. 16 MiB is far above any page a service shows, and a
+/// larger read is paged (`LIMIT`, a `WHERE` on the last key).
+const MAX_RESULT_BYTES: usize = 16 << 20;
+
+/// Runs a statement that only reads: SQLite says whether a compiled
+/// statement writes (`sqlite3_stmt_readonly`), asked before every run
+/// because a cached statement is not compiled (nor authorized) again. The
+/// readers are opened read-only besides; this refuses on the writer, in a
+/// transaction, too.
+fn run_query(conn: &Connection, sql: &str, params: &[Value]) -> Result<RowSet, Failure> {
     let mut stmt = conn.prepare_cached(sql)?;
+    if !stmt.readonly() {
+        return Err(Failure::Refused(
+            "query is read-only: use execute for a statement that writes".into(),
+        ));
+    }
     let columns: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
     let mut rows = stmt.query(params_from_iter(params.iter().map(to_sql)))?;
-    let mut out = Vec::new();
+    let (mut out, mut bytes) = (Vec::new(), 0);
     while let Some(row) = rows.next()? {
         let mut values = Vec::with_capacity(columns.len());
         for i in 0..columns.len() {
-            values.push(from_sql(row.get_ref(i)?));
+            let value = row.get_ref(i)?;
+            bytes += match value {
+                ValueRef::Text(b) | ValueRef::Blob(b) => b.len(),
+                _ => 8,
+            };
+            if bytes > MAX_RESULT_BYTES {
+                return Err(Failure::Refused(format!(
+                    "the result exceeds {} MiB: read it in pages (LIMIT, or a WHERE on the last key)",
+                    MAX_RESULT_BYTES >> 20
+                )));
+            }
+            values.push(from_sql(value));
         }
         out.push(values);
     }
@@ -610,7 +731,11 @@ mod tests {
     }
 
     fn database(dir: &tempfile::TempDir, durability: Durability) -> SqliteDatabase {
-        SqliteDatabase::open("c".into(), dir.path().join("c.db"), durability).unwrap()
+        let settings = Settings {
+            durability,
+            max_size_mib: 1024,
+        };
+        SqliteDatabase::open("c".into(), dir.path().join("c.db"), settings).unwrap()
     }
 
     async fn synchronous_level(db: &SqliteDatabase) -> i64 {
@@ -722,5 +847,140 @@ mod tests {
             "{:?}",
             rows.rows
         );
+    }
+
+    async fn names(db: &SqliteDatabase, sql: &'static str) -> Vec<String> {
+        db.with_reader(move |c| {
+            c.host(|c| {
+                let mut s = c.prepare(sql)?;
+                let rows = s.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_host_schema_is_the_sandboxs_list_of_host_tables() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = database(&dir, Durability::ProcessCrash);
+        let tables = names(
+            &db,
+            "SELECT name FROM sqlite_schema WHERE name LIKE '\\_agora\\_%' ESCAPE '\\' ORDER BY name",
+        )
+        .await;
+        assert_eq!(tables, super::super::sandbox::HOST_TABLES);
+    }
+
+    #[tokio::test]
+    async fn after_sqlite_rolls_a_transaction_back_nothing_of_it_commits() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = database(&dir, Durability::ProcessCrash);
+        db.execute("CREATE TABLE t (x TEXT PRIMARY KEY)", vec![])
+            .await
+            .unwrap();
+        db.execute("INSERT INTO t VALUES ('taken')", vec![])
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        tx.execute("INSERT INTO t VALUES ('before')", vec![])
+            .await
+            .unwrap();
+        // A conflict resolved with ROLLBACK: SQLite ends the transaction.
+        let err = tx
+            .execute("INSERT OR ROLLBACK INTO t VALUES ('taken')", vec![])
+            .await
+            .unwrap_err();
+        assert!(
+            message(&err).contains("the database rolled back the transaction"),
+            "{err:?}"
+        );
+        let later = "the transaction was rolled back by the database after an earlier error";
+        let err = tx
+            .execute("INSERT INTO t VALUES ('after')", vec![])
+            .await
+            .unwrap_err();
+        assert!(message(&err).contains(later), "{err:?}");
+        let event = Envelope {
+            id: "e".into(),
+            topic: "t".into(),
+            key: None,
+            payload: b"{}".to_vec(),
+            headers: vec![],
+            published_at: 1,
+        };
+        let err = tx.enqueue(&event).await.unwrap_err();
+        assert!(message(&err).contains(later), "{err:?}");
+        let err = tx.commit().await.unwrap_err();
+        assert!(message(&err).contains(later), "{err:?}");
+        let rows = db
+            .query("SELECT x FROM t ORDER BY x", vec![])
+            .await
+            .unwrap();
+        assert_eq!(rows.rows.len(), 1, "{:?}", rows.rows);
+        assert!(db.outbox_pending(0, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn query_only_reads_and_its_result_is_bounded() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = database(&dir, Durability::ProcessCrash);
+        db.execute("CREATE TABLE t (x)", vec![]).await.unwrap();
+        for sql in [
+            "INSERT INTO t VALUES (1) RETURNING x",
+            "CREATE TABLE u (x)",
+            "DELETE FROM t",
+        ] {
+            let err = db.query(sql, vec![]).await.unwrap_err();
+            assert!(
+                message(&err).contains("query is read-only"),
+                "{sql}: {err:?}"
+            );
+            let mut tx = db.begin().await.unwrap();
+            let err = tx.query(sql, vec![]).await.unwrap_err();
+            assert!(
+                message(&err).contains("query is read-only"),
+                "{sql}: {err:?}"
+            );
+            tx.commit().await.unwrap();
+        }
+        // 3 x 8 MB rows: above the 16 MiB a result may carry.
+        let big = "WITH n(i) AS (VALUES (1), (2), (3)) SELECT zeroblob(8000000) FROM n";
+        let err = db.query(big, vec![]).await.unwrap_err();
+        assert!(
+            message(&err).contains("the result exceeds 16 MiB"),
+            "{err:?}"
+        );
+        let count = db.query("SELECT count(*) FROM t", vec![]).await.unwrap();
+        assert!(matches!(count.rows[0][..], [Value::Integer(0)]));
+        assert!(
+            names(&db, "SELECT name FROM sqlite_schema WHERE name = 'u'")
+                .await
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_database_stops_growing_at_its_size_limit() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let settings = Settings {
+            durability: Durability::ProcessCrash,
+            max_size_mib: 1,
+        };
+        let db = SqliteDatabase::open("c".into(), dir.path().join("c.db"), settings).unwrap();
+        db.execute("CREATE TABLE t (x)", vec![]).await.unwrap();
+        let err = db
+            .execute("INSERT INTO t VALUES (randomblob(2000000))", vec![])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Unavailable(m) if m.contains("size limit")),
+            "{err:?}"
+        );
+        // Smaller writes still fit.
+        db.execute("INSERT INTO t VALUES (randomblob(1000))", vec![])
+            .await
+            .unwrap();
     }
 }

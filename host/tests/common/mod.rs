@@ -205,13 +205,22 @@ impl TestHost {
 
     /// The host process's resident memory, from /proc.
     pub fn resident_kib(&self) -> u64 {
+        self.memory_kib("VmRSS")
+    }
+
+    /// The most memory the host process has held resident so far.
+    pub fn peak_resident_kib(&self) -> u64 {
+        self.memory_kib("VmHWM")
+    }
+
+    fn memory_kib(&self, field: &str) -> u64 {
         let pid = self.child.as_ref().expect("the host runs").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
     }
 
     pub fn url(&self, path: &str) -> String {
