@@ -36,15 +36,22 @@ pub fn load_or_create(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // Written whole to a file of our own, then linked into place: a host
+    // starting beside us (or after a crash mid-write) sees the complete
+    // secret or none, and a link never replaces a secret already there.
+    let staged = path.with_extension(format!("new.{}", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    match options.open(path) {
-        Ok(mut file) => file
-            .write_all(&secret)
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("writing the {what} {}", path.display()))?,
+    let written = options.open(&staged).and_then(|mut file| {
+        file.write_all(&secret)?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&staged, path));
+    let _ = std::fs::remove_file(&staged);
+    match linked {
+        Ok(()) => {}
         // Another host sharing the directory made it first: use theirs.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return std::fs::read(path)
