@@ -1,8 +1,12 @@
 //! A loaded component version: compiled, checked against its grants,
-//! linked, migrated, and ready to instantiate.
+//! linked, its migrations rehearsed, and ready to instantiate.
 //!
-//! Everything that can fail happens in [`ComponentVersion::load`], off the
-//! request path; a version that fails there is never routed to. Serving is
+//! Everything that can fail happens off the request path, in two steps:
+//! [`ComponentVersion::load`] checks everything and commits nothing (its
+//! migrations are applied and rolled back), so a change of several
+//! components can be refused as a whole; [`ComponentVersion::migrate`]
+//! then commits the migrations, once every component of the change loaded.
+//! A version that fails either step is never routed to. Serving is
 //! then one fresh instance per request or message from the pre-linked
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
@@ -32,7 +36,7 @@ use crate::plugins::{ComponentSpec, HostSettings};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
-use crate::storage::Migration;
+use crate::storage::{Database, Migration};
 
 pub struct ComponentVersion {
     pub name: String,
@@ -45,6 +49,8 @@ pub struct ComponentVersion {
     http: Option<ProxyIndices>,
     subscriber: Option<subscriber::GuestIndices>,
     caps: Arc<ComponentCaps>,
+    /// What the `schema` export returned; committed by `migrate`.
+    migrations: Vec<Migration>,
     permits: Arc<Semaphore>,
     /// HTTP requests waiting for a permit, each holding its body, and how
     /// many may (`host.max_waiting_requests`).
@@ -153,7 +159,8 @@ pub fn version_of(wasm: &[u8]) -> String {
 
 impl ComponentVersion {
     /// Compiles (or fetches from the compilation cache), validates grants,
-    /// links, configures capabilities and applies migrations.
+    /// links, configures capabilities and rehearses the migrations: applies
+    /// them and rolls them back, committing nothing.
     pub async fn load(
         engine: &Engine,
         linker: &Linker<InstanceState>,
@@ -186,7 +193,7 @@ impl ComponentVersion {
             bail!("component `{name}` subscribes to topics but does not export agora:platform/subscriber");
         }
         let caps = Arc::new(capabilities.configure(name, spec).await?);
-        let loaded = ComponentVersion {
+        let mut loaded = ComponentVersion {
             name: name.to_owned(),
             version,
             spec: spec.clone(),
@@ -195,11 +202,17 @@ impl ComponentVersion {
             http,
             subscriber,
             caps,
+            migrations: Vec::new(),
             permits: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
             waiting: AtomicUsize::new(0),
             max_waiting: HostSettings::default().max_waiting_requests as usize,
         };
-        loaded.migrate().await?;
+        loaded.migrations = loaded.list_migrations().await?;
+        if let Some(db) = loaded.database()? {
+            db.rehearse_migrations(&loaded.migrations)
+                .await
+                .map_err(|e| loaded.migration_failed(e))?;
+        }
         Ok(loaded)
     }
 
@@ -275,9 +288,10 @@ impl ComponentVersion {
             .map_err(|_| Failure::Overloaded)
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// The migrations of the `schema` export (none without it).
+    async fn list_migrations(&self) -> Result<Vec<Migration>> {
         let Ok(indices) = schema::GuestIndices::new(&self.pre) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let mut store = self.new_store(self.deadline());
         let instance = self.pre.instantiate_async(&mut store).await?;
@@ -287,26 +301,42 @@ impl ComponentVersion {
             .await
             .map_err(anyhow::Error::from)
             .with_context(|| format!("component `{}`: listing its migrations", self.name))?;
-        if migrations.is_empty() {
-            return Ok(());
-        }
-        let db = self.caps.storage.as_ref().ok_or_else(|| {
-            anyhow!(
-                "component `{}` ships migrations but is not granted `storage`",
-                self.name
-            )
-        })?;
-        let migrations: Vec<Migration> = migrations
+        Ok(migrations
             .into_iter()
             .map(|m| Migration {
                 name: m.name,
                 sql: m.sql,
             })
-            .collect();
+            .collect())
+    }
+
+    /// The database the migrations go to, if there are any.
+    fn database(&self) -> Result<Option<&Arc<dyn Database>>> {
+        if self.migrations.is_empty() {
+            return Ok(None);
+        }
+        self.caps.storage.as_ref().map(Some).ok_or_else(|| {
+            anyhow!(
+                "component `{}` ships migrations but is not granted `storage`",
+                self.name
+            )
+        })
+    }
+
+    fn migration_failed(&self, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("component `{}` version {}: {e}", self.name, self.version)
+    }
+
+    /// Commits the migrations `load` rehearsed, in one transaction: a
+    /// failure leaves the schema as it was.
+    pub async fn migrate(&self) -> Result<()> {
+        let Some(db) = self.database()? else {
+            return Ok(());
+        };
         let applied = db
-            .migrate(&migrations)
+            .migrate(&self.migrations)
             .await
-            .map_err(|e| anyhow!("component `{}` version {}: {e}", self.name, self.version))?;
+            .map_err(|e| self.migration_failed(e))?;
         if !applied.is_empty() {
             tracing::info!(component = %self.name, version = %self.version, ?applied, "migrations applied");
         }

@@ -6,6 +6,20 @@
 //! off the request path; the request path only ever sees a finished
 //! registry, swapped in atomically. A change that fails anywhere is refused
 //! as a whole and the running versions keep serving.
+//!
+//! Each component has its own database, so the migrations of a change of
+//! several components cannot commit as one transaction. A change is
+//! therefore made in two phases: first every new version is compiled,
+//! checked, linked and its migrations rehearsed (applied and rolled back),
+//! and the links of the whole are checked, with nothing committed; only
+//! then are the migrations committed, one component at a time. What the
+//! rehearsal cannot foresee (a full disk, a write by the serving version
+//! between rehearsal and commit that a new constraint refuses) can still
+//! fail the second of two components after the first one committed: the
+//! change is refused, and the first component's running version serves on
+//! its new schema, as it does whenever a deploy is refused after its
+//! migration committed. Migrations are meant to be backward compatible
+//! (expand, then contract in a later version) for this and for rollback.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -75,7 +89,9 @@ impl Runtime {
             control: tokio::sync::Mutex::new(()),
         });
         let components = runtime.load_all(&plugins, &Registry::default()).await?;
-        runtime.registry.store(Arc::new(Registry::new(components)));
+        let registry = Registry::new(components);
+        runtime.grant_publishes(&registry);
+        runtime.registry.store(Arc::new(registry));
         runtime.sync_subscriptions();
         Ok(runtime)
     }
@@ -151,6 +167,7 @@ impl Runtime {
         current: &Registry,
     ) -> Result<BTreeMap<String, Arc<ComponentVersion>>> {
         let mut components = BTreeMap::new();
+        let mut fresh = Vec::new();
         for (name, spec) in &plugins.components {
             let wasm = self.read_source(plugins, name, spec)?;
             let running = current
@@ -159,16 +176,25 @@ impl Runtime {
                 .filter(|c| c.spec == *spec && c.version == version_of(&wasm));
             let version = match running {
                 Some(running) => running.clone(),
-                None => self.load(name, spec, wasm).await?,
+                None => {
+                    let version = self.load(name, spec, wasm).await?;
+                    fresh.push(version.clone());
+                    version
+                }
             };
             components.insert(name.clone(), version);
         }
         check_links(&components)?;
+        // Everything passed and nothing is committed yet: now the migrations.
+        for version in &fresh {
+            version.migrate().await?;
+        }
         Ok(components)
     }
 
     /// Swaps in a new registry, keeping the versions it replaces for rollback.
     fn swap(&self, next: Registry, keep_replaced: bool) {
+        self.grant_publishes(&next);
         let replaced = self.registry.swap(Arc::new(next));
         let current = self.registry.load();
         let mut previous = self.previous.lock().unwrap();
@@ -222,8 +248,11 @@ impl Runtime {
             .get(name)
             .ok_or_else(|| anyhow!("no component named `{name}` is running"))?;
         let version = self.load(name, &running.spec.clone(), wasm.into()).await?;
+        let next = current.with(version.clone());
+        check_links(&next.components)?;
+        version.migrate().await?;
         self.persist(&version)?;
-        self.swap(current.with(version.clone()), true);
+        self.swap(next, true);
         Ok(version)
     }
 
@@ -271,16 +300,21 @@ impl Runtime {
         Ok(())
     }
 
-    /// Messaging follows the serving versions: their subscriptions, and the
-    /// grants their outbox relays re-check.
-    fn sync_subscriptions(&self) {
-        let registry = self.registry.load();
-        self.capabilities.messaging.sync_grants(
-            registry
-                .components
+    /// Lets the outbox relays pass what `next`'s versions may publish,
+    /// before they serve (see [`MessagingCapability::grant`]).
+    ///
+    /// [`MessagingCapability::grant`]: crate::messaging::MessagingCapability::grant
+    fn grant_publishes(&self, next: &Registry) {
+        self.capabilities.messaging.grant(
+            next.components
                 .values()
                 .map(|c| (c.name.as_str(), c.spec.publishes.as_slice())),
         );
+    }
+
+    /// Messaging follows the serving versions' subscriptions.
+    fn sync_subscriptions(&self) {
+        let registry = self.registry.load();
         let wanted: Vec<_> = registry
             .components
             .values()

@@ -197,6 +197,77 @@ async fn deploy_and_rollback_from_the_cli_under_load() {
     );
 }
 
+/// A reload that changes two components, the second of them broken, is
+/// refused as a whole: the first one's new migration is not committed under
+/// its old version, which keeps serving on the schema it had.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_reload_migrates_none_of_its_components() {
+    let host = TestHost::standard();
+    assert_eq!(put(&host.url("/probe/kv/before"), "kept").await.status, 204);
+    let probe = database(&host, "probe");
+    let schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name";
+    let ledger = "SELECT name, checksum FROM _agora_migrations ORDER BY name";
+    let (schema_before, ledger_before) = (rows(&probe, schema), rows(&probe, ledger));
+
+    // Components load in name order: probe, swapped to v2 (which brings a
+    // good migration), loads before the broken one after it.
+    let garbage = host.dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"\0asm this is not a component").unwrap();
+    let original = std::fs::read_to_string(host.plugins_path()).unwrap();
+    let edited = format!(
+        "{}\n[components.zz-broken]\nwasm = \"{}\"\nroutes = [\"/broken\"]\n",
+        original.replace(
+            &component("probe").display().to_string(),
+            &component("probe-v2").display().to_string(),
+        ),
+        garbage.display(),
+    );
+    assert_ne!(edited, original);
+    replace_atomically(&host.plugins_path(), edited.as_bytes());
+    eventually(
+        "the refusal to be logged",
+        Duration::from_secs(30),
+        || async { host.log().contains("hot swap refused").then_some(()) },
+    )
+    .await;
+    assert!(
+        host.log()
+            .contains("component `zz-broken` is not a valid component"),
+        "{}",
+        host.log()
+    );
+
+    assert_eq!(rows(&probe, schema), schema_before);
+    assert_eq!(rows(&probe, ledger), ledger_before);
+    assert_eq!(version(&host).await, "v1");
+    assert_eq!(get(&host.url("/broken")).await.status, 404);
+    assert_eq!(
+        get(&host.url("/probe/kv/before")).await.json()["value"],
+        "kept"
+    );
+    assert_eq!(
+        put(&host.url("/probe/kv/after"), "v1 writes").await.status,
+        204
+    );
+
+    // Without the broken component, the same change applies, migration and all.
+    replace_atomically(
+        &host.plugins_path(),
+        edited
+            .split("[components.zz-broken]")
+            .next()
+            .unwrap()
+            .as_bytes(),
+    );
+    eventually("v2 to serve", Duration::from_secs(30), || async {
+        (version(&host).await == "v2").then_some(())
+    })
+    .await;
+    assert!(rows(&probe, ledger)
+        .iter()
+        .any(|row| row[0] == "0002_v2_notes"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deployed_version_survives_a_restart() {
     let mut host = TestHost::standard();

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -93,38 +92,6 @@ fn events(host: &TestHost, topic: &str) -> Vec<Value> {
     let out = host.cli(&["events", topic]);
     assert!(out.status.success(), "{}", stderr(&out));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The rows of `sql` in a component's database, read directly from its file.
-fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
-    let conn =
-        rusqlite::Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    let mut stmt = conn.prepare(sql).unwrap();
-    let columns = stmt.column_count();
-    let rows = stmt
-        .query_map([], |r| {
-            (0..columns)
-                .map(|i| {
-                    Ok(match r.get_ref(i)? {
-                        rusqlite::types::ValueRef::Null => "NULL".to_owned(),
-                        rusqlite::types::ValueRef::Integer(n) => n.to_string(),
-                        rusqlite::types::ValueRef::Real(f) => f.to_string(),
-                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
-                            String::from_utf8_lossy(t).into_owned()
-                        }
-                    })
-                })
-                .collect()
-        })
-        .unwrap();
-    rows.collect::<Result<_, _>>().unwrap()
-}
-
-fn database(host: &TestHost, component: &str) -> std::path::PathBuf {
-    host.data_dir()
-        .join("storage")
-        .join(format!("{component}.db"))
 }
 
 async fn register(host: &TestHost, email: &str, password: &str) {

@@ -38,6 +38,14 @@ impl Service for Probe {
             "0001_init",
             include_str!("../migrations/0001_init.sql"),
         )];
+        if cfg!(feature = "v2") {
+            // A good migration of its own: a reload that carries v2 and is
+            // refused must not leave it behind.
+            all.push(Migration::new(
+                "0002_v2_notes",
+                "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
+            ));
+        }
         if cfg!(feature = "bad-migration") {
             all.push(Migration::new(
                 "0002_broken",

@@ -12,11 +12,14 @@
 //!   committed before it, under the same per-component lock as the relay
 //!   (without taking the component's write connection, which its own open
 //!   transaction may hold);
-//! - the relay re-checks every outbox event against the component's current
-//!   `publishes`, whatever wrote the row: an event not granted, or a row
-//!   that is not an event, is set aside (`_agora_outbox_rejected` in the
-//!   component's database) with a logged reason, and the events after it
-//!   flow on;
+//! - the relay re-checks every outbox event, whatever wrote the row, against
+//!   the `publishes` of the component's versions that served since the host
+//!   started: an event none of them was granted, or a row that is not an
+//!   event, is set aside (`_agora_outbox_rejected` in the component's
+//!   database) with a logged reason, and the events after it flow on. A
+//!   version's grants join before it serves and stay until a restart, so
+//!   an event a serving version committed under its grant leaves whatever
+//!   swap or rollback follows (see [`MessagingCapability::grant`]);
 //! - across a machine crash, an event leaves the outbox only once the
 //!   transaction that wrote it is on disk ([`Database::sync`]), and its row
 //!   is removed only once the broker's copy is (the relay's appends survive
@@ -143,7 +146,8 @@ struct Relay {
     component: String,
     wake: Notify,
     running: AtomicBool,
-    /// What the component may publish: `publishes` of its serving version.
+    /// What the relay lets leave: the `publishes` of every version of the
+    /// component that served since the host started.
     grants: Mutex<Vec<String>>,
     /// Held while events move to the broker, so they leave in outbox order
     /// and a direct publish follows the events committed before it. Holds
@@ -179,14 +183,14 @@ impl MessagingCapability {
 
     /// The relay of a component, made on its first version with that
     /// version's grants.
-    fn relay(&self, component: &str, spec: &ComponentSpec) -> Arc<Relay> {
+    fn relay(&self, component: &str, publishes: &[String]) -> Arc<Relay> {
         let mut relays = self.relays.lock().unwrap();
         let relay = relays.entry(component.to_owned()).or_insert_with(|| {
             Arc::new(Relay {
                 component: component.to_owned(),
                 wake: Notify::new(),
                 running: false.into(),
-                grants: Mutex::new(spec.publishes.clone()),
+                grants: Mutex::new(publishes.to_vec()),
                 handled: tokio::sync::Mutex::default(),
             })
         });
@@ -224,15 +228,31 @@ impl MessagingCapability {
         });
     }
 
-    /// Gives each serving component's relay the `publishes` of its serving
-    /// version: what it re-checks outbox events against. (A component no
-    /// longer serving keeps its last grants for what its outbox still holds.)
-    pub fn sync_grants<'a>(&self, serving: impl IntoIterator<Item = (&'a str, &'a [String])>) {
+    /// Adds the `publishes` of versions about to serve to what their
+    /// components' relays let leave. Called before the swap: a new version's
+    /// first `publish-in` can commit as soon as it serves, and must find its
+    /// grant. Never narrowed while the host runs: after a rollback, or a
+    /// reload that dropped a topic, the events a version committed under its
+    /// grant (acknowledged to it) still leave; new ones are refused at once
+    /// by `publish-in`, which checks the serving version's own grant.
+    ///
+    /// Why a union and not a per-row record of the version that wrote it:
+    /// `publish-in` checks the grant as it writes, and the storage sandbox
+    /// keeps components out of `_agora_outbox`, so the relay's re-check only
+    /// guards rows that got there past both (a bug, a hand edit); a row of
+    /// that kind could name any version, so the record would bound nothing
+    /// the union does not, and the outbox's format would have to change. A
+    /// restart narrows the grants to the serving versions'.
+    pub fn grant<'a>(&self, serving: impl IntoIterator<Item = (&'a str, &'a [String])>) {
         let relays = self.relays.lock().unwrap();
         for (component, publishes) in serving {
             if let Some(relay) = relays.get(component) {
-                *relay.grants.lock().unwrap() = publishes.to_vec();
-                relay.wake.notify_one();
+                let mut grants = relay.grants.lock().unwrap();
+                for topic in publishes {
+                    if !grants.contains(topic) {
+                        grants.push(topic.clone());
+                    }
+                }
             }
         }
     }
@@ -433,7 +453,7 @@ impl Capability for MessagingCapability {
             publishes: spec.publishes.clone(),
             broker: self.broker.clone(),
             wakeups: self.wakeups.clone(),
-            relay: self.relay(component, spec),
+            relay: self.relay(component, &spec.publishes),
         })
     }
 
@@ -530,5 +550,74 @@ impl wit::Host for InstanceState {
             Ok(()) => Ok(event.id),
             Err(e) => Err(Error::Unavailable(e.to_string())),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{SqliteBackend, SqliteSettings, StorageBackend};
+
+    fn event(topic: &str) -> Envelope {
+        Envelope {
+            id: topic.into(),
+            topic: topic.into(),
+            key: None,
+            payload: b"{}".to_vec(),
+            headers: Vec::new(),
+            published_at: 0,
+        }
+    }
+
+    /// What the runtime does around a deploy and a rollback: the first
+    /// version makes the relay; a new one that gained `t` is granted before
+    /// it serves and commits an event to `t`; then the first version is
+    /// back. The event still leaves (it was set aside when the relay held
+    /// only the serving version's grants); one no version was granted does not.
+    #[tokio::test]
+    async fn an_event_a_serving_version_was_granted_leaves_after_a_rollback() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let durability = Durability::ProcessCrash;
+        let messaging =
+            MessagingCapability::init(&BackendChoice::Embedded { durability }, dir.path())
+                .await
+                .unwrap();
+        let settings = SqliteSettings {
+            durability,
+            max_size_mib: 64,
+        };
+        let storage = SqliteBackend::new(&dir.path().join("storage"), settings).unwrap();
+        let db = storage.open("c").await.unwrap();
+        let v1 = vec!["a".to_owned()];
+        let v2 = vec!["a".to_owned(), "t".to_owned()];
+
+        let relay = messaging.relay("c", &v1);
+        messaging.grant([("c", v2.as_slice())]);
+        let mut tx = db.begin().await.unwrap();
+        tx.enqueue(&event("t")).await.unwrap();
+        tx.enqueue(&event("never-granted")).await.unwrap();
+        tx.commit().await.unwrap();
+        messaging.grant([("c", v1.as_slice())]);
+
+        let (broker, wakeups) = (&*messaging.broker, &*messaging.wakeups);
+        assert_eq!(relay.forward(&*db, broker, wakeups, None).await.unwrap(), 2);
+        let verdicts: Vec<_> = relay.handled.lock().await.values().cloned().collect();
+        assert_eq!(verdicts[0], None);
+        assert!(
+            verdicts[1]
+                .as_deref()
+                .is_some_and(|r| r.contains("may not publish to `never-granted`")),
+            "{verdicts:?}"
+        );
+        relay.settle(&*db).await.unwrap();
+        let relayed = messaging.read_topic("t", 0, 10).await.unwrap();
+        assert_eq!(relayed.len(), 1);
+        assert_eq!(relayed[0].1, event("t"));
+        assert!(messaging
+            .read_topic("never-granted", 0, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(db.outbox_pending(0, 10).await.unwrap().is_empty());
     }
 }

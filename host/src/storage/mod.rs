@@ -66,6 +66,11 @@ pub trait Database: Send + Sync {
     /// schema as it was; refuses one that was applied with different SQL.
     /// Returns the names it applied.
     async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<String>, Error>;
+    /// Applies what [`Database::migrate`] would and rolls it back: whether
+    /// the migrations would apply to the data as it is now, with nothing
+    /// committed (a reload checks every component this way before it
+    /// migrates any).
+    async fn rehearse_migrations(&self, migrations: &[Migration]) -> Result<(), Error>;
     /// Committed outbox rows with a `seq` above `after`, oldest first.
     async fn outbox_pending(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, Error>;
     /// Removes outbox rows that reached the broker (`relayed`), and moves

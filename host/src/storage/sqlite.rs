@@ -362,43 +362,14 @@ impl Database for SqliteDatabase {
 
     async fn migrate(&self, migrations: &[Migration]) -> Result<Vec<String>, Error> {
         let migrations = migrations.to_vec();
-        self.with_writer(move |c| {
-            let recorded: HashMap<String, String> = c.host(|c| {
-                let mut stmt = c.prepare("SELECT name, checksum FROM _agora_migrations")?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                rows.collect()
-            })?;
-            let mut new = Vec::new();
-            for m in migrations {
-                let checksum = hex(&Sha256::digest(m.sql.as_bytes()));
-                match recorded.get(&m.name) {
-                    Some(sum) if *sum == checksum => {}
-                    Some(_) => {
-                        return Err(Error::InvalidQuery(format!(
-                            "migration `{}` was changed after it was applied; \
-                             add a new migration instead",
-                            m.name
-                        )))
-                    }
-                    None => new.push((m, checksum)),
-                }
-            }
-            if new.is_empty() {
-                return Ok(Vec::new());
-            }
-            c.host(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
-            let applied = apply_migrations(c, &new);
-            let ended = match applied {
-                Ok(_) => c.host(|c| c.execute_batch("COMMIT")),
-                // Unless SQLite rolled it back itself after the error.
-                Err(_) if c.raw().is_autocommit() => Ok(()),
-                Err(_) => c.host(|c| c.execute_batch("ROLLBACK")),
-            };
-            let applied = applied?;
-            ended?;
-            Ok(applied)
-        })
-        .await
+        self.with_writer(move |c| run_migrations(c, migrations, true))
+            .await
+    }
+
+    async fn rehearse_migrations(&self, migrations: &[Migration]) -> Result<(), Error> {
+        let migrations = migrations.to_vec();
+        self.with_writer(move |c| run_migrations(c, migrations, false).map(|_| ()))
+            .await
     }
 
     async fn outbox_pending(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, Error> {
@@ -476,6 +447,49 @@ impl Database for SqliteDatabase {
         })
         .await
     }
+}
+
+/// Applies the migrations not yet in the ledger in one transaction, and
+/// commits it, or with `commit` false rolls it back (a rehearsal).
+fn run_migrations(
+    c: &Sandboxed,
+    migrations: Vec<Migration>,
+    commit: bool,
+) -> Result<Vec<String>, Error> {
+    let recorded: HashMap<String, String> = c.host(|c| {
+        let mut stmt = c.prepare("SELECT name, checksum FROM _agora_migrations")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    })?;
+    let mut new = Vec::new();
+    for m in migrations {
+        let checksum = hex(&Sha256::digest(m.sql.as_bytes()));
+        match recorded.get(&m.name) {
+            Some(sum) if *sum == checksum => {}
+            Some(_) => {
+                return Err(Error::InvalidQuery(format!(
+                    "migration `{}` was changed after it was applied; \
+                     add a new migration instead",
+                    m.name
+                )))
+            }
+            None => new.push((m, checksum)),
+        }
+    }
+    if new.is_empty() {
+        return Ok(Vec::new());
+    }
+    c.host(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
+    let applied = apply_migrations(c, &new);
+    let ended = match applied {
+        Ok(_) if commit => c.host(|c| c.execute_batch("COMMIT")),
+        // Unless SQLite rolled it back itself after an error.
+        _ if c.raw().is_autocommit() => Ok(()),
+        _ => c.host(|c| c.execute_batch("ROLLBACK")),
+    };
+    let applied = applied?;
+    ended?;
+    Ok(applied)
 }
 
 /// Runs new migrations inside the open transaction, each with its ledger

@@ -482,3 +482,36 @@ impl Recorder {
         self.requests.lock().unwrap().clone()
     }
 }
+
+/// The rows of `sql` in a component's database, read directly from its file.
+pub fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(database, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn.prepare(sql).unwrap();
+    let columns = stmt.column_count();
+    let rows = stmt
+        .query_map([], |r| {
+            (0..columns)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => "NULL".to_owned(),
+                        rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                        rusqlite::types::ValueRef::Real(f) => f.to_string(),
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            String::from_utf8_lossy(t).into_owned()
+                        }
+                    })
+                })
+                .collect()
+        })
+        .unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+/// A component's database file in the host's data directory.
+pub fn database(host: &TestHost, component: &str) -> std::path::PathBuf {
+    host.data_dir()
+        .join("storage")
+        .join(format!("{component}.db"))
+}
