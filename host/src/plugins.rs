@@ -109,12 +109,27 @@ pub struct HostSettings {
     /// file descriptor. In HTTP/1.1 the header timeout runs while waiting
     /// too, so there the smaller of the two applies.
     pub idle_timeout_seconds: u64,
+    /// Seconds a response may wait on its client, which accepts no byte of
+    /// it (a full socket, an HTTP/2 window held at 0), before the host cuts
+    /// the connection. Without it a client that stops reading holds its
+    /// connection forever, since a request in flight is never idle. 30 s
+    /// outlasts the stalls of a working link (TCP retransmits in well under
+    /// that); time a component takes to produce its response is not counted.
+    pub response_write_timeout_seconds: u64,
     /// Open connections on the public listener. Further clients wait in the
     /// kernel's accept queue, not refused, and are served as others close
     /// (the timeouts above make sure they do). 1024 fits the usual
     /// open-file limit; at start the cap is lowered, with a warning, to
     /// leave descriptors for the host's own files when `ulimit -n` is lower.
     pub max_connections: u32,
+    /// Concurrent streams (requests) on one HTTP/2 connection; a client
+    /// opening more gets `REFUSED_STREAM`. Each stream may hold a request
+    /// body while it is read, before `max_waiting_requests` counts it, so
+    /// request bodies being read take at most `max_connections` x this x
+    /// `limits.max_body_kib`. 32 (hyper's default is 200) lets a browser
+    /// fetch a page's assets in parallel, bounding that at 32 GiB with the
+    /// other defaults; lower it, or `max_connections`, on a small machine.
+    pub http2_max_concurrent_streams: u32,
     /// Requests that may wait for an instance slot of one component (its
     /// `limits.max_concurrency` busy); beyond it the host answers 503 with
     /// `Retry-After` at once. A waiting request holds its body, so this
@@ -134,7 +149,9 @@ impl Default for HostSettings {
             header_read_timeout_seconds: 10,
             body_read_timeout_seconds: 30,
             idle_timeout_seconds: 30,
+            response_write_timeout_seconds: 30,
             max_connections: 1024,
+            http2_max_concurrent_streams: 32,
             max_waiting_requests: 128,
         }
     }
@@ -515,7 +532,15 @@ impl Plugins {
                 host.body_read_timeout_seconds,
             ),
             ("host.idle_timeout_seconds", host.idle_timeout_seconds),
+            (
+                "host.response_write_timeout_seconds",
+                host.response_write_timeout_seconds,
+            ),
             ("host.max_connections", host.max_connections.into()),
+            (
+                "host.http2_max_concurrent_streams",
+                host.http2_max_concurrent_streams.into(),
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key.into(), "must be above 0".into()));
@@ -924,7 +949,9 @@ mod tests {
             "header_read_timeout_seconds",
             "body_read_timeout_seconds",
             "idle_timeout_seconds",
+            "response_write_timeout_seconds",
             "max_connections",
+            "http2_max_concurrent_streams",
         ] {
             let err = parse(&format!("[host]\n{key} = 0\n"))
                 .unwrap_err()

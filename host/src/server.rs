@@ -15,22 +15,46 @@
 //! host no descriptor and no memory, and are served in order as the
 //! timeouts close the connections that hold the slots. Closing them at once
 //! instead would turn a burst of idle attackers into refusals for everyone.
+//!
+//! A request in flight does not count as idle, so a client that stops
+//! reading its response (an HTTP/2 stream window of 0, or an HTTP/1.1
+//! response larger than the socket buffers) would hold its slot forever.
+//! The connection is therefore also cut, without grace, once a response has
+//! waited `response_write_timeout` on the client: a write to the socket
+//! pending, or a response (head or frame) that the client's flow control has
+//! not let out. Time a component spends producing its response is not
+//! counted; its own deadline bounds that. The timeout measures progress,
+//! not throughput: a client reading a byte at a time keeps its connection,
+//! as it would with any slow link. HTTP/2 pings, while a request is in
+//! flight, find a peer that has vanished without a FIN.
+//!
+//! HTTP/2 multiplies a connection: each stream may hold a request body
+//! (up to the component's `max_body_kib`) while it is read, before
+//! `max_waiting_requests` counts it. `http2_max_concurrent_streams` caps the
+//! streams per connection; a client opening more gets `REFUSED_STREAM`. So
+//! request bodies being read hold at most `max_connections` x
+//! `http2_max_concurrent_streams` x `max_body_kib`.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::gateway;
 use crate::plugins::HostSettings;
@@ -45,13 +69,21 @@ const GRACE: Duration = Duration::from_secs(10);
 /// public listener's cap is fitted under the open-file limit.
 const RESERVED_DESCRIPTORS: u64 = 128;
 
+/// How often an HTTP/2 connection with a request in flight is pinged, and
+/// how long the peer has to answer before the connection is dropped. 20 s
+/// (hyper's default answer time) finds a vanished peer well before the
+/// response timeouts would, at one small frame per interval.
+const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
 /// Connection limits and timeouts of one listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub response_write_timeout: Duration,
     pub max_connections: usize,
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Limits {
@@ -95,7 +127,9 @@ impl Limits {
             header_read_timeout: Duration::from_secs(host.header_read_timeout_seconds),
             body_read_timeout: Duration::from_secs(host.body_read_timeout_seconds),
             idle_timeout: Duration::from_secs(host.idle_timeout_seconds),
+            response_write_timeout: Duration::from_secs(host.response_write_timeout_seconds),
             max_connections: host.max_connections as usize,
+            http2_max_concurrent_streams: host.http2_max_concurrent_streams,
         }
     }
 }
@@ -120,16 +154,29 @@ pub struct BodyReadTimeout(pub Duration);
 #[derive(Debug, Clone, Copy)]
 pub struct LocalAddr(pub SocketAddr);
 
-/// When a connection last had nothing to do, and how much it has now.
+/// When a connection last had nothing to do, how much it has now, and
+/// since when it has waited on its client.
 struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened`; `u64::MAX` until the first request.
     idle_since_ms: AtomicU64,
+    /// Since when each waiter has waited for the client to take what it was
+    /// offered: the socket (`SOCKET`) or a response (its `Busy::id`).
+    waiting_on_client: Mutex<HashMap<u64, Instant>>,
+    /// Told when the first waiter arrives, so `stalled` need not poll.
+    first_wait: Notify,
+    next_id: AtomicU64,
 }
 
+/// The waiter id of the socket's writes; responses count from 1.
+const SOCKET: u64 = 0;
+
 /// One request in flight, until its response body is done or dropped.
-struct Busy(Arc<Activity>);
+struct Busy {
+    activity: Arc<Activity>,
+    id: u64,
+}
 
 impl Activity {
     fn new() -> Arc<Activity> {
@@ -137,6 +184,9 @@ impl Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(u64::MAX),
+            waiting_on_client: Mutex::new(HashMap::new()),
+            first_wait: Notify::new(),
+            next_id: AtomicU64::new(SOCKET + 1),
         })
     }
 
@@ -144,11 +194,41 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.idle_since_ms
             .store(self.elapsed_ms(), Ordering::SeqCst);
-        Busy(self.clone())
+        Busy {
+            activity: self.clone(),
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     fn elapsed_ms(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
+    }
+
+    fn waits(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        // The map is never left half-updated, so a poisoned lock is fine.
+        self.waiting_on_client
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `id` waits on the client from now on; `restart` also when it already
+    /// did (it made progress and waits anew).
+    fn wait_on_client(&self, id: u64, restart: bool) {
+        let mut waits = self.waits();
+        let first = waits.is_empty();
+        if restart {
+            waits.insert(id, Instant::now());
+        } else {
+            waits.entry(id).or_insert_with(Instant::now);
+        }
+        if first {
+            self.first_wait.notify_one();
+        }
+    }
+
+    /// `id` no longer waits on the client (done, or waiting on a component).
+    fn not_waiting(&self, id: u64) {
+        self.waits().remove(&id);
     }
 
     /// Resolves once the connection has waited `header` for its first
@@ -172,14 +252,133 @@ impl Activity {
             tokio::time::sleep_until(deadline.into()).await;
         }
     }
+
+    /// Resolves once something has waited `timeout` on the client without
+    /// progress. A waiter added while this sleeps is newer than the one it
+    /// sleeps for, so the deadline only ever moves later.
+    async fn stalled(&self, timeout: Duration) {
+        loop {
+            let oldest = self.waits().values().min().copied();
+            match oldest {
+                Some(since) if since + timeout <= Instant::now() => return,
+                Some(since) => tokio::time::sleep_until((since + timeout).into()).await,
+                None => self.first_wait.notified().await,
+            }
+        }
+    }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0
+        let activity = &self.activity;
+        activity.not_waiting(self.id);
+        activity
             .idle_since_ms
-            .store(self.0.elapsed_ms(), Ordering::SeqCst);
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+            .store(activity.elapsed_ms(), Ordering::SeqCst);
+        activity.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body on its way to the client. It waits on the client from
+/// when its head is handed over until hyper asks for its next frame: hyper
+/// asks only when the client's flow control and the socket have room.
+struct Outgoing {
+    body: Body,
+    busy: Busy,
+}
+
+impl Outgoing {
+    fn new(body: Body, busy: Busy) -> Outgoing {
+        busy.activity.wait_on_client(busy.id, true);
+        Outgoing { body, busy }
+    }
+}
+
+impl hyper::body::Body for Outgoing {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let Busy { activity, id } = &self.busy;
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => activity.wait_on_client(*id, true),
+            // Waiting on the component, or done.
+            _ => activity.not_waiting(*id),
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client's socket, noting when a write waits for the client to read:
+/// once a response is wholly handed to hyper, its last bytes may still be
+/// stuck here.
+struct WatchedStream {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl WatchedStream {
+    fn note<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match &polled {
+            Poll::Pending => self.activity.wait_on_client(SOCKET, false),
+            Poll::Ready(_) => self.activity.not_waiting(SOCKET),
+        }
+        polled
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.note(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.note(polled)
     }
 }
 
@@ -204,6 +403,12 @@ pub async fn serve<H, F>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .keep_alive_interval(HTTP2_KEEP_ALIVE)
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE);
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
@@ -238,23 +443,25 @@ pub async fn serve<H, F>(
             let response = handler(req);
             async move {
                 // The request stays in flight until its body is sent.
-                let response = response.await.map(|body| {
-                    body.map_frame(move |frame| {
-                        let _ = &busy;
-                        frame
-                    })
-                    .boxed_unsync()
-                });
+                let response = response
+                    .await
+                    .map(|body| Outgoing::new(body, busy).boxed_unsync());
                 Ok::<_, std::convert::Infallible>(response)
             }
         });
         let (builder, mut stop) = (builder.clone(), stop.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let stream = WatchedStream {
+                stream,
+                activity: activity.clone(),
+            };
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let unused = activity.unused(limits.header_read_timeout, limits.idle_timeout);
             tokio::pin!(unused);
+            let stalled = activity.stalled(limits.response_write_timeout);
+            tokio::pin!(stalled);
             let mut closing = false;
             loop {
                 tokio::select! {
@@ -262,6 +469,11 @@ pub async fn serve<H, F>(
                         if let Err(e) = result {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
+                        break;
+                    }
+                    // No grace: the client is not taking what it has.
+                    _ = &mut stalled => {
+                        tracing::debug!(%peer, "closed a connection whose client stopped reading");
                         break;
                     }
                     _ = &mut unused, if !closing => closing = true,

@@ -1,7 +1,9 @@
 //! The listeners under attack by real TCP clients: connections that never
-//! finish a request head or body or sit idle, a flood of them under a small
-//! file-descriptor limit, a burst of requests waiting for one instance slot,
-//! HTTP/2, and the admin API reached without its token or from a browser.
+//! finish a request head or body or sit idle, clients that stop reading
+//! their response, a flood of connections under a small file-descriptor
+//! limit, a burst of requests waiting for one instance slot, HTTP/2 and its
+//! stream cap, and the admin API reached without its token or from a
+//! browser.
 //!
 //! Timeouts are configured small and waited for generously, so a busy
 //! machine makes the tests slower, not flaky.
@@ -17,7 +19,7 @@ use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// How long a test waits for what a 1 s timeout should do.
 const GENEROUS: Duration = Duration::from_secs(30);
@@ -149,6 +151,185 @@ async fn an_idle_keep_alive_connection_is_closed() {
         tokio::time::timeout(GENEROUS, connection).await.is_ok(),
         "the host kept an idle HTTP/2 connection open"
     );
+}
+
+/// The size of the large response: the host's OpenAPI document, made far
+/// bigger than any socket buffers.
+const BIG: usize = 32 << 20;
+
+/// A host with one connection slot, nothing but a stalled response to free
+/// it, and a `BIG` document at `/openapi.json`.
+fn one_slot_and_a_big_response(ports: &Ports, dir: &Path) -> String {
+    std::fs::write(dir.join("big.json"), vec![b' '; BIG]).unwrap();
+    with_host_settings(
+        "openapi = \"big.json\"\nmax_connections = 1\nresponse_write_timeout_seconds = 1\n\
+         header_read_timeout_seconds = 600\nidle_timeout_seconds = 600",
+    )(ports, dir)
+}
+
+/// A fresh client, waiting in the accept queue behind the only slot, is
+/// served within `GENEROUS`.
+async fn a_fresh_client_is_served(host: &TestHost, behind: &str) {
+    let reply = tokio::time::timeout(GENEROUS, get(&host.url("/healthz")))
+        .await
+        .unwrap_or_else(|_| panic!("{behind} held the only connection slot"));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http1_client_that_stops_reading_its_response_is_cut() {
+    let host = TestHost::start(one_slot_and_a_big_response);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket
+        .connect(([127, 0, 0, 1], host.ports.public).into())
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+
+    a_fresh_client_is_served(&host, "a client not reading its response").await;
+    // The stalled client finds its response cut short.
+    let received = closed_by_host(&mut stalled, "a client not reading its response").await;
+    assert!(
+        String::from_utf8_lossy(&received[..12]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&received[..received.len().min(200)])
+    );
+    assert!(received.len() < BIG, "the whole response was sent");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_that_holds_its_stream_window_at_zero_is_cut() {
+    let host = TestHost::start(one_slot_and_a_big_response);
+    let stream = TcpStream::connect(("127.0.0.1", host.ports.public))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let uri = format!("http://127.0.0.1:{}/openapi.json", host.ports.public);
+    let request = http::Request::get(&uri)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // The head passes (it is not flow-controlled); the body never can.
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    a_fresh_client_is_served(&host, "an HTTP/2 stream with a window of 0").await;
+    assert!(
+        tokio::time::timeout(GENEROUS, connection).await.is_ok(),
+        "the host kept the stalled HTTP/2 connection open"
+    );
+    let body = response.into_body().collect().await;
+    assert!(body.is_err(), "the whole response was sent");
+}
+
+/// An HTTP/2 frame: type, flags, stream id and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend(payload);
+    frame
+}
+
+/// Reads one HTTP/2 frame: (type, stream id, payload).
+async fn read_h2_frame(stream: &mut TcpStream) -> (u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.unwrap();
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.unwrap();
+    (head[3], id, payload)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_cannot_open_more_than_32_streams_at_once() {
+    const HEADERS: u8 = 1;
+    const RST_STREAM: u8 = 3;
+    const SETTINGS: u8 = 4;
+    const GOAWAY: u8 = 7;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let host = TestHost::start(with_host_settings("body_read_timeout_seconds = 600"));
+    // A raw client, since a polite one queues what the server's
+    // SETTINGS_MAX_CONCURRENT_STREAMS does not allow.
+    let mut client = TcpStream::connect(("127.0.0.1", host.ports.public))
+        .await
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    // 33 PUTs whose bodies never come, so each stream stays open; HPACK
+    // literals without Huffman coding.
+    let stream_id = |i: u32| 2 * i + 1;
+    for i in 0..33 {
+        let mut block = Vec::new();
+        for (name_index, value) in [
+            (2u8, "PUT".to_owned()),
+            (6, "http".to_owned()),
+            (4, format!("/probe/kv/stream-{i}")),
+            (1, "localhost".to_owned()),
+        ] {
+            block.extend([name_index, value.len() as u8]);
+            block.extend(value.as_bytes());
+        }
+        out.extend(h2_frame(HEADERS, END_HEADERS, stream_id(i), &block));
+    }
+    client.write_all(&out).await.unwrap();
+
+    let mut advertised = None;
+    let refused = tokio::time::timeout(GENEROUS, async {
+        loop {
+            let (kind, id, payload) = read_h2_frame(&mut client).await;
+            match kind {
+                SETTINGS if id == 0 => {
+                    for setting in payload.chunks_exact(6) {
+                        // SETTINGS_MAX_CONCURRENT_STREAMS
+                        if setting[..2] == [0, 3] {
+                            advertised = Some(u32::from_be_bytes(setting[2..].try_into().unwrap()));
+                        }
+                    }
+                }
+                RST_STREAM => return (id, u32::from_be_bytes(payload[..4].try_into().unwrap())),
+                GOAWAY => panic!("the host closed the connection: {payload:?}"),
+                HEADERS => panic!("stream {id} was answered before its body came"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the 33rd stream was not refused");
+    assert_eq!(advertised, Some(32));
+    // REFUSED_STREAM, on the 33rd stream only.
+    assert_eq!(refused, (stream_id(32), 0x7));
+
+    // The 32 open streams still work: the first one gets its body.
+    client
+        .write_all(&h2_frame(0, END_STREAM, stream_id(0), b"v"))
+        .await
+        .unwrap();
+    tokio::time::timeout(GENEROUS, async {
+        loop {
+            match read_h2_frame(&mut client).await {
+                (HEADERS, id, _) if id == stream_id(0) => return,
+                (HEADERS | RST_STREAM | GOAWAY, id, payload) => {
+                    panic!("unexpected frame on stream {id}: {payload:?}")
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the first stream got no answer");
+    assert_eq!(get(&host.url("/probe/kv/stream-0")).await.status, 200);
+    assert_eq!(get(&host.url("/probe/kv/stream-32")).await.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
