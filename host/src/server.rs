@@ -54,7 +54,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use crate::gateway;
 use crate::plugins::HostSettings;
@@ -164,8 +164,6 @@ struct Activity {
     /// Since when each waiter has waited for the client to take what it was
     /// offered: the socket (`SOCKET`) or a response (its `Busy::id`).
     waiting_on_client: Mutex<HashMap<u64, Instant>>,
-    /// Told when the first waiter arrives, so `stalled` need not poll.
-    first_wait: Notify,
     next_id: AtomicU64,
 }
 
@@ -185,7 +183,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(u64::MAX),
             waiting_on_client: Mutex::new(HashMap::new()),
-            first_wait: Notify::new(),
             next_id: AtomicU64::new(SOCKET + 1),
         })
     }
@@ -215,14 +212,10 @@ impl Activity {
     /// did (it made progress and waits anew).
     fn wait_on_client(&self, id: u64, restart: bool) {
         let mut waits = self.waits();
-        let first = waits.is_empty();
         if restart {
             waits.insert(id, Instant::now());
         } else {
             waits.entry(id).or_insert_with(Instant::now);
-        }
-        if first {
-            self.first_wait.notify_one();
         }
     }
 
@@ -254,15 +247,18 @@ impl Activity {
     }
 
     /// Resolves once something has waited `timeout` on the client without
-    /// progress. A waiter added while this sleeps is newer than the one it
-    /// sleeps for, so the deadline only ever moves later.
+    /// progress. Checked every quarter of the timeout rather than woken by
+    /// each new waiter: a wake-up and a timer per request cost several
+    /// percent of throughput, and a stall is still cut within 1.25 times the
+    /// timeout.
     async fn stalled(&self, timeout: Duration) {
+        let mut check = tokio::time::interval(timeout / 4);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            check.tick().await;
             let oldest = self.waits().values().min().copied();
-            match oldest {
-                Some(since) if since + timeout <= Instant::now() => return,
-                Some(since) => tokio::time::sleep_until((since + timeout).into()).await,
-                None => self.first_wait.notified().await,
+            if oldest.is_some_and(|since| since.elapsed() >= timeout) {
+                return;
             }
         }
     }
