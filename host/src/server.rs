@@ -35,13 +35,12 @@
 //! request bodies being read hold at most `max_connections` x
 //! `http2_max_concurrent_streams` x `max_body_kib`.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -155,25 +154,51 @@ pub struct BodyReadTimeout(pub Duration);
 pub struct LocalAddr(pub SocketAddr);
 
 /// When a connection last had nothing to do, how much it has now, and
-/// since when it has waited on its client.
+/// whether it waits on its client.
+///
+/// Waiting is counted, not timed, on the request path: a counter of
+/// waiters (the socket's pending write, responses offered to the client)
+/// and a counter of progress (a write or a frame the client took). The
+/// watchdog in [`Activity::stalled`] reads the clock, a few times per
+/// timeout; a lock, a map and a clock read per frame cost about 8% of
+/// the requests a small handler serves.
 struct Activity {
     opened: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds after `opened`; `u64::MAX` until the first request.
     idle_since_ms: AtomicU64,
-    /// Since when each waiter has waited for the client to take what it was
-    /// offered: the socket (`SOCKET`) or a response (its `Busy::id`).
-    waiting_on_client: Mutex<HashMap<u64, Instant>>,
-    next_id: AtomicU64,
+    /// Things that wait for the client to take what they offered.
+    waiting_on_client: AtomicUsize,
+    /// Bumped whenever the client takes something.
+    progress: AtomicU64,
 }
-
-/// The waiter id of the socket's writes; responses count from 1.
-const SOCKET: u64 = 0;
 
 /// One request in flight, until its response body is done or dropped.
 struct Busy {
     activity: Arc<Activity>,
-    id: u64,
+}
+
+/// One waiter's share of [`Activity::waiting_on_client`].
+struct Waiting {
+    waiting: bool,
+}
+
+impl Waiting {
+    fn set(&mut self, activity: &Activity, waiting: bool) {
+        if waiting != self.waiting {
+            self.waiting = waiting;
+            if waiting {
+                activity.waiting_on_client.fetch_add(1, Ordering::Relaxed);
+            } else {
+                activity.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn progressed(&mut self, activity: &Activity, still_waiting: bool) {
+        activity.progress.fetch_add(1, Ordering::Relaxed);
+        self.set(activity, still_waiting);
+    }
 }
 
 impl Activity {
@@ -182,8 +207,8 @@ impl Activity {
             opened: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(u64::MAX),
-            waiting_on_client: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(SOCKET + 1),
+            waiting_on_client: AtomicUsize::new(0),
+            progress: AtomicU64::new(0),
         })
     }
 
@@ -193,35 +218,11 @@ impl Activity {
             .store(self.elapsed_ms(), Ordering::SeqCst);
         Busy {
             activity: self.clone(),
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
         }
     }
 
     fn elapsed_ms(&self) -> u64 {
         self.opened.elapsed().as_millis() as u64
-    }
-
-    fn waits(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
-        // The map is never left half-updated, so a poisoned lock is fine.
-        self.waiting_on_client
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// `id` waits on the client from now on; `restart` also when it already
-    /// did (it made progress and waits anew).
-    fn wait_on_client(&self, id: u64, restart: bool) {
-        let mut waits = self.waits();
-        if restart {
-            waits.insert(id, Instant::now());
-        } else {
-            waits.entry(id).or_insert_with(Instant::now);
-        }
-    }
-
-    /// `id` no longer waits on the client (done, or waiting on a component).
-    fn not_waiting(&self, id: u64) {
-        self.waits().remove(&id);
     }
 
     /// Resolves once the connection has waited `header` for its first
@@ -246,18 +247,19 @@ impl Activity {
         }
     }
 
-    /// Resolves once something has waited `timeout` on the client without
-    /// progress. Checked every quarter of the timeout rather than woken by
-    /// each new waiter: a wake-up and a timer per request cost several
-    /// percent of throughput, and a stall is still cut within 1.25 times the
-    /// timeout.
+    /// Resolves once something has waited `timeout` on the client and the
+    /// client took nothing meanwhile. Checked every quarter of the timeout,
+    /// so a stall is cut within 1.25 times it.
     async fn stalled(&self, timeout: Duration) {
         let mut check = tokio::time::interval(timeout / 4);
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = (self.progress.load(Ordering::Relaxed), Instant::now());
         loop {
             check.tick().await;
-            let oldest = self.waits().values().min().copied();
-            if oldest.is_some_and(|since| since.elapsed() >= timeout) {
+            let progress = self.progress.load(Ordering::Relaxed);
+            if progress != seen.0 || self.waiting_on_client.load(Ordering::Relaxed) == 0 {
+                seen = (progress, Instant::now());
+            } else if seen.1.elapsed() >= timeout {
                 return;
             }
         }
@@ -267,7 +269,6 @@ impl Activity {
 impl Drop for Busy {
     fn drop(&mut self) {
         let activity = &self.activity;
-        activity.not_waiting(self.id);
         activity
             .idle_since_ms
             .store(activity.elapsed_ms(), Ordering::SeqCst);
@@ -281,12 +282,24 @@ impl Drop for Busy {
 struct Outgoing {
     body: Body,
     busy: Busy,
+    waiting: Waiting,
 }
 
 impl Outgoing {
     fn new(body: Body, busy: Busy) -> Outgoing {
-        busy.activity.wait_on_client(busy.id, true);
-        Outgoing { body, busy }
+        let mut waiting = Waiting { waiting: false };
+        waiting.set(&busy.activity, true);
+        Outgoing {
+            body,
+            busy,
+            waiting,
+        }
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        self.waiting.set(&self.busy.activity, false);
     }
 }
 
@@ -299,12 +312,11 @@ impl hyper::body::Body for Outgoing {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        let Busy { activity, id } = &self.busy;
-        match &polled {
-            Poll::Ready(Some(Ok(_))) => activity.wait_on_client(*id, true),
-            // Waiting on the component, or done.
-            _ => activity.not_waiting(*id),
-        }
+        // Asked again: the client took what was offered before. A new frame
+        // waits on it; otherwise the body waits on the component, or is done.
+        let offered = matches!(polled, Poll::Ready(Some(Ok(_))));
+        let this = &mut *self;
+        this.waiting.progressed(&this.busy.activity, offered);
         polled
     }
 
@@ -323,15 +335,22 @@ impl hyper::body::Body for Outgoing {
 struct WatchedStream {
     stream: TcpStream,
     activity: Arc<Activity>,
+    waiting: Waiting,
 }
 
 impl WatchedStream {
-    fn note<T>(&self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn note<T>(&mut self, polled: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match &polled {
-            Poll::Pending => self.activity.wait_on_client(SOCKET, false),
-            Poll::Ready(_) => self.activity.not_waiting(SOCKET),
+            Poll::Pending => self.waiting.set(&self.activity, true),
+            Poll::Ready(_) => self.waiting.progressed(&self.activity, false),
         }
         polled
+    }
+}
+
+impl Drop for WatchedStream {
+    fn drop(&mut self) {
+        self.waiting.set(&self.activity, false);
     }
 }
 
@@ -451,6 +470,7 @@ pub async fn serve<H, F>(
             let stream = WatchedStream {
                 stream,
                 activity: activity.clone(),
+                waiting: Waiting { waiting: false },
             };
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
