@@ -205,9 +205,7 @@ async fn a_refused_reload_migrates_none_of_its_components() {
     let host = TestHost::standard();
     assert_eq!(put(&host.url("/probe/kv/before"), "kept").await.status, 204);
     let probe = database(&host, "probe");
-    let schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name";
-    let ledger = "SELECT name, checksum FROM _agora_migrations ORDER BY name";
-    let (schema_before, ledger_before) = (rows(&probe, schema), rows(&probe, ledger));
+    let before = schema_and_ledger(&probe);
 
     // Components load in name order: probe, swapped to v2 (which brings a
     // good migration), loads before the broken one after it.
@@ -237,8 +235,7 @@ async fn a_refused_reload_migrates_none_of_its_components() {
         host.log()
     );
 
-    assert_eq!(rows(&probe, schema), schema_before);
-    assert_eq!(rows(&probe, ledger), ledger_before);
+    assert_eq!(schema_and_ledger(&probe), before);
     assert_eq!(version(&host).await, "v1");
     assert_eq!(get(&host.url("/broken")).await.status, 404);
     assert_eq!(
@@ -263,7 +260,8 @@ async fn a_refused_reload_migrates_none_of_its_components() {
         (version(&host).await == "v2").then_some(())
     })
     .await;
-    assert!(rows(&probe, ledger)
+    assert!(schema_and_ledger(&probe)
+        .1
         .iter()
         .any(|row| row[0] == "0002_v2_notes"));
 }

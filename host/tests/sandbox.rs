@@ -461,9 +461,7 @@ async fn a_refused_version_leaves_the_schema_exactly_as_it_was() {
     let host = TestHost::standard();
     assert_eq!(put(&host.url("/probe/kv/before"), "kept").await.status, 204);
     let probe = database(&host, "probe");
-    let schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name";
-    let ledger = "SELECT name, checksum FROM _agora_migrations ORDER BY name";
-    let (schema_before, ledger_before) = (rows(&probe, schema), rows(&probe, ledger));
+    let before = schema_and_ledger(&probe);
 
     // A good migration (it replaces `kv`), then a broken one.
     let half = component("probe-half-migration");
@@ -475,8 +473,7 @@ async fn a_refused_version_leaves_the_schema_exactly_as_it_was() {
         stderr(&out)
     );
 
-    assert_eq!(rows(&probe, schema), schema_before);
-    assert_eq!(rows(&probe, ledger), ledger_before);
+    assert_eq!(schema_and_ledger(&probe), before);
     let version = get(&host.url("/probe/version")).await.json();
     assert_eq!(version["version"], "v1");
     assert_eq!(

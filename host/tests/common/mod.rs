@@ -510,6 +510,21 @@ pub fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
 }
 
 /// A component's database file in the host's data directory.
+/// A component database's schema and migration ledger, to compare before
+/// and after a change that must leave both alone.
+pub fn schema_and_ledger(database: &Path) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    (
+        rows(
+            database,
+            "SELECT type, name, sql FROM sqlite_master ORDER BY name",
+        ),
+        rows(
+            database,
+            "SELECT name, checksum FROM _agora_migrations ORDER BY name",
+        ),
+    )
+}
+
 pub fn database(host: &TestHost, component: &str) -> std::path::PathBuf {
     host.data_dir()
         .join("storage")
