@@ -1,12 +1,16 @@
 //! A loaded component version: compiled, checked against its grants,
-//! linked, its migrations rehearsed, and ready to instantiate.
+//! linked, and ready to instantiate.
 //!
-//! Everything that can fail happens off the request path, in two steps:
-//! [`ComponentVersion::load`] checks everything and commits nothing (its
-//! migrations are applied and rolled back), so a change of several
-//! components can be refused as a whole; [`ComponentVersion::migrate`]
-//! then commits the migrations, once every component of the change loaded.
-//! A version that fails either step is never routed to. Serving is
+//! Everything that can fail happens off the request path, and nothing is
+//! committed until everything of a change passed:
+//! [`ComponentVersion::load`] checks the binary and commits nothing;
+//! [`ComponentVersion::rehearse_migrations`] applies the migrations and
+//! rolls them back, so a change of several components can be refused as a
+//! whole before any commits; [`ComponentVersion::migrate`] then commits
+//! them. A change of one component (an admin deploy, say) skips the rehearsal:
+//! its migrations commit in one transaction, which a failure leaves
+//! untouched, and a rehearsal would only double the work of a swap.
+//! A version that fails any step is never routed to. Serving is
 //! then one fresh instance per request or message from the pre-linked
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
@@ -159,8 +163,8 @@ pub fn version_of(wasm: &[u8]) -> String {
 
 impl ComponentVersion {
     /// Compiles (or fetches from the compilation cache), validates grants,
-    /// links, configures capabilities and rehearses the migrations: applies
-    /// them and rolls them back, committing nothing.
+    /// links, configures capabilities and lists the migrations, committing
+    /// nothing.
     pub async fn load(
         engine: &Engine,
         linker: &Linker<InstanceState>,
@@ -208,11 +212,8 @@ impl ComponentVersion {
             max_waiting: HostSettings::default().max_waiting_requests as usize,
         };
         loaded.migrations = loaded.list_migrations().await?;
-        if let Some(db) = loaded.database()? {
-            db.rehearse_migrations(&loaded.migrations)
-                .await
-                .map_err(|e| loaded.migration_failed(e))?;
-        }
+        // Refuses migrations without a storage grant now, not at commit.
+        loaded.database()?;
         Ok(loaded)
     }
 
@@ -327,7 +328,18 @@ impl ComponentVersion {
         anyhow!("component `{}` version {}: {e}", self.name, self.version)
     }
 
-    /// Commits the migrations `load` rehearsed, in one transaction: a
+    /// Applies the migrations not yet applied and rolls them back: whether
+    /// they would apply to the data as it is now.
+    pub async fn rehearse_migrations(&self) -> Result<()> {
+        let Some(db) = self.database()? else {
+            return Ok(());
+        };
+        db.rehearse_migrations(&self.migrations)
+            .await
+            .map_err(|e| self.migration_failed(e))
+    }
+
+    /// Commits the migrations not yet applied, in one transaction: a
     /// failure leaves the schema as it was.
     pub async fn migrate(&self) -> Result<()> {
         let Some(db) = self.database()? else {

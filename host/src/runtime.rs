@@ -10,9 +10,10 @@
 //! Each component has its own database, so the migrations of a change of
 //! several components cannot commit as one transaction. A change is
 //! therefore made in two phases: first every new version is compiled,
-//! checked, linked and its migrations rehearsed (applied and rolled back),
-//! and the links of the whole are checked, with nothing committed; only
-//! then are the migrations committed, one component at a time. What the
+//! checked and linked, the links of the whole are checked and, when the
+//! change has several new versions, their migrations are rehearsed
+//! (applied and rolled back), with nothing committed; only then are the
+//! migrations committed, one component at a time. What the
 //! rehearsal cannot foresee (a full disk, a write by the serving version
 //! between rehearsal and commit that a new constraint refuses) can still
 //! fail the second of two components after the first one committed: the
@@ -185,6 +186,13 @@ impl Runtime {
             components.insert(name.clone(), version);
         }
         check_links(&components)?;
+        // One component's migrations commit in one transaction or not at
+        // all; only several need a rehearsal to be refused as a whole.
+        if fresh.len() > 1 {
+            for version in &fresh {
+                version.rehearse_migrations().await?;
+            }
+        }
         // Everything passed and nothing is committed yet: now the migrations.
         for version in &fresh {
             version.migrate().await?;
