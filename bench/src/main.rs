@@ -411,7 +411,7 @@ async fn durability(dir: &Path) -> Result<()> {
             max_size_mib: 1024,
         };
         let backend = SqliteBackend::new(&dir.join(name), settings)?;
-        let db = backend.open("bench").await?;
+        let db = backend.open("bench", Duration::from_secs(10)).await?;
         db.migrate(&[Migration {
             name: "0001".into(),
             sql: "CREATE TABLE rows (n BIGINT NOT NULL)".into(),

@@ -587,7 +587,7 @@ mod tests {
             max_size_mib: 64,
         };
         let storage = SqliteBackend::new(&dir.path().join("storage"), settings).unwrap();
-        let db = storage.open("c").await.unwrap();
+        let db = storage.open("c", Duration::from_secs(10)).await.unwrap();
         let v1 = vec!["a".to_owned()];
         let v2 = vec!["a".to_owned(), "t".to_owned()];
 

@@ -9,7 +9,12 @@
 //! event into the component's own database in the same transaction, and the
 //! messaging capability relays committed events to the broker.
 //!
-//! Guarantees every backend keeps (SQLite now, PostgreSQL next):
+//! Backends: one file each, declaring its `kind`, its settings and its
+//! constructor ([`StorageSettings`]), and one line in [`BACKENDS`]:
+//! `sqlite` (embedded, the default) and `postgres`. The migration ledger's
+//! rules are written once, in `ledger.rs`.
+//!
+//! Guarantees every backend keeps:
 //! - a component's SQL reaches exactly its own tables: not another
 //!   component's, not the host's (`_agora_*`: the outbox, the migration
 //!   ledger), no file and no connection setting, by the backend's own
@@ -28,30 +33,71 @@
 //!   far survive a machine crash, which the outbox relay does before an
 //!   event leaves the component.
 
+mod ledger;
+mod postgres;
 mod sandbox;
 mod sqlite;
 
+use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
+use serde::{Deserialize, Deserializer};
 use wasmtime::component::{HasSelf, Linker, Resource};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
 use crate::capability::Capability;
 use crate::messaging::Envelope;
-use crate::plugins::{ComponentSpec, Grant, StorageBackend as BackendChoice};
+use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
+pub use postgres::{PostgresBackend, PostgresConfig};
 pub use sqlite::{synchronous, Settings as SqliteSettings, SqliteBackend};
+
+/// Every storage backend, by the `kind` that chooses it in `[backends.storage]`.
+const BACKENDS: &[BackendKind<dyn StorageSettings>] = &[sqlite::KIND, postgres::KIND];
+
+/// A storage backend's settings from `[backends.storage]`, which start it.
+#[async_trait]
+pub trait StorageSettings: Debug + Send + Sync {
+    /// `data_dir` is the host's data directory, for embedded backends.
+    async fn start(&self, data_dir: &Path) -> Result<Arc<dyn StorageBackend>>;
+}
+
+/// `[backends.storage]`: the chosen backend's settings. The embedded
+/// `sqlite` backend by default, which needs no server.
+#[derive(Debug, Clone)]
+pub struct BackendConfig(Arc<dyn StorageSettings>);
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig(Arc::new(SqliteSettings::default()))
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let table = toml::Table::deserialize(deserializer)?;
+        choose_backend("storage", BACKENDS, table)
+            .map(|settings| BackendConfig(settings.into()))
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 /// Opens component databases.
 #[async_trait]
 pub trait StorageBackend: Send + Sync {
-    /// The component's database, created on first use; the same handle for
-    /// every version of the component.
-    async fn open(&self, component: &str) -> Result<Arc<dyn Database>, Error>;
+    /// The component's database, created on first use. `statement_timeout`
+    /// bounds each of its statements where the backend can (the component's
+    /// deadline); a backend may share one handle between versions.
+    async fn open(
+        &self,
+        component: &str,
+        statement_timeout: Duration,
+    ) -> Result<Arc<dyn Database>, Error>;
     async fn ping(&self) -> Result<(), Error>;
 }
 
@@ -92,6 +138,24 @@ pub struct OutboxRow {
     pub event: Result<Envelope, String>,
 }
 
+/// The most a `query` result may carry, in bytes of its values: it is
+/// collected in host memory and then copied into the instance's, whose
+/// default is 64 MiB. 16 MiB is far above any page a service shows, and a
+/// larger read is paged (`LIMIT`, a `WHERE` on the last key).
+pub(crate) const MAX_RESULT_BYTES: usize = 16 << 20;
+
+impl OutboxRow {
+    /// An event as an outbox row holds it.
+    pub fn encode(event: &Envelope) -> Result<String, Error> {
+        serde_json::to_string(event).map_err(|e| Error::InvalidQuery(e.to_string()))
+    }
+
+    /// The event in an outbox row, or why it is not one.
+    pub fn decode(seq: i64, json: &[u8]) -> Result<Envelope, String> {
+        serde_json::from_slice(json).map_err(|e| format!("outbox row {seq} is not an event: {e}"))
+    }
+}
+
 /// An open transaction. Dropping it without [`Transaction::commit`] rolls it back.
 #[async_trait]
 pub trait Transaction: Send {
@@ -128,20 +192,10 @@ pub struct StorageCapability {
 }
 
 impl StorageCapability {
-    pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
-        let backend: Arc<dyn StorageBackend> = match choice {
-            BackendChoice::Sqlite {
-                durability,
-                max_size_mib,
-            } => Arc::new(SqliteBackend::new(
-                &data_dir.join("storage"),
-                SqliteSettings {
-                    durability: *durability,
-                    max_size_mib: *max_size_mib,
-                },
-            )?),
-        };
-        Ok(StorageCapability { backend })
+    pub async fn init(config: &BackendConfig, data_dir: &Path) -> Result<Self> {
+        Ok(StorageCapability {
+            backend: config.0.start(data_dir).await?,
+        })
     }
 }
 
@@ -158,8 +212,9 @@ impl Capability for StorageCapability {
         )?)
     }
 
-    async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
-        Ok(self.backend.open(component).await?)
+    async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
+        let timeout = Duration::from_millis(spec.limits.timeout_ms);
+        Ok(self.backend.open(component, timeout).await?)
     }
 
     async fn ready(&self) -> Result<()> {

@@ -47,17 +47,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params_from_iter, Connection, InterruptHandle};
-use sha2::{Digest, Sha256};
+use serde::Deserialize;
 use tokio::sync::OwnedMutexGuard;
 
+use super::ledger::{self, Pending};
 use super::sandbox::{Access, Failure, Sandboxed};
-use super::{Database, Error, Migration, OutboxRow, RowSet, StorageBackend, Transaction, Value};
+use super::{
+    Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
+    Value, MAX_RESULT_BYTES,
+};
 use crate::messaging::Envelope;
-use crate::plugins::Durability;
+use crate::plugins::{BackendKind, Durability};
 
 pub struct SqliteBackend {
     dir: PathBuf,
@@ -65,14 +70,54 @@ pub struct SqliteBackend {
     open: Mutex<HashMap<String, Arc<SqliteDatabase>>>,
 }
 
-/// The backend's settings from plugins.toml, for every database it opens.
-#[derive(Debug, Clone, Copy)]
+pub const KIND: BackendKind<dyn StorageSettings> = BackendKind {
+    kind: "sqlite",
+    parse: |table| {
+        let settings = Settings::deserialize(table)?;
+        if settings.max_size_mib == 0 {
+            return Err(serde::de::Error::custom("`max_size_mib` must be above 0"));
+        }
+        Ok(Box::new(settings))
+    },
+};
+
+/// `[backends.storage] kind = "sqlite"`, for every database it opens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
+    #[serde(default)]
     pub durability: Durability,
-    /// The most a component's database file may hold, in MiB (see
-    /// [`crate::plugins::StorageBackend`]); beyond it a write fails with
-    /// SQLITE_FULL ("database or disk is full").
+    /// The most one component's database file may hold, in MiB; a write
+    /// beyond fails with SQLITE_FULL ("database or disk is full"). The
+    /// databases share the data directory's disk, so one component must not
+    /// be able to fill it for the others (or for the message log). 1 GiB is
+    /// thousands of times a shop's working data; raise it for a component
+    /// that keeps more.
+    #[serde(default = "default_max_size_mib")]
     pub max_size_mib: u32,
+}
+
+fn default_max_size_mib() -> u32 {
+    1024
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            durability: Durability::default(),
+            max_size_mib: default_max_size_mib(),
+        }
+    }
+}
+
+#[async_trait]
+impl StorageSettings for Settings {
+    async fn start(&self, data_dir: &Path) -> anyhow::Result<Arc<dyn StorageBackend>> {
+        Ok(Arc::new(SqliteBackend::new(
+            &data_dir.join("storage"),
+            *self,
+        )?))
+    }
 }
 
 impl SqliteBackend {
@@ -97,7 +142,9 @@ pub fn synchronous(durability: Durability) -> &'static str {
 
 #[async_trait]
 impl StorageBackend for SqliteBackend {
-    async fn open(&self, component: &str) -> Result<Arc<dyn Database>, Error> {
+    /// The statement timeout is not needed: a statement whose caller stops
+    /// waiting is interrupted (see [`on_connection`]).
+    async fn open(&self, component: &str, _: Duration) -> Result<Arc<dyn Database>, Error> {
         if let Some(db) = self.open.lock().unwrap().get(component) {
             return Ok(db.clone());
         }
@@ -381,8 +428,7 @@ impl Database for SqliteDatabase {
                 let rows = stmt.query_map([after, limit as i64], |r| {
                     let seq: i64 = r.get(0)?;
                     let event = match r.get_ref(1)? {
-                        ValueRef::Text(json) => serde_json::from_slice(json)
-                            .map_err(|e| format!("outbox row {seq} is not an event: {e}")),
+                        ValueRef::Text(json) => OutboxRow::decode(seq, json),
                         other => Err(format!(
                             "outbox row {seq} is not an event: it holds {:?}, not JSON text",
                             other.data_type()
@@ -461,21 +507,7 @@ fn run_migrations(
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     })?;
-    let mut new = Vec::new();
-    for m in migrations {
-        let checksum = hex(&Sha256::digest(m.sql.as_bytes()));
-        match recorded.get(&m.name) {
-            Some(sum) if *sum == checksum => {}
-            Some(_) => {
-                return Err(Error::InvalidQuery(format!(
-                    "migration `{}` was changed after it was applied; \
-                     add a new migration instead",
-                    m.name
-                )))
-            }
-            None => new.push((m, checksum)),
-        }
-    }
+    let new = ledger::plan(&recorded, &migrations)?;
     if new.is_empty() {
         return Ok(Vec::new());
     }
@@ -494,20 +526,23 @@ fn run_migrations(
 
 /// Runs new migrations inside the open transaction, each with its ledger
 /// row; the caller commits or rolls back.
-fn apply_migrations(c: &Sandboxed, new: &[(Migration, String)]) -> Result<Vec<String>, Error> {
+fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String>, Error> {
     let now = crate::now_millis() as i64;
-    for (m, checksum) in new {
-        c.component_batch(&m.sql).map_err(|e| {
-            Error::InvalidQuery(format!("migration `{}` failed: {}", m.name, message(&e)))
-        })?;
+    for Pending {
+        migration,
+        checksum,
+    } in new
+    {
+        c.component_batch(&migration.sql)
+            .map_err(|e| ledger::failed(migration, message(&e)))?;
         c.host(|c| {
             c.execute(
                 "INSERT INTO _agora_migrations (name, checksum, applied_at) VALUES (?1, ?2, ?3)",
-                rusqlite::params![m.name, checksum, now],
+                rusqlite::params![migration.name, checksum, now],
             )
         })?;
     }
-    Ok(new.iter().map(|(m, _)| m.name.clone()).collect())
+    Ok(new.iter().map(|p| p.migration.name.clone()).collect())
 }
 
 fn message(e: &Error) -> &str {
@@ -594,7 +629,7 @@ impl Transaction for SqliteTransaction {
     }
 
     async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
-        let json = serde_json::to_string(event).map_err(|e| Error::InvalidQuery(e.to_string()))?;
+        let json = OutboxRow::encode(event)?;
         self.run(move |c| {
             c.host(|c| c.execute("INSERT INTO _agora_outbox (event) VALUES (?1)", [json]))
                 .map(|_| ())
@@ -623,12 +658,6 @@ impl Drop for SqliteTransaction {
         }
     }
 }
-
-/// The most a `query` result may carry, in bytes of its values: it is
-/// collected in host memory and then copied into the instance's, whose
-/// default is 64 MiB. 16 MiB is far above any page a service shows, and a
-/// larger read is paged (`LIMIT`, a `WHERE` on the last key).
-const MAX_RESULT_BYTES: usize = 16 << 20;
 
 /// Runs a statement that only reads: SQLite says whether a compiled
 /// statement writes (`sqlite3_stmt_readonly`), asked before every run
@@ -726,10 +755,6 @@ pub fn adapt_placeholders(sql: &str) -> String {
         }
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -36,6 +36,74 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The backend set every host of this run uses, from
+/// `AGORA_TEST_BACKENDS`: unset (or `embedded`) keeps what each test's
+/// plugins file says (the embedded backends by default); `postgres,redis`
+/// puts storage on the PostgreSQL and the cache on the Redis on 127.0.0.1
+/// (as `scripts/services` sets them up), wherever the file chooses no
+/// backend itself. Each host gets its own PostgreSQL namespace and Redis key
+/// prefix, so hosts of parallel tests never meet.
+fn chosen_backends(config: &str, namespace: &str) -> String {
+    let chosen = std::env::var("AGORA_TEST_BACKENDS").unwrap_or_default();
+    let mut tables = String::new();
+    for backend in chosen.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        match backend {
+            "embedded" => {}
+            "postgres" if !config.contains("[backends.storage]") => {
+                tables.push_str(&format!(
+                    "\n[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n"
+                ))
+            }
+            "redis" if !config.contains("[backends.cache]") => tables.push_str(&format!(
+                "\n[backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n"
+            )),
+            "postgres" | "redis" => {}
+            other => panic!("AGORA_TEST_BACKENDS: unknown backend `{other}` (postgres, redis, embedded)"),
+        }
+    }
+    tables
+}
+
+/// The database `scripts/services` creates for the tests and for
+/// plugins.production.toml.
+pub const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
+
+/// A PostgreSQL namespace no other host, test or run uses: `t` and the
+/// time in nanoseconds, base 36 (13 characters).
+pub fn unique_namespace() -> String {
+    let mut n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let mut digits = Vec::new();
+    while n > 0 {
+        digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+    }
+    digits.reverse();
+    format!("t{}", String::from_utf8(digits).unwrap())
+}
+
+/// Drops what a host made in PostgreSQL under `namespace`: its schemas and
+/// the components' roles. Best effort, through psql.
+fn drop_namespace(namespace: &str) {
+    let sql = format!(
+        "DO $d$ DECLARE r TEXT; BEGIN
+           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}');
+           FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE '{namespace}\\_%' LOOP
+             EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
+             EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);
+             EXECUTE format('DROP ROLE %I', r);
+           END LOOP;
+         END $d$;"
+    );
+    let _ = Command::new("psql")
+        .args([POSTGRES_URL, "-qtAc", &sql])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 pub struct Ports {
     pub public: u16,
     pub admin: u16,
@@ -49,6 +117,9 @@ pub struct TestHost {
     /// `ulimit` options for the host (`-v KiB`: where the instance pool
     /// cannot fit; `-n N`: few file descriptors).
     ulimit: Option<String>,
+    /// The PostgreSQL namespace [`chosen_backends`] gave this host, dropped
+    /// with it.
+    namespace: Option<String>,
 }
 
 /// hello on /hello, probe (every grant) on /probe.
@@ -108,12 +179,18 @@ impl TestHost {
             public: free_port(),
             admin: free_port(),
         };
-        std::fs::write(dir.path().join("plugins.toml"), config(&ports, dir.path())).unwrap();
+        let mut config = config(&ports, dir.path());
+        let namespace = unique_namespace();
+        let backends = chosen_backends(&config, &namespace);
+        let namespace = (!backends.is_empty()).then_some(namespace);
+        config.push_str(&backends);
+        std::fs::write(dir.path().join("plugins.toml"), config).unwrap();
         let mut host = TestHost {
             child: None,
             dir,
             ports,
             ulimit,
+            namespace,
         };
         host.spawn();
         host
@@ -261,6 +338,9 @@ impl TestHost {
 impl Drop for TestHost {
     fn drop(&mut self) {
         self.crash();
+        if let Some(namespace) = &self.namespace {
+            drop_namespace(namespace);
+        }
     }
 }
 
