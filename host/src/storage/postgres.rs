@@ -14,6 +14,10 @@
 //! revoked. What a role can still see is the catalog (`pg_class` lists
 //! every table's name, not its rows), as in any PostgreSQL database.
 //!
+//! The host's role is a member of every component role (not the other way
+//! round), so an operator with the host's credentials can read, repair and
+//! back up every component's data.
+//!
 //! The host's tables (the migration ledger and the outbox) live in the
 //! `<namespace>` schema, which no component role may read or write. Yet an
 //! outbox event and a ledger row must be written in the component's own
@@ -361,6 +365,7 @@ impl PostgresBackend {
                  END IF;
              END $d$;
              ALTER ROLE {r} SET search_path = {r};
+             GRANT {r} TO CURRENT_USER;
              CREATE SCHEMA IF NOT EXISTS {r};
              REVOKE ALL ON SCHEMA {r} FROM PUBLIC;
              GRANT USAGE, CREATE ON SCHEMA {r} TO {r};

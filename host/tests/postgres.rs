@@ -1,0 +1,376 @@
+//! Storage on PostgreSQL, through real hosts: a hostile component after
+//! other components' schemas, the host's tables, roles and files, refused
+//! by PostgreSQL itself; and an outage of the database under load.
+//!
+//! Each host gets a namespace of its own (its roles and schemas), dropped
+//! with it. Tests are skipped, saying so, when nothing answers on
+//! 127.0.0.1:5432, and fail instead under `AGORA_REQUIRE_SERVICES=1` (as
+//! `scripts/test` runs them, after `scripts/services` made the `agora` role
+//! and the `shop` database).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+async fn postgres_answers() -> bool {
+    let up = tokio::net::TcpStream::connect("127.0.0.1:5432")
+        .await
+        .is_ok();
+    if !up {
+        assert!(
+            std::env::var("AGORA_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "AGORA_REQUIRE_SERVICES=1 but PostgreSQL does not answer on 127.0.0.1:5432"
+        );
+        eprintln!("SKIPPED: nothing answers on 127.0.0.1:5432");
+    }
+    up
+}
+
+/// Runs `sql` as the host's own role (the `agora` of [`POSTGRES_URL`]).
+fn psql(sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([POSTGRES_URL, "-qtAX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The shop and the hostile component on PostgreSQL at `url`, under
+/// `namespace`.
+fn shop_and_hostile(url: &str, namespace: &str) -> TestHost {
+    let (url, namespace) = (url.to_owned(), namespace.to_owned());
+    TestHost::start(shop_config(move |text| {
+        format!(
+            "{text}\n[components.hostile]\nwasm = \"{}\"\nroutes = [\"/hostile\"]\n\
+             grants = [\"storage\", \"cache\", \"messaging\"]\n\
+             publishes = [\"hostile.events\"]\nlimits = {{ timeout_ms = 2000 }}\n\
+             [backends.storage]\nkind = \"postgres\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\
+             connect_timeout_ms = 500\n",
+            component("hostile").display()
+        )
+    }))
+}
+
+async fn hostile(host: &TestHost, route: &str, body: Value) -> Reply {
+    post_json(&host.url(&format!("/hostile/{route}")), &body).await
+}
+
+/// Asserts the call was refused (422 from the hostile component, which
+/// passes the host's error on) with a message containing `reason`.
+fn assert_refused(what: &str, reply: &Reply, reason: &str) {
+    assert_eq!(reply.status, 422, "{what}: {}", reply.text());
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains(reason),
+        "{what}: refused with {message:?}, not for {reason:?}"
+    );
+}
+
+/// What the host's tables and the identity component's hold, to show that
+/// the attacks changed nothing.
+fn snapshot(ns: &str) -> String {
+    psql(&format!(
+        "SELECT (SELECT string_agg(email || password_hash, ',' ORDER BY id) FROM \"{ns}_identity\".users) \
+         || '|' || (SELECT count(*) FROM \"{ns}\".outbox) \
+         || '|' || (SELECT string_agg(component || name || checksum, ',' ORDER BY component, name) FROM \"{ns}\".migrations)"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_component_reaches_only_its_own_schema() {
+    if !postgres_answers().await {
+        return;
+    }
+    let ns = unique_namespace();
+    let host = shop_and_hostile(POSTGRES_URL, &ns);
+    let signup = post_json(
+        &host.url("/users"),
+        &json!({"email": "victim@example.com", "name": "V", "password": "correct horse battery"}),
+    )
+    .await;
+    assert_eq!(signup.status, 201, "{}", signup.text());
+
+    // Its own tables work, found through its search path.
+    let own = hostile(
+        &host,
+        "execute",
+        json!({"sql": "INSERT INTO kv (key, value) VALUES ('a', 'b')"}),
+    )
+    .await;
+    assert_eq!(own.status, 200, "{}", own.text());
+    let own = hostile(&host, "query", json!({"sql": "SELECT value FROM kv"})).await;
+    assert_eq!(own.json()["rows"], json!([["b"]]), "{}", own.text());
+
+    let before = snapshot(&ns);
+    let attacks = [
+        (
+            format!("SELECT * FROM \"{ns}_identity\".users"),
+            "permission denied for schema",
+        ),
+        (
+            format!("UPDATE \"{ns}_identity\".users SET password_hash = 'x'"),
+            "permission denied for schema",
+        ),
+        (
+            format!("SELECT * FROM \"{ns}\".outbox"),
+            "permission denied for table outbox",
+        ),
+        (
+            format!("INSERT INTO \"{ns}\".outbox (component, event) VALUES ('payments', '{{}}')"),
+            "permission denied for table outbox",
+        ),
+        (
+            format!("DELETE FROM \"{ns}\".migrations"),
+            "permission denied for table migrations",
+        ),
+        (
+            format!("SELECT * FROM \"{ns}\".connections"),
+            "permission denied for table connections",
+        ),
+        (
+            format!("SELECT \"{ns}\".enqueue('guessed', '{{}}')"),
+            "only the host writes to the outbox",
+        ),
+        (
+            format!("SELECT \"{ns}\".record_migration('guessed', 'x', 'y')"),
+            "only the host records migrations",
+        ),
+        (
+            format!("SELECT \"{ns}\".caller('guessed')"),
+            "permission denied for function caller",
+        ),
+        ("SET ROLE agora".into(), "permission denied to set role"),
+        (
+            "SET SESSION AUTHORIZATION agora".into(),
+            "permission denied to set session authorization",
+        ),
+        (
+            "SELECT pg_read_file('/etc/passwd')".into(),
+            "permission denied for function pg_read_file",
+        ),
+        (
+            "COPY (SELECT 1) TO '/tmp/agora-hostile'".into(),
+            "COPY to a file",
+        ),
+        ("CREATE EXTENSION dblink".into(), "permission denied"),
+        (
+            format!("CREATE TABLE \"{ns}_identity\".mine (x BIGINT)"),
+            "permission denied for schema",
+        ),
+        (
+            "CREATE TABLE public.mine (x BIGINT)".into(),
+            "permission denied for schema public",
+        ),
+        (
+            "CREATE SCHEMA mine".into(),
+            "permission denied for database",
+        ),
+        (
+            "ALTER ROLE CURRENT_USER SUPERUSER".into(),
+            "must be superuser",
+        ),
+    ];
+    for (sql, reason) in &attacks {
+        let reply = hostile(&host, "execute", json!({ "sql": sql })).await;
+        assert_refused(sql, &reply, reason);
+    }
+    // A type storage does not carry is named, with its column.
+    let reply = hostile(
+        &host,
+        "query",
+        json!({"sql": "SELECT 1.5::numeric AS price"}),
+    )
+    .await;
+    assert_refused("numeric", &reply, "column `price` has type numeric");
+    // `query` only reads.
+    let reply = hostile(
+        &host,
+        "query",
+        json!({"sql": "INSERT INTO kv (key, value) VALUES ('c', 'd')"}),
+    )
+    .await;
+    assert_refused("write in query", &reply, "read-only transaction");
+    assert_eq!(snapshot(&ns), before, "an attack changed something");
+    // The victim still signs in with the password it chose.
+    let login = post_json(
+        &host.url("/auth/login"),
+        &json!({"email": "victim@example.com", "password": "correct horse battery"}),
+    )
+    .await;
+    assert_eq!(login.status, 200, "{}", login.text());
+}
+
+/// A TCP proxy in front of PostgreSQL that can be cut (every connection
+/// dropped, new ones refused) and restored: an outage of the database as
+/// the host sees it, without stopping the server other tests use.
+struct Outage {
+    port: u16,
+    down: Arc<AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Outage {
+    async fn start() -> Outage {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(generation);
+        let (d, g) = (down.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let mut cut = g.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Outage {
+            port,
+            down,
+            generation,
+        }
+    }
+
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://agora:agora@127.0.0.1:{}/shop", self.port)
+    }
+}
+
+async fn checkout(host: &TestHost, token: &str, product: &str) -> Reply {
+    request(
+        "POST",
+        &host.url("/orders"),
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        serde_json::to_vec(&json!({"items": [{"product_id": product, "quantity": 1}]})).unwrap(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_of_postgres_gives_fast_503s_and_loses_no_acknowledged_order() {
+    if !postgres_answers().await {
+        return;
+    }
+    let outage = Outage::start().await;
+    let ns = unique_namespace();
+    let host = shop_and_hostile(&outage.url(), &ns);
+    let mut token = String::new();
+    for (email, password) in [
+        ("admin@example.com", "admin-password"),
+        ("buyer@example.com", "correct horse battery"),
+    ] {
+        let body = json!({"email": email, "name": "B", "password": password});
+        let signup = post_json(&host.url("/users"), &body).await;
+        assert_eq!(signup.status, 201, "{}", signup.text());
+        let body = json!({"email": email, "password": password});
+        token = post_json(&host.url("/auth/login"), &body).await.json()["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        if email.starts_with("admin") {
+            let body =
+                json!({"name": "Lamp", "description": "d", "price_cents": 100, "stock": 1_000_000});
+            let created = request(
+                "POST",
+                &host.url("/products"),
+                &[
+                    ("authorization", &format!("Bearer {token}")),
+                    ("content-type", "application/json"),
+                ],
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+            assert_eq!(created.status, 201, "{}", created.text());
+        }
+    }
+    let products = get(&host.url("/products")).await.json();
+    let product = products["items"][0]["id"].as_str().unwrap().to_owned();
+
+    // Checkouts before, during and after the outage.
+    let mut acknowledged = Vec::new();
+    let mut during = Vec::new();
+    for phase in ["before", "during", "after"] {
+        match phase {
+            "during" => outage.cut(),
+            "after" => outage.restore(),
+            _ => {}
+        }
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut served = 0;
+        while Instant::now() < until || (phase == "after" && served == 0) {
+            let started = Instant::now();
+            let reply = checkout(&host, &token, &product).await;
+            let took = started.elapsed();
+            match reply.status {
+                201 => {
+                    served += 1;
+                    acknowledged.push(reply.json()["id"].as_str().unwrap().to_owned());
+                }
+                503 if phase != "before" => {
+                    if phase == "during" {
+                        during.push(took);
+                    }
+                }
+                status => panic!("{phase}: {status} {}", reply.text()),
+            }
+            if phase == "after" && Instant::now() > until + Duration::from_secs(20) {
+                panic!("the host did not reconnect within 20 s");
+            }
+        }
+    }
+    assert!(
+        !during.is_empty(),
+        "no checkout was refused during the outage"
+    );
+    // Fails fast: no refusal waited for a timeout of the component (10 s).
+    let slowest = during.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(5),
+        "a refusal took {slowest:?}"
+    );
+    // Every acknowledged order is there, and no other.
+    let stored = psql(&format!(
+        "SELECT count(*) FROM \"{ns}_orders\".orders WHERE id = ANY(ARRAY['{}'])",
+        acknowledged.join("','")
+    ));
+    assert_eq!(stored, acknowledged.len().to_string());
+}
