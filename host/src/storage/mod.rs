@@ -33,6 +33,8 @@
 //!   far survive a machine crash, which the outbox relay does before an
 //!   event leaves the component.
 
+#[cfg(test)]
+mod contract;
 mod ledger;
 mod postgres;
 mod sandbox;
