@@ -128,6 +128,7 @@ async fn the_probe_caches_in_redis_under_its_own_name_and_entries_expire() {
     let ready = get(&host.url("/readyz")).await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert_eq!(ready.json()["backends"]["cache"], "ok");
+    assert_eq!(ready.json()["backends"]["storage"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -378,24 +379,29 @@ async fn with_redis_unreachable_the_cache_fails_fast_and_catalog_serves_from_sto
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_production_file_runs_the_shop_with_its_cache_on_redis() {
+async fn the_production_file_runs_the_shop_on_postgres_and_redis() {
     if !redis_answers().await {
         return;
     }
     let prefix = unique_prefix("production");
+    let namespace = unique_namespace();
     // The file as shipped, but for a prefix of this test's own (its default
     // is empty), so the test cannot meet another run's keys. The URL stays
     // `${REDIS_URL:-...}`: its default is used, as REDIS_URL is unset here.
-    let in_file = prefix.clone();
+    let (in_file, ns) = (prefix.clone(), namespace.clone());
     let host = TestHost::start(repo_config("plugins.production.toml", move |c| {
-        let edited = c.replace("${REDIS_KEY_PREFIX:-}", &in_file);
+        let edited = c
+            .replace("${REDIS_KEY_PREFIX:-}", &in_file)
+            .replace("${AGORA_NAMESPACE:-agora}", &ns);
         assert_ne!(edited, c, "the file has a key prefix setting");
         assert!(c.contains("${REDIS_URL:-redis://127.0.0.1:6379}"));
+        assert!(c.contains("${DATABASE_URL:-postgres://agora:agora@127.0.0.1:5432/shop}"));
         edited
     }));
     let ready = get(&host.url("/readyz")).await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert_eq!(ready.json()["backends"]["cache"], "ok");
+    assert_eq!(ready.json()["backends"]["storage"], "ok");
     assert_eq!(ready.json()["components"].as_object().unwrap().len(), 5);
     assert_eq!(get(&host.url("/products")).await.json()["total"], 0);
     // Identity and catalog keep their entries in Redis, under the prefix.
@@ -407,4 +413,14 @@ async fn the_production_file_runs_the_shop_with_its_cache_on_redis() {
     assert_error(&login, 401, "invalid_credentials");
     let page = format!("{prefix}catalog:products::20:0:");
     assert!(redis_get(&page).await.is_some(), "no {page} in redis");
+    // Identity's table is in its PostgreSQL schema.
+    let tables = std::process::Command::new("psql")
+        .args([
+            POSTGRES_URL,
+            "-qtAc",
+            &format!("SELECT tablename FROM pg_tables WHERE schemaname = '{namespace}_identity'"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "users");
 }

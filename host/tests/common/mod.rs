@@ -117,8 +117,7 @@ pub struct TestHost {
     /// `ulimit` options for the host (`-v KiB`: where the instance pool
     /// cannot fit; `-n N`: few file descriptors).
     ulimit: Option<String>,
-    /// The PostgreSQL namespace [`chosen_backends`] gave this host, dropped
-    /// with it.
+    /// The PostgreSQL namespace of this host's storage, dropped with it.
     namespace: Option<String>,
 }
 
@@ -182,8 +181,13 @@ impl TestHost {
         let mut config = config(&ports, dir.path());
         let namespace = unique_namespace();
         let backends = chosen_backends(&config, &namespace);
-        let namespace = (!backends.is_empty()).then_some(namespace);
         config.push_str(&backends);
+        // Whatever PostgreSQL namespace the file names, chosen here or by
+        // the test, is dropped with the host.
+        let namespace = config.lines().find_map(|line| {
+            let value = line.trim().strip_prefix("namespace = \"")?;
+            Some(value.strip_suffix('"')?.to_owned())
+        });
         std::fs::write(dir.path().join("plugins.toml"), config).unwrap();
         let mut host = TestHost {
             child: None,
