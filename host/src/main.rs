@@ -153,7 +153,16 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { config } => {
             let plugins_path = std::path::absolute(&config)?;
-            let plugins = Plugins::load(&plugins_path)?;
+            let mut plugins = Plugins::load(&plugins_path)?;
+            // Loading applies migrations: against the embedded backends in a
+            // scratch directory, so that a check never changes the
+            // operator's databases.
+            if !plugins.backends.all_embedded() {
+                println!(
+                    "server backends are not contacted: components are loaded on the embedded ones"
+                );
+                plugins.backends = Default::default();
+            }
             let scratch = tempdir()?;
             let runtime = Runtime::start(plugins, &plugins_path, &scratch).await;
             let _ = std::fs::remove_dir_all(&scratch);

@@ -166,6 +166,14 @@ pub struct Backends {
     pub messaging: MessagingBackend,
 }
 
+impl Backends {
+    /// Whether every capability is on an embedded backend (one that needs
+    /// no server).
+    pub fn all_embedded(&self) -> bool {
+        self.storage.embedded() && self.cache.embedded()
+    }
+}
+
 /// What an acknowledged write of an embedded backend (a commit, a publish)
 /// survives: `durability = "process-crash"` or `"machine-crash"`.
 ///

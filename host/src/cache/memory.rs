@@ -56,6 +56,10 @@ impl Default for MemoryConfig {
 
 #[async_trait]
 impl CacheSettings for MemoryConfig {
+    fn embedded(&self) -> bool {
+        true
+    }
+
     async fn start(&self) -> anyhow::Result<Arc<dyn CacheBackend>> {
         if self.quota_mib == 0 {
             anyhow::bail!("`quota_mib` of the memory cache backend must be above 0");

@@ -36,6 +36,8 @@ const BACKENDS: &[BackendKind<dyn CacheSettings>] = &[memory::KIND, redis::KIND]
 /// A cache backend's settings from `[backends.cache]`, which start it.
 #[async_trait]
 pub trait CacheSettings: Debug + Send + Sync {
+    /// Whether the backend runs inside the host, needing no server.
+    fn embedded(&self) -> bool;
     async fn start(&self) -> Result<Arc<dyn CacheBackend>>;
 }
 
@@ -47,6 +49,12 @@ pub struct BackendConfig(Arc<dyn CacheSettings>);
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig(Arc::new(MemoryConfig::default()))
+    }
+}
+
+impl BackendConfig {
+    pub fn embedded(&self) -> bool {
+        self.0.embedded()
     }
 }
 

@@ -118,6 +118,10 @@ pub struct RedisCache {
 
 #[async_trait]
 impl CacheSettings for RedisConfig {
+    fn embedded(&self) -> bool {
+        false
+    }
+
     async fn start(&self) -> Result<Arc<dyn CacheBackend>> {
         Ok(RedisCache::connect(self).await?)
     }

@@ -18,7 +18,7 @@
 //! - a component's SQL reaches exactly its own tables: not another
 //!   component's, not the host's (`_agora_*`: the outbox, the migration
 //!   ledger), no file and no connection setting, by the backend's own
-//!   mechanisms (for SQLite, see `sandbox.rs`); transactions are opened
+//!   mechanisms (SQLite: `sandbox.rs`; PostgreSQL: roles, `postgres.rs`); transactions are opened
 //!   only with `begin()`, and `query` only reads;
 //! - a transaction commits whole or not at all, also when the database
 //!   ends it by itself after an error: every later call on it fails;
@@ -65,6 +65,8 @@ const BACKENDS: &[BackendKind<dyn StorageSettings>] = &[sqlite::KIND, postgres::
 /// A storage backend's settings from `[backends.storage]`, which start it.
 #[async_trait]
 pub trait StorageSettings: Debug + Send + Sync {
+    /// Whether the backend runs inside the host, needing no server.
+    fn embedded(&self) -> bool;
     /// `data_dir` is the host's data directory, for embedded backends.
     async fn start(&self, data_dir: &Path) -> Result<Arc<dyn StorageBackend>>;
 }
@@ -77,6 +79,12 @@ pub struct BackendConfig(Arc<dyn StorageSettings>);
 impl Default for BackendConfig {
     fn default() -> Self {
         BackendConfig(Arc::new(SqliteSettings::default()))
+    }
+}
+
+impl BackendConfig {
+    pub fn embedded(&self) -> bool {
+        self.0.embedded()
     }
 }
 

@@ -179,6 +179,10 @@ impl PostgresConfig {
 
 #[async_trait]
 impl StorageSettings for PostgresConfig {
+    fn embedded(&self) -> bool {
+        false
+    }
+
     async fn start(&self, _data_dir: &Path) -> anyhow::Result<Arc<dyn StorageBackend>> {
         Ok(Arc::new(PostgresBackend::connect(self).await?))
     }

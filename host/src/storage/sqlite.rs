@@ -112,6 +112,10 @@ impl Default for Settings {
 
 #[async_trait]
 impl StorageSettings for Settings {
+    fn embedded(&self) -> bool {
+        true
+    }
+
     async fn start(&self, data_dir: &Path) -> anyhow::Result<Arc<dyn StorageBackend>> {
         Ok(Arc::new(SqliteBackend::new(
             &data_dir.join("storage"),
