@@ -10,8 +10,14 @@
 //! 3. A hot swap of an already compiled version through the admin API.
 //! 4. Storage commits per second on the embedded backend at each
 //!    `durability` setting: what an fsync per commit costs.
+//! 5. Checkouts per second through the shop, and the time until the saga
+//!    has paid every order, on the embedded backends and on PostgreSQL +
+//!    Redis (`checkout.rs`).
 //!
-//! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32).
+//! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32);
+//! `agora-bench checkout [seconds] [buyers]` runs section 5 alone.
+
+mod checkout;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -55,10 +61,19 @@ fn main() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("native-server") {
         return native_server(args[2].parse()?);
     }
+    let only_checkout = args.get(1).map(String::as_str) == Some("checkout");
+    let args = &args[usize::from(only_checkout)..];
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let connections: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run(Duration::from_secs(seconds), connections))
+    let duration = Duration::from_secs(seconds);
+    if only_checkout {
+        let scratch = std::env::temp_dir().join(format!("agora-bench-{}", std::process::id()));
+        let result = rt.block_on(checkout::checkouts(&scratch, duration, connections));
+        let _ = std::fs::remove_dir_all(&scratch);
+        return result;
+    }
+    rt.block_on(run(duration, connections))
 }
 
 async fn run(duration: Duration, connections: usize) -> Result<()> {
@@ -121,6 +136,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 
     swap(&config, &scratch.join("swap")).await?;
     durability(&scratch.join("durability")).await?;
+    checkout::checkouts(&scratch, duration, connections).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
 }
