@@ -126,31 +126,40 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
         ),
         (
             format!("SELECT * FROM \"{ns}\".outbox"),
-            "permission denied for table outbox",
+            "permission denied for schema",
         ),
         (
             format!("INSERT INTO \"{ns}\".outbox (component, event) VALUES ('payments', '{{}}')"),
-            "permission denied for table outbox",
+            "permission denied for schema",
         ),
         (
             format!("DELETE FROM \"{ns}\".migrations"),
-            "permission denied for table migrations",
+            "permission denied for schema",
         ),
         (
             format!("SELECT * FROM \"{ns}\".connections"),
-            "permission denied for table connections",
+            "permission denied for schema",
+        ),
+        // Naming a host table at all would queue for its lock.
+        (
+            format!("PREPARE hold AS SELECT 1 FROM \"{ns}\".components"),
+            "permission denied for schema",
         ),
         (
-            format!("SELECT \"{ns}\".enqueue('guessed', '{{}}')"),
+            format!("CREATE RULE r AS ON UPDATE TO \"{ns}\".components DO INSTEAD NOTHING"),
+            "permission denied for schema",
+        ),
+        (
+            format!("SELECT \"{ns}$api\".enqueue('guessed', '{{}}')"),
             "only the host writes to the outbox",
         ),
         (
-            format!("SELECT \"{ns}\".record_migration('guessed', 'x', 'y')"),
+            format!("SELECT \"{ns}$api\".record_migration('guessed', 'x', 'y')"),
             "only the host records migrations",
         ),
         (
             format!("SELECT \"{ns}\".caller('guessed')"),
-            "permission denied for function caller",
+            "permission denied for schema",
         ),
         ("SET ROLE agora".into(), "permission denied to set role"),
         (
@@ -204,6 +213,52 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
     .await;
     assert_refused("write in query", &reply, "read-only transaction");
     assert_eq!(snapshot(&ns), before, "an attack changed something");
+
+    // A function named like the one the host asks for its connection's
+    // pid, first on the role's own search path, then a reconnect: the host
+    // must still register its true pid, so that identity's connection keeps
+    // its key and identity can still write events to its outbox.
+    for sql in [
+        "CREATE TABLE targets (n BIGSERIAL PRIMARY KEY, pid INT)".to_owned(),
+        "CREATE FUNCTION pg_backend_pid() RETURNS INT LANGUAGE sql AS \
+         $$ SELECT coalesce((SELECT pid FROM targets ORDER BY n DESC LIMIT 1), pg_catalog.pg_backend_pid()) $$"
+            .to_owned(),
+        format!("ALTER ROLE CURRENT_USER SET search_path = \"{ns}_hostile\", pg_catalog"),
+        format!("INSERT INTO targets (pid) SELECT pid FROM pg_stat_activity WHERE usename = '{ns}_identity'"),
+    ] {
+        let reply = hostile(&host, "execute", json!({ "sql": sql })).await;
+        assert_eq!(reply.status, 200, "{sql}: {}", reply.text());
+    }
+    let targets = hostile(
+        &host,
+        "query",
+        json!({"sql": "SELECT count(*) FROM targets"}),
+    )
+    .await;
+    assert_ne!(
+        targets.json()["rows"],
+        json!([[0]]),
+        "identity has no connection to aim at"
+    );
+    // Its connections end; the pool makes new ones.
+    let _ = hostile(
+        &host,
+        "execute",
+        json!({"sql": "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = CURRENT_USER"}),
+    )
+    .await;
+    let _ = hostile(&host, "query", json!({"sql": "SELECT 1"})).await;
+    let signup = post_json(
+        &host.url("/users"),
+        &json!({"email": "second@example.com", "name": "S", "password": "correct horse battery"}),
+    )
+    .await;
+    assert_eq!(
+        signup.status,
+        201,
+        "identity lost its key: {}",
+        signup.text()
+    );
     // The victim still signs in with the password it chose.
     let login = post_json(
         &host.url("/auth/login"),

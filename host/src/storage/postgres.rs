@@ -19,10 +19,13 @@
 //! back up every component's data.
 //!
 //! The host's tables (the migration ledger and the outbox) live in the
-//! `<namespace>` schema, which no component role may read or write. Yet an
+//! `<namespace>` schema, on which no component role has even `USAGE`, so
+//! it cannot name them (naming is enough to queue for a lock: `PREPARE`
+//! and `CREATE RULE` lock a table before its privileges are checked). Yet an
 //! outbox event and a ledger row must be written in the component's own
 //! transaction, on its connection. They go through two `SECURITY DEFINER`
-//! functions that a component role may call but that act only when given
+//! functions, alone in the schema `<namespace>$api`, that a component role
+//! may call but that act only when given
 //! the key the host derived for that very connection (from a secret that
 //! never leaves the host's memory, and the connection's backend pid,
 //! registered by the host when the connection was made). A component that
@@ -47,6 +50,18 @@
 //! the host's own statements. While PostgreSQL is down every call fails at
 //! once with `unavailable` (the shop answers 503); pooled connections that
 //! died are replaced on their next use, so the host reconnects by itself.
+//!
+//! What this does not isolate: components share one server's lock table,
+//! memory and CPU. A hostile component can fill the lock table (thousands
+//! of advisory or relation locks in one statement) or ask for large
+//! `work_mem`, within its statement timeout, and others' statements fail
+//! meanwhile. Revoking `pg_advisory*` from `PUBLIC` (as a superuser)
+//! narrows that; components that must not affect each other at all need
+//! servers of their own. A component's own `COMMIT` or `ROLLBACK` inside
+//! `begin()` (or a migration) ends its transaction early: that breaks its
+//! own atomicity only (the transaction fails from then on), never another
+//! component's. The catalog statistics views show other tables' row
+//! counts and sizes, not their rows.
 //!
 //! Durability: a commit is acknowledged after PostgreSQL made it durable
 //! (its `synchronous_commit`, on by default), so it survives a crash of
@@ -270,6 +285,16 @@ impl PostgresBackend {
         ident(&self.config.namespace)
     }
 
+    /// The schema of the two functions components may call:
+    /// `<namespace>$api`, a name no component's schema can take (`$` is not
+    /// allowed in component names). Components get no `USAGE` on the
+    /// host's schema itself: with it they could name the host's tables,
+    /// and `PREPARE` or `CREATE RULE` on a name locks it before the
+    /// privilege check refuses, stalling the outbox.
+    fn api(&self) -> String {
+        ident(&format!("{}$api", self.config.namespace))
+    }
+
     async fn host_conn(&self) -> Result<Object, Error> {
         self.host.get().await.map_err(pool_error)
     }
@@ -278,13 +303,15 @@ impl PostgresBackend {
     /// safely beside another host doing the same), and returns the secret
     /// role passwords derive from.
     async fn create_host_schema(&self) -> Result<String, Error> {
-        let ns = self.ns();
+        let (ns, api) = (self.ns(), self.api());
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret)
             .map_err(|e| Error::Unavailable(format!("no randomness available: {e}")))?;
         let sql = format!(
             "CREATE SCHEMA IF NOT EXISTS {ns};
              REVOKE ALL ON SCHEMA {ns} FROM PUBLIC;
+             CREATE SCHEMA IF NOT EXISTS {api};
+             REVOKE ALL ON SCHEMA {api} FROM PUBLIC;
              CREATE TABLE IF NOT EXISTS {ns}.secret (
                  id INT PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL);
              INSERT INTO {ns}.secret VALUES (1, {secret}) ON CONFLICT DO NOTHING;
@@ -306,10 +333,10 @@ impl PostgresBackend {
                  LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
                  AS $f$ SELECT c.component FROM {ns}.connections c
                         JOIN {ns}.components k ON k.name = c.component
-                        WHERE c.pid = pg_backend_pid() AND c.key = $1
+                        WHERE c.pid = pg_catalog.pg_backend_pid() AND c.key = $1
                           AND k.role = session_user $f$;
              REVOKE ALL ON FUNCTION {ns}.caller(TEXT) FROM PUBLIC;
-             CREATE OR REPLACE FUNCTION {ns}.enqueue(key TEXT, event TEXT) RETURNS VOID
+             CREATE OR REPLACE FUNCTION {api}.enqueue(key TEXT, event TEXT) RETURNS VOID
                  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
                  AS $f$ DECLARE who TEXT := {ns}.caller(key);
                  BEGIN
@@ -320,8 +347,8 @@ impl PostgresBackend {
                      PERFORM 1 FROM {ns}.components WHERE name = who FOR UPDATE;
                      INSERT INTO {ns}.outbox (component, event) VALUES (who, event);
                  END $f$;
-             REVOKE ALL ON FUNCTION {ns}.enqueue(TEXT, TEXT) FROM PUBLIC;
-             CREATE OR REPLACE FUNCTION {ns}.record_migration(key TEXT, name TEXT, checksum TEXT)
+             REVOKE ALL ON FUNCTION {api}.enqueue(TEXT, TEXT) FROM PUBLIC;
+             CREATE OR REPLACE FUNCTION {api}.record_migration(key TEXT, name TEXT, checksum TEXT)
                  RETURNS VOID
                  LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
                  AS $f$ DECLARE who TEXT := {ns}.caller(key);
@@ -333,7 +360,7 @@ impl PostgresBackend {
                      INSERT INTO {ns}.migrations VALUES
                          (who, name, checksum, (extract(epoch FROM now()) * 1000)::BIGINT);
                  END $f$;
-             REVOKE ALL ON FUNCTION {ns}.record_migration(TEXT, TEXT, TEXT) FROM PUBLIC;
+             REVOKE ALL ON FUNCTION {api}.record_migration(TEXT, TEXT, TEXT) FROM PUBLIC;
              REVOKE ALL ON SCHEMA public FROM PUBLIC;
              DO $d$ BEGIN
                  EXECUTE format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database());
@@ -354,7 +381,7 @@ impl PostgresBackend {
 
     /// Creates (or updates) the component's role and schema.
     async fn create_component(&self, component: &str, role: &str) -> Result<(), Error> {
-        let (ns, r) = (self.ns(), ident(role));
+        let (ns, api, r) = (self.ns(), self.api(), ident(role));
         let password = sha256_hex(&[self.role_secret.as_bytes(), role.as_bytes()]);
         let sql = format!(
             "DO $d$ BEGIN CREATE ROLE {r} LOGIN;
@@ -368,14 +395,16 @@ impl PostgresBackend {
                                       refusing to run a component as it', {role};
                  END IF;
              END $d$;
+             ALTER ROLE {r} RESET ALL;
              ALTER ROLE {r} SET search_path = {r};
              GRANT {r} TO CURRENT_USER;
              CREATE SCHEMA IF NOT EXISTS {r};
              REVOKE ALL ON SCHEMA {r} FROM PUBLIC;
              GRANT USAGE, CREATE ON SCHEMA {r} TO {r};
-             GRANT USAGE ON SCHEMA {ns} TO {r};
-             GRANT EXECUTE ON FUNCTION {ns}.enqueue(TEXT, TEXT) TO {r};
-             GRANT EXECUTE ON FUNCTION {ns}.record_migration(TEXT, TEXT, TEXT) TO {r};
+             REVOKE ALL ON SCHEMA {ns} FROM {r};
+             GRANT USAGE ON SCHEMA {api} TO {r};
+             GRANT EXECUTE ON FUNCTION {api}.enqueue(TEXT, TEXT) TO {r};
+             GRANT EXECUTE ON FUNCTION {api}.record_migration(TEXT, TEXT, TEXT) TO {r};
              DO $d$ BEGIN
                  EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), {role});
              END $d$;
@@ -424,7 +453,9 @@ impl PostgresBackend {
                     // Register the connection's key, so the outbox and ledger
                     // functions act for this connection, and only it.
                     let pid: i32 = client
-                        .query_one("SELECT pg_backend_pid()", &[])
+                        // Qualified: the role's own defaults may put a
+                        // function of that name before pg_catalog.
+                        .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
                         .await
                         .map_err(HookError::Backend)?
                         .get(0);
@@ -479,7 +510,13 @@ fn redacted(url: &str) -> String {
 async fn run_with_retry(conn: &tokio_postgres::Client, sql: &str) -> Result<(), Error> {
     let mut attempt = 0;
     loop {
-        let result = conn.batch_execute(&format!("BEGIN; {sql}; COMMIT")).await;
+        // A lock someone holds on an object named here fails the attempt
+        // rather than hanging the host.
+        let result = conn
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '5s'; {sql}; COMMIT"
+            ))
+            .await;
         match result {
             Ok(()) => return Ok(()),
             Err(e) => {
@@ -523,6 +560,7 @@ impl StorageBackend for PostgresBackend {
             component: component.to_owned(),
             schema: ident(&role),
             ns: self.ns(),
+            api: self.api(),
             pool: self.component_pool(component, &role)?,
             host: self.host.clone(),
             host_secret: self.host_secret,
@@ -546,6 +584,8 @@ struct PostgresDatabase {
     schema: String,
     /// The host's schema, quoted.
     ns: String,
+    /// The schema of the functions components call, quoted.
+    api: String,
     pool: Pool,
     host: Pool,
     host_secret: [u8; 32],
@@ -621,7 +661,7 @@ impl PostgresDatabase {
             .client()
             .simple_query(&format!(
                 "BEGIN {mode}; SET LOCAL statement_timeout = {}; \
-                 SET LOCAL search_path = {}; SELECT pg_backend_pid()",
+                 SET LOCAL search_path = {}; SELECT pg_catalog.pg_backend_pid()",
                 timeout.as_millis().max(1),
                 self.schema
             ))
@@ -716,7 +756,7 @@ impl PostgresDatabase {
             if let Err(e) = conn
                 .client()
                 .execute(
-                    &format!("SELECT {}.record_migration($1, $2, $3)", self.ns),
+                    &format!("SELECT {}.record_migration($1, $2, $3)", self.api),
                     &[&key, &p.migration.name, &p.checksum],
                 )
                 .await
@@ -760,7 +800,7 @@ impl Database for PostgresDatabase {
         Ok(Box::new(PostgresTransaction {
             conn,
             key,
-            ns: self.ns.clone(),
+            api: self.api.clone(),
             aborted: None,
         }))
     }
@@ -840,7 +880,8 @@ impl Database for PostgresDatabase {
 struct PostgresTransaction {
     conn: Conn,
     key: String,
-    ns: String,
+    /// The schema of the host's functions, quoted.
+    api: String,
     /// The error after which PostgreSQL aborted the transaction: every
     /// later call fails, and `commit()` too.
     aborted: Option<String>,
@@ -912,7 +953,7 @@ impl Transaction for PostgresTransaction {
     async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
         self.check()?;
         let json = OutboxRow::encode(event)?;
-        let sql = format!("SELECT {}.enqueue($1, $2)", self.ns);
+        let sql = format!("SELECT {}.enqueue($1, $2)", self.api);
         let result = self
             .conn
             .client()
