@@ -289,6 +289,7 @@ fn drop_namespace(namespace: &str) {
     let sql = format!(
         "DO $d$ DECLARE r TEXT; BEGIN
            EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}');
+           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}$api');
            FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE '{namespace}\\_%' LOOP
              EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
              EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);

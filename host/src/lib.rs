@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod http_out;
 pub mod links;
 pub mod messaging;
+pub mod outbox;
 pub mod plugins;
 pub mod registry;
 pub mod response;

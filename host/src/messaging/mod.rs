@@ -37,20 +37,19 @@
 mod delivery;
 mod embedded;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use wasmtime::component::{HasSelf, Linker, Resource};
 
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
 use crate::capability::Capability;
+use crate::outbox;
 use crate::plugins::{
     ComponentSpec, Durability, Grant, MessagingBackend as BackendChoice, RetryPolicy,
 };
@@ -124,37 +123,13 @@ impl Wakeups {
 /// The prefix of the topic a subscriber's failed events go to.
 pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
 
-/// How often the outbox relay looks for events without being woken (after a
-/// crash or while the broker is down).
-const RELAY_SWEEP: Duration = Duration::from_secs(1);
-
-/// Outbox rows the relay reads at once.
-const RELAY_BATCH: usize = 256;
-
 pub struct MessagingCapability {
     broker: Arc<dyn Broker>,
     wakeups: Arc<Wakeups>,
     /// The outbox relay of each component with messaging.
-    relays: Mutex<HashMap<String, Arc<Relay>>>,
+    relays: Mutex<HashMap<String, Arc<outbox::Relay>>>,
     subscriptions: Mutex<HashMap<(String, String), delivery::Running>>,
     stop: watch::Sender<bool>,
-}
-
-/// One component's outbox relay, shared by its background task and the
-/// component's direct publishes.
-struct Relay {
-    component: String,
-    wake: Notify,
-    running: AtomicBool,
-    /// What the relay lets leave: the `publishes` of every version of the
-    /// component that served since the host started.
-    grants: Mutex<Vec<String>>,
-    /// Held while events move to the broker, so they leave in outbox order
-    /// and a direct publish follows the events committed before it. Holds
-    /// the rows already in the broker or set aside (with the reason) and
-    /// not yet removed from the outbox; in memory, so after a crash they are
-    /// relayed again (at least once).
-    handled: tokio::sync::Mutex<BTreeMap<i64, Option<String>>>,
 }
 
 /// A component's handle to messaging.
@@ -162,7 +137,7 @@ pub struct Publisher {
     publishes: Vec<String>,
     broker: Arc<dyn Broker>,
     wakeups: Arc<Wakeups>,
-    relay: Arc<Relay>,
+    relay: Arc<outbox::Relay>,
 }
 
 impl MessagingCapability {
@@ -183,17 +158,11 @@ impl MessagingCapability {
 
     /// The relay of a component, made on its first version with that
     /// version's grants.
-    fn relay(&self, component: &str, publishes: &[String]) -> Arc<Relay> {
+    fn relay(&self, component: &str, publishes: &[String]) -> Arc<outbox::Relay> {
         let mut relays = self.relays.lock().unwrap();
-        let relay = relays.entry(component.to_owned()).or_insert_with(|| {
-            Arc::new(Relay {
-                component: component.to_owned(),
-                wake: Notify::new(),
-                running: false.into(),
-                grants: Mutex::new(publishes.to_vec()),
-                handled: tokio::sync::Mutex::default(),
-            })
-        });
+        let relay = relays
+            .entry(component.to_owned())
+            .or_insert_with(|| Arc::new(outbox::Relay::new(component, publishes)));
         relay.clone()
     }
 
@@ -204,28 +173,12 @@ impl MessagingCapability {
             tracing::error!(%component, "no relay: messaging is not configured for it");
             return;
         };
-        if relay.running.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let broker = self.broker.clone();
-        let wakeups = self.wakeups.clone();
-        let mut stop = self.stop.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let moved = async {
-                    relay.forward(&*db, &*broker, &wakeups, None).await?;
-                    relay.settle(&*db).await
-                };
-                if let Err(e) = moved.await {
-                    tracing::warn!(component = %relay.component, error = %e, "outbox relay failed; retrying");
-                }
-                tokio::select! {
-                    _ = relay.wake.notified() => {}
-                    _ = tokio::time::sleep(RELAY_SWEEP) => {}
-                    _ = stop.changed() => return,
-                }
-            }
-        });
+        relay.start(
+            db,
+            self.broker.clone(),
+            self.wakeups.clone(),
+            self.stop.subscribe(),
+        );
     }
 
     /// Adds the `publishes` of versions about to serve to what their
@@ -247,12 +200,7 @@ impl MessagingCapability {
         let relays = self.relays.lock().unwrap();
         for (component, publishes) in serving {
             if let Some(relay) = relays.get(component) {
-                let mut grants = relay.grants.lock().unwrap();
-                for topic in publishes {
-                    if !grants.contains(topic) {
-                        grants.push(topic.clone());
-                    }
-                }
+                relay.grant(publishes);
             }
         }
     }
@@ -330,109 +278,9 @@ impl MessagingCapability {
     }
 }
 
-fn may_publish(grants: &[String], topic: &str) -> bool {
+/// Whether `grants` (a component's `publishes`) let it publish to `topic`.
+pub fn may_publish(grants: &[String], topic: &str) -> bool {
     grants.iter().any(|t| t == "*" || t == topic)
-}
-
-impl Relay {
-    /// Moves the committed outbox events not yet handled to the broker, in
-    /// outbox order, setting aside rows that are not events or whose topic
-    /// the component may not publish; then appends `direct` (a direct
-    /// publish), so that it follows them. Returns how many rows it handled.
-    async fn forward(
-        &self,
-        db: &dyn Database,
-        broker: &dyn Broker,
-        wakeups: &Wakeups,
-        direct: Option<&Envelope>,
-    ) -> Result<usize> {
-        let mut handled = self.handled.lock().await;
-        let mut count = 0;
-        loop {
-            // Rows are numbered in commit order and a new one is numbered
-            // above every row still in the outbox, so the unhandled ones lie
-            // above the handled ones.
-            let after = handled.last_key_value().map_or(0, |(seq, _)| *seq);
-            let rows = db.outbox_pending(after, RELAY_BATCH).await?;
-            if rows.is_empty() {
-                break;
-            }
-            let full = rows.len() == RELAY_BATCH;
-            let grants = self.grants.lock().unwrap().clone();
-            let mut events = Vec::new();
-            let mut verdicts = Vec::with_capacity(rows.len());
-            for row in rows {
-                let refusal = match row.event {
-                    Ok(event) if may_publish(&grants, &event.topic) => {
-                        events.push(event);
-                        None
-                    }
-                    Ok(event) => Some(format!(
-                        "`{}` may not publish to `{}` (see `publishes` in plugins.toml)",
-                        self.component, event.topic
-                    )),
-                    Err(reason) => Some(reason),
-                };
-                if let Some(reason) = &refusal {
-                    tracing::warn!(component = %self.component, seq = row.seq, %reason, "outbox event set aside");
-                }
-                verdicts.push((row.seq, refusal));
-            }
-            if !events.is_empty() {
-                // The transaction that wrote them first, then the broker's
-                // copy, each surviving a machine crash before the next step.
-                db.sync().await?;
-                broker.append(&events, Durability::MachineCrash).await?;
-                for event in &events {
-                    wakeups.notify(&event.topic);
-                }
-            }
-            count += verdicts.len();
-            handled.extend(verdicts);
-            if !full {
-                break;
-            }
-        }
-        if let Some(event) = direct {
-            broker
-                .append(std::slice::from_ref(event), Durability::ProcessCrash)
-                .await?;
-            wakeups.notify(&event.topic);
-        }
-        Ok(count)
-    }
-
-    /// Removes the handled rows from the outbox (the rejected ones to the
-    /// rejected table). Takes the component's write connection, so it runs
-    /// outside the ordering lock: a direct publish from an instance whose
-    /// transaction holds that connection must not wait on it.
-    async fn settle(&self, db: &dyn Database) -> Result<()> {
-        let done: Vec<(i64, Option<String>)> = self
-            .handled
-            .lock()
-            .await
-            .iter()
-            .map(|(seq, refusal)| (*seq, refusal.clone()))
-            .collect();
-        if done.is_empty() {
-            return Ok(());
-        }
-        let relayed: Vec<i64> = done
-            .iter()
-            .filter(|(_, refusal)| refusal.is_none())
-            .map(|(seq, _)| *seq)
-            .collect();
-        let rejected: Vec<(i64, String)> = done
-            .iter()
-            .filter_map(|(seq, refusal)| refusal.clone().map(|r| (*seq, r)))
-            .collect();
-        db.outbox_settle(&relayed, &rejected).await?;
-        let mut handled = self.handled.lock().await;
-        for (seq, _) in &done {
-            handled.remove(seq);
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -468,10 +316,6 @@ impl Capability for MessagingCapability {
 }
 
 impl Publisher {
-    pub fn wake_relay(&self) {
-        self.relay.wake.notify_one();
-    }
-
     fn envelope(&self, message: OutgoingMessage) -> Result<Envelope, Error> {
         if message.topic.is_empty() {
             return Err(Error::Invalid("the topic is empty".into()));
@@ -522,7 +366,7 @@ impl wit::Host for InstanceState {
                 .map(|handled| {
                     if handled > 0 {
                         // The relay removes what this call moved.
-                        publisher.wake_relay();
+                        publisher.relay.wake();
                     }
                 }),
             None => broker
@@ -545,8 +389,13 @@ impl wit::Host for InstanceState {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
+        let record = match outbox::encode(&event) {
+            Ok(record) => record,
+            Err(e) => return Ok(Err(Error::Invalid(e))),
+        };
+        let wake = self.publisher()?.relay.waker();
         let handle = self.transaction(&tx)?;
-        Ok(match handle.enqueue(&event).await {
+        Ok(match handle.enqueue(&record, wake).await {
             Ok(()) => Ok(event.id),
             Err(e) => Err(Error::Unavailable(e.to_string())),
         })
@@ -557,6 +406,7 @@ impl wit::Host for InstanceState {
 mod tests {
     use super::*;
     use crate::storage::{SqliteBackend, SqliteSettings, StorageBackend};
+    use std::time::Duration;
 
     fn event(topic: &str) -> Envelope {
         Envelope {
@@ -594,8 +444,10 @@ mod tests {
         let relay = messaging.relay("c", &v1);
         messaging.grant([("c", v2.as_slice())]);
         let mut tx = db.begin().await.unwrap();
-        tx.enqueue(&event("t")).await.unwrap();
-        tx.enqueue(&event("never-granted")).await.unwrap();
+        for topic in ["t", "never-granted"] {
+            let record = outbox::encode(&event(topic)).unwrap();
+            tx.enqueue(&record).await.unwrap();
+        }
         tx.commit().await.unwrap();
         messaging.grant([("c", v1.as_slice())]);
 

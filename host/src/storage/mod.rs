@@ -5,9 +5,10 @@
 //! the production backend is a pooled network database. Components write the
 //! PostgreSQL/SQLite common subset with `$1` placeholders; each backend adapts.
 //!
-//! The transactional outbox lives here too: [`Transaction::enqueue`] writes an
-//! event into the component's own database in the same transaction, and the
-//! messaging capability relays committed events to the broker.
+//! The transactional outbox's storage half is here: [`Transaction::enqueue`]
+//! writes a record (opaque text) into the component's own database in the
+//! same transaction; `crate::outbox` gives records their meaning and relays
+//! committed ones to the broker.
 //!
 //! Backends: one file each, declaring its `kind`, its settings and its
 //! constructor ([`StorageSettings`]), and one line in [`BACKENDS`]:
@@ -48,11 +49,11 @@ use std::time::Duration;
 use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer};
+use tokio::sync::Notify;
 use wasmtime::component::{HasSelf, Linker, Resource};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
 use crate::capability::Capability;
-use crate::messaging::Envelope;
 use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
@@ -144,8 +145,8 @@ pub trait Database: Send + Sync {
 pub struct OutboxRow {
     /// Increasing in commit order.
     pub seq: i64,
-    /// The event, or why the row is not one.
-    pub event: Result<Envelope, String>,
+    /// The record, or why the row holds none.
+    pub record: Result<Vec<u8>, String>,
 }
 
 /// The most a `query` result may carry, in bytes of its values: it is
@@ -154,25 +155,13 @@ pub struct OutboxRow {
 /// larger read is paged (`LIMIT`, a `WHERE` on the last key).
 pub(crate) const MAX_RESULT_BYTES: usize = 16 << 20;
 
-impl OutboxRow {
-    /// An event as an outbox row holds it.
-    pub fn encode(event: &Envelope) -> Result<String, Error> {
-        serde_json::to_string(event).map_err(|e| Error::InvalidQuery(e.to_string()))
-    }
-
-    /// The event in an outbox row, or why it is not one.
-    pub fn decode(seq: i64, json: &[u8]) -> Result<Envelope, String> {
-        serde_json::from_slice(json).map_err(|e| format!("outbox row {seq} is not an event: {e}"))
-    }
-}
-
 /// An open transaction. Dropping it without [`Transaction::commit`] rolls it back.
 #[async_trait]
 pub trait Transaction: Send {
     async fn query(&mut self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error>;
     async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<u64, Error>;
-    /// Writes an event to the outbox as part of this transaction.
-    async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error>;
+    /// Writes an outbox record as part of this transaction.
+    async fn enqueue(&mut self, record: &str) -> Result<(), Error>;
     async fn commit(self: Box<Self>) -> Result<(), Error>;
 }
 
@@ -185,14 +174,16 @@ pub struct Migration {
 /// The host side of a `transaction` resource.
 pub struct TransactionHandle {
     tx: Box<dyn Transaction>,
-    /// Whether an event was enqueued: the outbox relay is woken on commit.
-    enqueued: bool,
+    /// Notified on commit if a record was enqueued: the outbox relay.
+    wake_on_commit: Option<Arc<Notify>>,
 }
 
 impl TransactionHandle {
-    pub async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
-        self.tx.enqueue(event).await?;
-        self.enqueued = true;
+    /// Enqueues an outbox record; `wake` is notified if the transaction
+    /// commits.
+    pub async fn enqueue(&mut self, record: &str, wake: Arc<Notify>) -> Result<(), Error> {
+        self.tx.enqueue(record).await?;
+        self.wake_on_commit = Some(wake);
         Ok(())
     }
 }
@@ -285,7 +276,7 @@ impl wit::Host for InstanceState {
         };
         let handle = TransactionHandle {
             tx,
-            enqueued: false,
+            wake_on_commit: None,
         };
         let handle = self.table.push(handle)?;
         self.open_transactions += 1;
@@ -319,10 +310,8 @@ impl wit::HostTransaction for InstanceState {
         let handle = self.table.delete(tx)?;
         self.open_transactions -= 1;
         let result = handle.tx.commit().await;
-        if result.is_ok() && handle.enqueued {
-            if let Some(publisher) = &self.caps.messaging {
-                publisher.wake_relay();
-            }
+        if let (Ok(()), Some(wake)) = (&result, &handle.wake_on_commit) {
+            wake.notify_one();
         }
         Ok(result)
     }

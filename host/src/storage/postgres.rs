@@ -91,7 +91,6 @@ use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
 };
-use crate::messaging::Envelope;
 use crate::plugins::BackendKind;
 
 pub const KIND: BackendKind<dyn StorageSettings> = BackendKind {
@@ -830,7 +829,7 @@ impl Database for PostgresDatabase {
                 let seq: i64 = r.get(0);
                 OutboxRow {
                     seq,
-                    event: OutboxRow::decode(seq, r.get::<_, &str>(1).as_bytes()),
+                    record: Ok(r.get::<_, &str>(1).as_bytes().to_vec()),
                 }
             })
             .collect())
@@ -950,14 +949,13 @@ impl Transaction for PostgresTransaction {
             .await
     }
 
-    async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
+    async fn enqueue(&mut self, record: &str) -> Result<(), Error> {
         self.check()?;
-        let json = OutboxRow::encode(event)?;
         let sql = format!("SELECT {}.enqueue($1, $2)", self.api);
         let result = self
             .conn
             .client()
-            .execute(&sql, &[&self.key, &json])
+            .execute(&sql, &[&self.key, &record])
             .await
             .map_err(pg_error);
         result.map(|_| ()).map_err(|e| self.abort(e))

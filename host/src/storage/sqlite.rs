@@ -61,7 +61,6 @@ use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
 };
-use crate::messaging::Envelope;
 use crate::plugins::{BackendKind, Durability};
 
 pub struct SqliteBackend {
@@ -431,14 +430,14 @@ impl Database for SqliteDatabase {
                 )?;
                 let rows = stmt.query_map([after, limit as i64], |r| {
                     let seq: i64 = r.get(0)?;
-                    let event = match r.get_ref(1)? {
-                        ValueRef::Text(json) => OutboxRow::decode(seq, json),
+                    let record = match r.get_ref(1)? {
+                        ValueRef::Text(text) => Ok(text.to_vec()),
                         other => Err(format!(
                             "outbox row {seq} is not an event: it holds {:?}, not JSON text",
                             other.data_type()
                         )),
                     };
-                    Ok(OutboxRow { seq, event })
+                    Ok(OutboxRow { seq, record })
                 })?;
                 rows.collect()
             })
@@ -632,10 +631,10 @@ impl Transaction for SqliteTransaction {
             .await
     }
 
-    async fn enqueue(&mut self, event: &Envelope) -> Result<(), Error> {
-        let json = OutboxRow::encode(event)?;
+    async fn enqueue(&mut self, record: &str) -> Result<(), Error> {
+        let record = record.to_owned();
         self.run(move |c| {
-            c.host(|c| c.execute("INSERT INTO _agora_outbox (event) VALUES (?1)", [json]))
+            c.host(|c| c.execute("INSERT INTO _agora_outbox (event) VALUES (?1)", [record]))
                 .map(|_| ())
         })
         .await
@@ -945,15 +944,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(message(&err).contains(later), "{err:?}");
-        let event = Envelope {
-            id: "e".into(),
-            topic: "t".into(),
-            key: None,
-            payload: b"{}".to_vec(),
-            headers: vec![],
-            published_at: 1,
-        };
-        let err = tx.enqueue(&event).await.unwrap_err();
+        let err = tx.enqueue("an event").await.unwrap_err();
         assert!(message(&err).contains(later), "{err:?}");
         let err = tx.commit().await.unwrap_err();
         assert!(message(&err).contains(later), "{err:?}");
