@@ -17,12 +17,13 @@
 //! this module nor the request path.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, HasData, Linker};
 use wasmtime::Engine;
 
 use crate::cache::CacheCapability;
@@ -80,6 +81,58 @@ pub struct ComponentCaps {
     pub token_issuer: Option<<TokenIssuerCapability as Capability>::ComponentState>,
     pub config: Option<<ConfigCapability as Capability>::ComponentState>,
     pub outbound_hosts: Option<<HttpOutCapability as Capability>::ComponentState>,
+}
+
+/// What one capability's host functions see of an instance: the
+/// component's state for that capability (if granted) and the component's
+/// name, for errors; nothing of any other capability's state. The view
+/// pattern of Spin's `FactorData` and wasi-http's `WasiHttpView`: each
+/// capability's host functions are implemented on its view, not on the
+/// whole [`InstanceState`], so one capability cannot reach another's state.
+pub struct CapabilityView<'a, S> {
+    state: Option<&'a S>,
+    grant: Grant,
+    component: &'a str,
+}
+
+impl<'a, S> CapabilityView<'a, S> {
+    pub fn new(state: Option<&'a S>, grant: Grant, component: &'a str) -> Self {
+        CapabilityView {
+            state,
+            grant,
+            component,
+        }
+    }
+
+    /// The component's state, or a trap if the capability is not granted
+    /// (which the import check at load makes unreachable from a guest).
+    pub fn granted(&self) -> wasmtime::Result<&'a S> {
+        self.state.ok_or_else(|| {
+            wasmtime::format_err!(
+                "`{}` is not granted to `{}`",
+                self.grant.name(),
+                self.component
+            )
+        })
+    }
+}
+
+/// The [`HasData`] of a [`CapabilityView`], for a capability's `add_to_linker`.
+pub struct View<S>(PhantomData<fn() -> S>);
+
+impl<S: 'static> HasData for View<S> {
+    type Data<'a> = CapabilityView<'a, S>;
+}
+
+impl InstanceState {
+    /// The view of the capability `grant`, whose state `pick` finds.
+    pub fn view<S>(
+        &self,
+        grant: Grant,
+        pick: fn(&ComponentCaps) -> Option<&S>,
+    ) -> CapabilityView<'_, S> {
+        CapabilityView::new(pick(&self.caps), grant, &self.caps.name)
+    }
 }
 
 /// Interfaces every component may import: WASI's plumbing, which reaches

@@ -20,10 +20,10 @@ use std::time::Duration;
 use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer};
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 
 use crate::bindings::cache::{self as wit, Error};
-use crate::capability::Capability;
+use crate::capability::{Capability, CapabilityView, View};
 use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
@@ -121,10 +121,9 @@ impl Capability for CacheCapability {
     type ComponentState = Namespace;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(wit::add_to_linker::<_, View<Namespace>>(linker, |s| {
+            s.view(Grant::Cache, |c| c.cache.as_ref())
+        })?)
     }
 
     async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Namespace> {
@@ -141,22 +140,13 @@ impl Capability for CacheCapability {
     }
 }
 
-impl InstanceState {
-    fn cache(&self) -> wasmtime::Result<&Namespace> {
-        self.caps
-            .cache
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("cache is not granted to `{}`", self.caps.name))
-    }
-}
-
 fn ttl(ms: Option<u64>) -> Option<Duration> {
     ms.map(Duration::from_millis)
 }
 
-impl wit::Host for InstanceState {
+impl wit::Host for CapabilityView<'_, Namespace> {
     async fn get(&mut self, key: String) -> wasmtime::Result<Result<Option<Vec<u8>>, Error>> {
-        let ns = self.cache()?;
+        let ns = self.granted()?;
         Ok(ns.backend.get(&ns.key(&key)).await)
     }
 
@@ -166,12 +156,12 @@ impl wit::Host for InstanceState {
         value: Vec<u8>,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<(), Error>> {
-        let ns = self.cache()?;
+        let ns = self.granted()?;
         Ok(ns.backend.set(&ns.key(&key), value, ttl(ttl_ms)).await)
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<Result<bool, Error>> {
-        let ns = self.cache()?;
+        let ns = self.granted()?;
         Ok(ns.backend.delete(&ns.key(&key)).await)
     }
 
@@ -181,7 +171,7 @@ impl wit::Host for InstanceState {
         delta: i64,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Result<i64, Error>> {
-        let ns = self.cache()?;
+        let ns = self.granted()?;
         Ok(ns
             .backend
             .increment(&ns.key(&key), delta, ttl(ttl_ms))

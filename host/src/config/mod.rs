@@ -5,26 +5,28 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 
 use crate::bindings::config as wit;
-use crate::capability::Capability;
+use crate::capability::{Capability, CapabilityView, View};
 use crate::plugins::{ComponentSpec, Grant};
 use crate::state::InstanceState;
 
 pub struct ConfigCapability;
 
+/// A component's settings, as strings.
+pub type Settings = Arc<BTreeMap<String, String>>;
+
 #[async_trait]
 impl Capability for ConfigCapability {
     const GRANT: Grant = Grant::Config;
     const INTERFACES: &'static [&'static str] = &["agora:platform/config"];
-    type ComponentState = Arc<BTreeMap<String, String>>;
+    type ComponentState = Settings;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(wit::add_to_linker::<_, View<Settings>>(linker, |s| {
+            s.view(Grant::Config, |c| c.config.as_ref())
+        })?)
     }
 
     async fn configure(
@@ -36,21 +38,16 @@ impl Capability for ConfigCapability {
     }
 }
 
-impl InstanceState {
-    fn settings(&self) -> wasmtime::Result<&BTreeMap<String, String>> {
-        self.caps
-            .config
-            .as_deref()
-            .ok_or_else(|| wasmtime::format_err!("config is not granted to `{}`", self.caps.name))
-    }
-}
-
-impl wit::Host for InstanceState {
+impl wit::Host for CapabilityView<'_, Settings> {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<String>> {
-        Ok(self.settings()?.get(&key).cloned())
+        Ok(self.granted()?.get(&key).cloned())
     }
 
     async fn get_all(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
-        Ok(self.settings()?.clone().into_iter().collect())
+        Ok(self
+            .granted()?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
     }
 }

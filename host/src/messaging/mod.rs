@@ -45,10 +45,10 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
-use crate::capability::Capability;
+use crate::capability::{Capability, CapabilityView};
 use crate::outbox;
 use crate::plugins::{
     ComponentSpec, Durability, Grant, MessagingBackend as BackendChoice, RetryPolicy,
@@ -290,10 +290,18 @@ impl Capability for MessagingCapability {
     type ComponentState = Publisher;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(wit::add_to_linker::<_, MessagingData>(linker, |s| {
+            let caps = &*s.caps;
+            MessagingView {
+                publisher: CapabilityView::new(
+                    caps.messaging.as_ref(),
+                    Grant::Messaging,
+                    &caps.name,
+                ),
+                db: caps.storage.as_ref(),
+                table: &mut s.table,
+            }
+        })?)
     }
 
     async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Publisher> {
@@ -337,26 +345,35 @@ impl Publisher {
     }
 }
 
-impl InstanceState {
-    fn publisher(&self) -> wasmtime::Result<&Publisher> {
-        self.caps.messaging.as_ref().ok_or_else(|| {
-            wasmtime::format_err!("messaging is not granted to `{}`", self.caps.name)
-        })
-    }
+/// What messaging's host functions see of an instance: the component's
+/// publisher; its database, if it has storage, because a direct publish
+/// first relays the events committed to its outbox; and the instance's
+/// resource table, to publish inside one of its open transactions.
+pub struct MessagingView<'a> {
+    publisher: CapabilityView<'a, Publisher>,
+    db: Option<&'a Arc<dyn Database>>,
+    table: &'a mut ResourceTable,
 }
 
-impl wit::Host for InstanceState {
+/// The [`HasData`] of a [`MessagingView`].
+pub struct MessagingData;
+
+impl HasData for MessagingData {
+    type Data<'a> = MessagingView<'a>;
+}
+
+impl wit::Host for MessagingView<'_> {
     async fn publish(
         &mut self,
         message: OutgoingMessage,
     ) -> wasmtime::Result<Result<String, Error>> {
-        let publisher = self.publisher()?;
+        let publisher = self.publisher.granted()?;
         let event = match publisher.envelope(message) {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
         let (broker, wakeups) = (&*publisher.broker, &*publisher.wakeups);
-        let appended = match &self.caps.storage {
+        let appended = match self.db {
             // After the events this component committed to its outbox, so
             // that it cannot overtake them.
             Some(db) => publisher
@@ -385,7 +402,7 @@ impl wit::Host for InstanceState {
         tx: Resource<TransactionHandle>,
         message: OutgoingMessage,
     ) -> wasmtime::Result<Result<String, Error>> {
-        let event = match self.publisher()?.envelope(message) {
+        let event = match self.publisher.granted()?.envelope(message) {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
@@ -393,8 +410,8 @@ impl wit::Host for InstanceState {
             Ok(record) => record,
             Err(e) => return Ok(Err(Error::Invalid(e))),
         };
-        let wake = self.publisher()?.relay.waker();
-        let handle = self.transaction(&tx)?;
+        let wake = self.publisher.granted()?.relay.waker();
+        let handle = self.table.get_mut(&tx)?;
         Ok(match handle.enqueue(&record, wake).await {
             Ok(()) => Ok(event.id),
             Err(e) => Err(Error::Unavailable(e.to_string())),

@@ -50,10 +50,10 @@ use anyhow::Result;
 use async_trait::async_trait;
 use serde::{Deserialize, Deserializer};
 use tokio::sync::Notify;
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
-use crate::capability::Capability;
+use crate::capability::{Capability, CapabilityView};
 use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
@@ -207,10 +207,14 @@ impl Capability for StorageCapability {
     type ComponentState = Arc<dyn Database>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(wit::add_to_linker::<_, StorageData>(linker, |s| {
+            let caps = &*s.caps;
+            StorageView {
+                db: CapabilityView::new(caps.storage.as_ref(), Grant::Storage, &caps.name),
+                table: &mut s.table,
+                open_transactions: &mut s.open_transactions,
+            }
+        })?)
     }
 
     async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
@@ -230,15 +234,24 @@ impl Capability for StorageCapability {
 const WRITE_BESIDE_TRANSACTION: &str =
     "this instance has an open transaction: run the statement in it (transactions do not nest)";
 
-impl InstanceState {
-    fn database(&self) -> wasmtime::Result<&Arc<dyn Database>> {
-        self.caps
-            .storage
-            .as_ref()
-            .ok_or_else(|| wasmtime::format_err!("storage is not granted to `{}`", self.caps.name))
-    }
+/// What storage's host functions see of an instance: the component's
+/// database, and the instance's resource table with the count of its open
+/// transactions (a transaction is a resource that lives across calls).
+pub struct StorageView<'a> {
+    db: CapabilityView<'a, Arc<dyn Database>>,
+    table: &'a mut ResourceTable,
+    open_transactions: &'a mut u32,
+}
 
-    pub fn transaction(
+/// The [`HasData`] of a [`StorageView`].
+pub struct StorageData;
+
+impl HasData for StorageData {
+    type Data<'a> = StorageView<'a>;
+}
+
+impl StorageView<'_> {
+    fn transaction(
         &mut self,
         tx: &Resource<TransactionHandle>,
     ) -> wasmtime::Result<&mut TransactionHandle> {
@@ -246,13 +259,13 @@ impl InstanceState {
     }
 }
 
-impl wit::Host for InstanceState {
+impl wit::Host for StorageView<'_> {
     async fn query(
         &mut self,
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, Error>> {
-        Ok(self.database()?.query(&sql, params).await)
+        Ok(self.db.granted()?.query(&sql, params).await)
     }
 
     async fn execute(
@@ -260,17 +273,17 @@ impl wit::Host for InstanceState {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64, Error>> {
-        if self.open_transactions > 0 {
+        if *self.open_transactions > 0 {
             return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
         }
-        Ok(self.database()?.execute(&sql, params).await)
+        Ok(self.db.granted()?.execute(&sql, params).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<TransactionHandle>, Error>> {
-        if self.open_transactions > 0 {
+        if *self.open_transactions > 0 {
             return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
         }
-        let tx = match self.database()?.begin().await {
+        let tx = match self.db.granted()?.begin().await {
             Ok(tx) => tx,
             Err(e) => return Ok(Err(e)),
         };
@@ -279,12 +292,12 @@ impl wit::Host for InstanceState {
             wake_on_commit: None,
         };
         let handle = self.table.push(handle)?;
-        self.open_transactions += 1;
+        *self.open_transactions += 1;
         Ok(Ok(handle))
     }
 }
 
-impl wit::HostTransaction for InstanceState {
+impl wit::HostTransaction for StorageView<'_> {
     async fn query(
         &mut self,
         tx: Resource<TransactionHandle>,
@@ -308,7 +321,7 @@ impl wit::HostTransaction for InstanceState {
         tx: Resource<TransactionHandle>,
     ) -> wasmtime::Result<Result<(), Error>> {
         let handle = self.table.delete(tx)?;
-        self.open_transactions -= 1;
+        *self.open_transactions -= 1;
         let result = handle.tx.commit().await;
         if let (Ok(()), Some(wake)) = (&result, &handle.wake_on_commit) {
             wake.notify_one();
@@ -319,7 +332,7 @@ impl wit::HostTransaction for InstanceState {
     async fn drop(&mut self, tx: Resource<TransactionHandle>) -> wasmtime::Result<()> {
         // Dropping the backend transaction rolls it back.
         self.table.delete(tx)?;
-        self.open_transactions -= 1;
+        *self.open_transactions -= 1;
         Ok(())
     }
 }

@@ -22,11 +22,11 @@ use anyhow::Result;
 use async_trait::async_trait;
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use wasmtime::component::{HasSelf, Linker};
+use wasmtime::component::Linker;
 
 use crate::bindings::token_issuer::{self as issuer_wit, Error as IssueError, IssuedToken};
 use crate::bindings::tokens::{self as wit, Claims, Error};
-use crate::capability::Capability;
+use crate::capability::{Capability, CapabilityView, View};
 use crate::plugins::{ComponentSpec, Grant, TokenSettings};
 use crate::state::InstanceState;
 
@@ -158,10 +158,9 @@ impl Capability for TokensCapability {
     type ComponentState = Arc<Signer>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(wit::add_to_linker::<_, View<Arc<Signer>>>(linker, |s| {
+            s.view(Grant::Tokens, |c| c.tokens.as_ref())
+        })?)
     }
 
     async fn configure(&self, _component: &str, _spec: &ComponentSpec) -> Result<Arc<Signer>> {
@@ -214,10 +213,9 @@ impl Capability for TokenIssuerCapability {
     type ComponentState = Issuer;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(issuer_wit::add_to_linker::<_, HasSelf<InstanceState>>(
-            linker,
-            |s| s,
-        )?)
+        Ok(issuer_wit::add_to_linker::<_, View<Issuer>>(linker, |s| {
+            s.view(Grant::TokensIssue, |c| c.token_issuer.as_ref())
+        })?)
     }
 
     async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Issuer> {
@@ -229,25 +227,19 @@ impl Capability for TokenIssuerCapability {
     }
 }
 
-impl wit::Host for InstanceState {
+impl wit::Host for CapabilityView<'_, Arc<Signer>> {
     async fn verify(&mut self, token: String) -> wasmtime::Result<Result<Claims, Error>> {
-        let signer = self.caps.tokens.as_deref().ok_or_else(|| {
-            wasmtime::format_err!("`tokens` is not granted to `{}`", self.caps.name)
-        })?;
-        Ok(signer.verify(&token))
+        Ok(self.granted()?.verify(&token))
     }
 }
 
-impl issuer_wit::Host for InstanceState {
+impl issuer_wit::Host for CapabilityView<'_, Issuer> {
     async fn issue(
         &mut self,
         subject: String,
         roles: Vec<String>,
         ttl_seconds: Option<u64>,
     ) -> wasmtime::Result<Result<IssuedToken, IssueError>> {
-        let issuer = self.caps.token_issuer.as_ref().ok_or_else(|| {
-            wasmtime::format_err!("`tokens-issue` is not granted to `{}`", self.caps.name)
-        })?;
-        Ok(issuer.issue(&subject, &roles, ttl_seconds))
+        Ok(self.granted()?.issue(&subject, &roles, ttl_seconds))
     }
 }
