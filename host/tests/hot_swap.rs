@@ -204,8 +204,7 @@ async fn deploy_and_rollback_from_the_cli_under_load() {
 async fn a_refused_reload_migrates_none_of_its_components() {
     let host = TestHost::standard();
     assert_eq!(put(&host.url("/probe/kv/before"), "kept").await.status, 204);
-    let probe = database(&host, "probe");
-    let before = schema_and_ledger(&probe);
+    let before = schema_and_ledger(&host, "probe");
 
     // Components load in name order: probe, swapped to v2 (which brings a
     // good migration), loads before the broken one after it.
@@ -235,7 +234,7 @@ async fn a_refused_reload_migrates_none_of_its_components() {
         host.log()
     );
 
-    assert_eq!(schema_and_ledger(&probe), before);
+    assert_eq!(schema_and_ledger(&host, "probe"), before);
     assert_eq!(version(&host).await, "v1");
     assert_eq!(get(&host.url("/broken")).await.status, 404);
     assert_eq!(
@@ -260,7 +259,7 @@ async fn a_refused_reload_migrates_none_of_its_components() {
         (version(&host).await == "v2").then_some(())
     })
     .await;
-    assert!(schema_and_ledger(&probe)
+    assert!(schema_and_ledger(&host, "probe")
         .1
         .iter()
         .any(|row| row[0] == "0002_v2_notes"));

@@ -460,8 +460,7 @@ async fn a_transaction_abandoned_at_its_deadline_never_swallows_a_later_write() 
 async fn a_refused_version_leaves_the_schema_exactly_as_it_was() {
     let host = TestHost::standard();
     assert_eq!(put(&host.url("/probe/kv/before"), "kept").await.status, 204);
-    let probe = database(&host, "probe");
-    let before = schema_and_ledger(&probe);
+    let before = schema_and_ledger(&host, "probe");
 
     // A good migration (it replaces `kv`), then a broken one.
     let half = component("probe-half-migration");
@@ -473,7 +472,7 @@ async fn a_refused_version_leaves_the_schema_exactly_as_it_was() {
         stderr(&out)
     );
 
-    assert_eq!(schema_and_ledger(&probe), before);
+    assert_eq!(schema_and_ledger(&host, "probe"), before);
     let version = get(&host.url("/probe/version")).await.json();
     assert_eq!(version["version"], "v1");
     assert_eq!(

@@ -597,17 +597,50 @@ pub fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
 /// A component's database file in the host's data directory.
 /// A component database's schema and migration ledger, to compare before
 /// and after a change that must leave both alone.
-pub fn schema_and_ledger(database: &Path) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
-    (
-        rows(
-            database,
-            "SELECT type, name, sql FROM sqlite_master ORDER BY name",
+/// A component's schema and its migration ledger, on whichever backend the
+/// host's storage is: to show that a refused change altered neither.
+pub fn schema_and_ledger(host: &TestHost, component: &str) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    match &host.namespace {
+        Some(ns) => (
+            psql_rows(&format!(
+                "SELECT table_name, column_name, data_type, is_nullable FROM information_schema.columns \
+                 WHERE table_schema = '{ns}_{component}' ORDER BY 1, 2"
+            )),
+            psql_rows(&format!(
+                "SELECT name, checksum FROM \"{ns}\".migrations WHERE component = '{component}' ORDER BY name"
+            )),
         ),
-        rows(
-            database,
-            "SELECT name, checksum FROM _agora_migrations ORDER BY name",
-        ),
-    )
+        None => {
+            let database = database(host, component);
+            (
+                rows(
+                    &database,
+                    "SELECT type, name, sql FROM sqlite_master ORDER BY name",
+                ),
+                rows(
+                    &database,
+                    "SELECT name, checksum FROM _agora_migrations ORDER BY name",
+                ),
+            )
+        }
+    }
+}
+
+/// The rows of `sql` run as the host's PostgreSQL role.
+fn psql_rows(sql: &str) -> Vec<Vec<String>> {
+    let out = Command::new("psql")
+        .args([POSTGRES_URL, "-qtAX", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| line.split('|').map(str::to_owned).collect())
+        .collect()
 }
 
 pub fn database(host: &TestHost, component: &str) -> std::path::PathBuf {
