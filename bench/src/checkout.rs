@@ -286,19 +286,12 @@ async fn call(
 
 /// Drops the bench's PostgreSQL roles and schemas, through psql (best effort).
 fn drop_namespace(namespace: &str) {
-    let sql = format!(
-        "DO $d$ DECLARE r TEXT; BEGIN
-           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}');
-           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}$api');
-           FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE '{namespace}\\_%' LOOP
-             EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
-             EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);
-             EXECUTE format('DROP ROLE %I', r);
-           END LOOP;
-         END $d$;"
-    );
     let _ = Command::new("psql")
-        .args([POSTGRES_URL, "-qtAc", &sql])
+        .args([
+            POSTGRES_URL,
+            "-qtAc",
+            &agora_host::storage::PostgresBackend::drop_namespace_sql(namespace),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 async fn postgres_answers() -> bool {
     let up = tokio::net::TcpStream::connect("127.0.0.1:5432")
@@ -31,18 +31,14 @@ async fn postgres_answers() -> bool {
     up
 }
 
-/// Runs `sql` as the host's own role (the `agora` of [`POSTGRES_URL`]).
+/// Runs `sql` as the host's own role (the `agora` of [`POSTGRES_URL`]):
+/// one row, its columns joined by `|`.
 fn psql(sql: &str) -> String {
-    let out = std::process::Command::new("psql")
-        .args([POSTGRES_URL, "-qtAX", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    psql_rows(sql)
+        .into_iter()
+        .map(|row| row.join("|"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The shop and the hostile component on PostgreSQL at `url`, under
@@ -59,24 +55,6 @@ fn shop_and_hostile(url: &str, namespace: &str) -> TestHost {
             component("hostile").display()
         )
     }))
-}
-
-async fn hostile(host: &TestHost, route: &str, body: Value) -> Reply {
-    post_json(&host.url(&format!("/hostile/{route}")), &body).await
-}
-
-/// Asserts the call was refused (422 from the hostile component, which
-/// passes the host's error on) with a message containing `reason`.
-fn assert_refused(what: &str, reply: &Reply, reason: &str) {
-    assert_eq!(reply.status, 422, "{what}: {}", reply.text());
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        message.contains(reason),
-        "{what}: refused with {message:?}, not for {reason:?}"
-    );
 }
 
 /// What the host's tables and the identity component's hold, to show that
@@ -194,7 +172,7 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
     ];
     for (sql, reason) in &attacks {
         let reply = hostile(&host, "execute", json!({ "sql": sql })).await;
-        assert_refused(sql, &reply, reason);
+        assert_refused(&host, sql, &reply, reason);
     }
     // A type storage does not carry is named, with its column.
     let reply = hostile(
@@ -203,7 +181,7 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
         json!({"sql": "SELECT 1.5::numeric AS price"}),
     )
     .await;
-    assert_refused("numeric", &reply, "column `price` has type numeric");
+    assert_refused(&host, "numeric", &reply, "column `price` has type numeric");
     // `query` only reads.
     let reply = hostile(
         &host,
@@ -211,7 +189,7 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
         json!({"sql": "INSERT INTO kv (key, value) VALUES ('c', 'd')"}),
     )
     .await;
-    assert_refused("write in query", &reply, "read-only transaction");
+    assert_refused(&host, "write in query", &reply, "read-only transaction");
     assert_eq!(snapshot(&ns), before, "an attack changed something");
 
     // A function named like the one the host asks for its connection's

@@ -67,26 +67,6 @@ async fn publish_marker(host: &TestHost, payload: &str) -> Vec<Value> {
     .await
 }
 
-async fn hostile(host: &TestHost, route: &str, body: Value) -> Reply {
-    post_json(&host.url(&format!("/hostile/{route}")), &body).await
-}
-
-/// Asserts that the hostile component's call was refused with `reason`, and
-/// that the message shows no path of the host's.
-fn assert_refused(host: &TestHost, what: &str, reply: &Reply, reason: &str) {
-    assert_eq!(reply.status, 422, "{what}: {}", reply.text());
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert!(
-        message.contains(reason),
-        "{what}: refused with {message:?}, not for {reason:?}"
-    );
-    let dir = host.dir.path().to_string_lossy();
-    assert!(!message.contains(&*dir), "{what}: shows a path: {message}");
-}
-
 /// A topic's events through `agora events`.
 fn events(host: &TestHost, topic: &str) -> Vec<Value> {
     let out = host.cli(&["events", topic]);

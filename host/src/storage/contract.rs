@@ -57,11 +57,7 @@ impl Subject {
             .unwrap();
         tokio::spawn(connection);
         client
-            .batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {ns} CASCADE; DROP SCHEMA IF EXISTS \"{ns}$api\" CASCADE;
-                 DROP SCHEMA IF EXISTS {ns}_c CASCADE;
-                 REVOKE ALL ON DATABASE shop FROM {ns}_c; DROP ROLE IF EXISTS {ns}_c;"
-            ))
+            .batch_execute(&PostgresBackend::drop_namespace_sql(&ns))
             .await
             .unwrap();
     }

@@ -284,6 +284,26 @@ impl PostgresBackend {
         ident(&self.config.namespace)
     }
 
+    /// SQL that removes what a host made under `namespace`: its schemas,
+    /// the components' schemas (with their data) and roles. For operators
+    /// retiring a deployment, and for tests; run it as the host's role.
+    pub fn drop_namespace_sql(namespace: &str) -> String {
+        let pattern = literal(&format!("{}\\_%", namespace.replace('_', "\\_")));
+        format!(
+            "DO $d$ DECLARE r TEXT; BEGIN
+               EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', {ns});
+               EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', {api});
+               FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE {pattern} LOOP
+                 EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
+                 EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);
+                 EXECUTE format('DROP ROLE %I', r);
+               END LOOP;
+             END $d$;",
+            ns = literal(namespace),
+            api = literal(&format!("{namespace}$api")),
+        )
+    }
+
     /// The schema of the two functions components may call:
     /// `<namespace>$api`, a name no component's schema can take (`$` is not
     /// allowed in component names). Components get no `USAGE` on the

@@ -87,19 +87,12 @@ pub fn unique_namespace() -> String {
 /// Drops what a host made in PostgreSQL under `namespace`: its schemas and
 /// the components' roles. Best effort, through psql.
 fn drop_namespace(namespace: &str) {
-    let sql = format!(
-        "DO $d$ DECLARE r TEXT; BEGIN
-           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}');
-           EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', '{namespace}$api');
-           FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE '{namespace}\\_%' LOOP
-             EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
-             EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);
-             EXECUTE format('DROP ROLE %I', r);
-           END LOOP;
-         END $d$;"
-    );
     let _ = Command::new("psql")
-        .args([POSTGRES_URL, "-qtAc", &sql])
+        .args([
+            POSTGRES_URL,
+            "-qtAc",
+            &agora_host::storage::PostgresBackend::drop_namespace_sql(namespace),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
@@ -568,6 +561,27 @@ impl Recorder {
     }
 }
 
+/// A call of the hostile component's `route` (`components/hostile`).
+pub async fn hostile(host: &TestHost, route: &str, body: serde_json::Value) -> Reply {
+    post_json(&host.url(&format!("/hostile/{route}")), &body).await
+}
+
+/// Asserts that the hostile component's call was refused with `reason`, and
+/// that the message shows no path of the host's.
+pub fn assert_refused(host: &TestHost, what: &str, reply: &Reply, reason: &str) {
+    assert_eq!(reply.status, 422, "{what}: {}", reply.text());
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains(reason),
+        "{what}: refused with {message:?}, not for {reason:?}"
+    );
+    let dir = host.dir.path().to_string_lossy();
+    assert!(!message.contains(&*dir), "{what}: shows a path: {message}");
+}
+
 /// The rows of `sql` in a component's database, read directly from its file.
 pub fn rows(database: &Path, sql: &str) -> Vec<Vec<String>> {
     let conn =
@@ -627,7 +641,7 @@ pub fn schema_and_ledger(host: &TestHost, component: &str) -> (Vec<Vec<String>>,
 }
 
 /// The rows of `sql` run as the host's PostgreSQL role.
-fn psql_rows(sql: &str) -> Vec<Vec<String>> {
+pub fn psql_rows(sql: &str) -> Vec<Vec<String>> {
     let out = Command::new("psql")
         .args([POSTGRES_URL, "-qtAX", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
