@@ -19,12 +19,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use serde::{Deserialize, Deserializer};
 use wasmtime::component::Linker;
 
 use crate::bindings::cache::{self as wit, Error};
 use crate::capability::{Capability, CapabilityView, View};
-use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
+use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
 pub use memory::{MemoryCache, MemoryConfig};
@@ -41,29 +40,16 @@ pub trait CacheSettings: Debug + Send + Sync {
     async fn start(&self) -> Result<Arc<dyn CacheBackend>>;
 }
 
-/// `[backends.cache]`: the chosen backend's settings. The embedded
-/// `memory` backend by default, which needs no server.
-#[derive(Debug, Clone)]
-pub struct BackendConfig(Arc<dyn CacheSettings>);
+/// `[backends.cache]`: the `memory` backend by default, which needs no server.
+pub type BackendConfig = crate::plugins::BackendConfig<dyn CacheSettings>;
 
-impl Default for BackendConfig {
-    fn default() -> Self {
-        BackendConfig(Arc::new(MemoryConfig::default()))
+impl BackendRegistry for dyn CacheSettings {
+    const CAPABILITY: &'static str = "cache";
+    fn kinds() -> &'static [BackendKind<Self>] {
+        BACKENDS
     }
-}
-
-impl BackendConfig {
-    pub fn embedded(&self) -> bool {
-        self.0.embedded()
-    }
-}
-
-impl<'de> Deserialize<'de> for BackendConfig {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let table = toml::Table::deserialize(deserializer)?;
-        choose_backend("cache", BACKENDS, table)
-            .map(|settings| BackendConfig(settings.into()))
-            .map_err(serde::de::Error::custom)
+    fn default_settings() -> Arc<Self> {
+        Arc::new(MemoryConfig::default())
     }
 }
 
@@ -109,7 +95,7 @@ impl CacheCapability {
 
     pub async fn init(config: &BackendConfig) -> Result<Self> {
         Ok(CacheCapability {
-            backend: config.0.start().await?,
+            backend: config.start().await?,
         })
     }
 }

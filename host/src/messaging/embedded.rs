@@ -20,9 +20,41 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Broker, Envelope};
-use crate::plugins::Durability;
+use serde::Deserialize;
+
+use super::{Broker, Envelope, MessagingSettings};
+use crate::plugins::{BackendKind, Durability};
 use crate::storage::synchronous;
+
+pub const KIND: BackendKind<dyn MessagingSettings> = BackendKind {
+    kind: "embedded",
+    parse: |table| Ok(Box::new(EmbeddedConfig::deserialize(table)?)),
+};
+
+/// `[backends.messaging] kind = "embedded"`: a durable log in a SQLite file
+/// under the data directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// What a direct `publish` survives; the outbox relay's appends always
+    /// survive a machine crash.
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+#[async_trait]
+impl MessagingSettings for EmbeddedConfig {
+    fn embedded(&self) -> bool {
+        true
+    }
+
+    async fn start(&self, data_dir: &Path) -> Result<Arc<dyn Broker>> {
+        Ok(Arc::new(EmbeddedLog::open(
+            &data_dir.join("messaging"),
+            self.durability,
+        )?))
+    }
+}
 
 pub struct EmbeddedLog {
     conn: Arc<Mutex<Connection>>,

@@ -50,14 +50,37 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
 use crate::capability::{Capability, CapabilityView};
 use crate::outbox;
-use crate::plugins::{
-    ComponentSpec, Durability, Grant, MessagingBackend as BackendChoice, RetryPolicy,
-};
+use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Durability, Grant, RetryPolicy};
 use crate::state::InstanceState;
 use crate::storage::{Database, TransactionHandle};
 
 pub use delivery::Deliver;
-pub use embedded::EmbeddedLog;
+pub use embedded::{EmbeddedConfig, EmbeddedLog};
+
+/// Every messaging backend, by the `kind` that chooses it in `[backends.messaging]`.
+const BACKENDS: &[BackendKind<dyn MessagingSettings>] = &[embedded::KIND];
+
+/// A messaging backend's settings from `[backends.messaging]`, which start it.
+#[async_trait]
+pub trait MessagingSettings: std::fmt::Debug + Send + Sync {
+    /// Whether the backend runs inside the host, needing no server.
+    fn embedded(&self) -> bool;
+    /// `data_dir` is the host's data directory, for embedded backends.
+    async fn start(&self, data_dir: &Path) -> Result<Arc<dyn Broker>>;
+}
+
+/// `[backends.messaging]`: the `embedded` log by default, which needs no server.
+pub type BackendConfig = crate::plugins::BackendConfig<dyn MessagingSettings>;
+
+impl BackendRegistry for dyn MessagingSettings {
+    const CAPABILITY: &'static str = "messaging";
+    fn kinds() -> &'static [BackendKind<Self>] {
+        BACKENDS
+    }
+    fn default_settings() -> Arc<Self> {
+        Arc::new(EmbeddedConfig::default())
+    }
+}
 
 /// An event as stored and relayed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -141,14 +164,9 @@ pub struct Publisher {
 }
 
 impl MessagingCapability {
-    pub async fn init(choice: &BackendChoice, data_dir: &Path) -> Result<Self> {
-        let broker: Arc<dyn Broker> = match choice {
-            BackendChoice::Embedded { durability } => {
-                Arc::new(EmbeddedLog::open(&data_dir.join("messaging"), *durability)?)
-            }
-        };
+    pub async fn init(config: &BackendConfig, data_dir: &Path) -> Result<Self> {
         Ok(MessagingCapability {
-            broker,
+            broker: config.start(data_dir).await?,
             wakeups: Arc::default(),
             relays: Mutex::default(),
             subscriptions: Mutex::default(),
@@ -445,10 +463,12 @@ mod tests {
     async fn an_event_a_serving_version_was_granted_leaves_after_a_rollback() {
         let dir = tempfile::TempDir::new().unwrap();
         let durability = Durability::ProcessCrash;
-        let messaging =
-            MessagingCapability::init(&BackendChoice::Embedded { durability }, dir.path())
-                .await
-                .unwrap();
+        let messaging = MessagingCapability::init(
+            &BackendConfig::new(Arc::new(EmbeddedConfig { durability })),
+            dir.path(),
+        )
+        .await
+        .unwrap();
         let settings = SqliteSettings {
             durability,
             max_size_mib: 64,

@@ -48,13 +48,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use serde::{Deserialize, Deserializer};
 use tokio::sync::Notify;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
 use crate::capability::{Capability, CapabilityView};
-use crate::plugins::{choose_backend, BackendKind, ComponentSpec, Grant};
+use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
 pub use postgres::{PostgresBackend, PostgresConfig};
@@ -72,29 +71,16 @@ pub trait StorageSettings: Debug + Send + Sync {
     async fn start(&self, data_dir: &Path) -> Result<Arc<dyn StorageBackend>>;
 }
 
-/// `[backends.storage]`: the chosen backend's settings. The embedded
-/// `sqlite` backend by default, which needs no server.
-#[derive(Debug, Clone)]
-pub struct BackendConfig(Arc<dyn StorageSettings>);
+/// `[backends.storage]`: the `sqlite` backend by default, which needs no server.
+pub type BackendConfig = crate::plugins::BackendConfig<dyn StorageSettings>;
 
-impl Default for BackendConfig {
-    fn default() -> Self {
-        BackendConfig(Arc::new(SqliteSettings::default()))
+impl BackendRegistry for dyn StorageSettings {
+    const CAPABILITY: &'static str = "storage";
+    fn kinds() -> &'static [BackendKind<Self>] {
+        BACKENDS
     }
-}
-
-impl BackendConfig {
-    pub fn embedded(&self) -> bool {
-        self.0.embedded()
-    }
-}
-
-impl<'de> Deserialize<'de> for BackendConfig {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let table = toml::Table::deserialize(deserializer)?;
-        choose_backend("storage", BACKENDS, table)
-            .map(|settings| BackendConfig(settings.into()))
-            .map_err(serde::de::Error::custom)
+    fn default_settings() -> Arc<Self> {
+        Arc::new(SqliteSettings::default())
     }
 }
 
@@ -195,7 +181,7 @@ pub struct StorageCapability {
 impl StorageCapability {
     pub async fn init(config: &BackendConfig, data_dir: &Path) -> Result<Self> {
         Ok(StorageCapability {
-            backend: config.0.start(data_dir).await?,
+            backend: config.start(data_dir).await?,
         })
     }
 }
