@@ -34,6 +34,8 @@
 //! consumer offsets, the model Kafka has. Consumers are driven by the host
 //! (see `delivery.rs`), so a backend without consumer groups (rskafka) fits.
 
+#[cfg(test)]
+mod contract;
 mod delivery;
 mod embedded;
 

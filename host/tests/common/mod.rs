@@ -175,7 +175,17 @@ impl TestHost {
         let mut config = config(&ports, dir.path());
         let namespace = unique_namespace();
         let backends = chosen_backends(&config, &namespace);
-        config.push_str(&backends);
+        // Before the test's own tables where that is safe (the file starts
+        // with a table), so a test that cuts its file at a table keeps them.
+        let first = config
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'));
+        if first.is_none_or(|l| l.starts_with('[')) {
+            config = backends + &config;
+        } else {
+            config.push_str(&backends);
+        }
         // Whatever PostgreSQL namespace the file names, chosen here or by
         // the test, is dropped with the host.
         let namespace = config.lines().find_map(|line| {
