@@ -294,6 +294,8 @@ impl PostgresBackend {
                EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', {ns});
                EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', {api});
                FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE {pattern} LOOP
+                 -- A role cannot be dropped while a host's connections use it.
+                 PERFORM pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = r;
                  EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r);
                  EXECUTE format('REVOKE ALL ON DATABASE %I FROM %I', current_database(), r);
                  EXECUTE format('DROP ROLE %I', r);
