@@ -141,6 +141,13 @@ pub struct OutboxRow {
 /// larger read is paged (`LIMIT`, a `WHERE` on the last key).
 pub(crate) const MAX_RESULT_BYTES: usize = 16 << 20;
 
+/// The text of a storage error, whatever its kind.
+pub(crate) fn message(e: &Error) -> &str {
+    match e {
+        Error::ConstraintViolation(m) | Error::InvalidQuery(m) | Error::Unavailable(m) => m,
+    }
+}
+
 /// An open transaction. Dropping it without [`Transaction::commit`] rolls it back.
 #[async_trait]
 pub trait Transaction: Send {

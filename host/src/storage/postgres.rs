@@ -76,7 +76,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use deadpool_postgres::{
-    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolBuilder, PoolError, RecyclingMethod,
+    Runtime,
 };
 use futures_util::TryStreamExt;
 use serde::Deserialize;
@@ -87,6 +88,7 @@ use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, SimpleQueryMessage, Statement};
 
 use super::ledger;
+use super::message;
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
@@ -236,7 +238,9 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     hex(&hash.finalize())
 }
 
-fn pool(server: tokio_postgres::Config, size: usize, timeout: Duration) -> Result<Pool, Error> {
+/// A pool of up to `size` connections to `server`, where connecting,
+/// waiting for a connection and checking one each take at most `timeout`.
+fn pool(server: tokio_postgres::Config, size: usize, timeout: Duration) -> PoolBuilder {
     let manager = Manager::from_config(
         server,
         NoTls,
@@ -250,7 +254,10 @@ fn pool(server: tokio_postgres::Config, size: usize, timeout: Duration) -> Resul
         .create_timeout(Some(timeout))
         .wait_timeout(Some(timeout))
         .recycle_timeout(Some(timeout))
-        .build()
+}
+
+fn build(pool: PoolBuilder) -> Result<Pool, Error> {
+    pool.build()
         .map_err(|e| Error::Unavailable(format!("cannot make a PostgreSQL pool: {e}")))
 }
 
@@ -261,7 +268,7 @@ impl PostgresBackend {
         let timeout = Duration::from_millis(config.connect_timeout_ms);
         server.connect_timeout(timeout);
         server.application_name("agora");
-        let host = pool(server.clone(), HOST_CONNECTIONS, timeout)?;
+        let host = build(pool(server.clone(), HOST_CONNECTIONS, timeout))?;
         let mut host_secret = [0u8; 32];
         getrandom::fill(&mut host_secret)
             .map_err(|e| anyhow::anyhow!("no randomness available: {e}"))?;
@@ -449,26 +456,14 @@ impl PostgresBackend {
             .password(sha256_hex(&[self.role_secret.as_bytes(), role.as_bytes()]))
             .application_name(format!("agora:{component}"));
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let manager = Manager::from_config(
-            server,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
         let (host, ns, secret, name) = (
             self.host.clone(),
             self.ns(),
             self.host_secret,
             component.to_owned(),
         );
-        let pool = Pool::builder(manager)
-            .max_size(self.config.max_connections_per_component)
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(timeout))
-            .wait_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .post_create(Hook::async_fn(move |client, _| {
+        let pool = pool(server, self.config.max_connections_per_component, timeout).post_create(
+            Hook::async_fn(move |client, _| {
                 let (host, ns, name) = (host.clone(), ns.clone(), name.clone());
                 Box::pin(async move {
                     // Register the connection's key, so the outbox and ledger
@@ -496,9 +491,9 @@ impl PostgresBackend {
                     .map_err(HookError::Backend)?;
                     Ok(())
                 })
-            }))
-            .build()
-            .map_err(|e| Error::Unavailable(format!("cannot make a PostgreSQL pool: {e}")))?;
+            }),
+        );
+        let pool = build(pool)?;
         Ok(self
             .pools
             .lock()
@@ -771,7 +766,7 @@ impl PostgresDatabase {
         let mut result = Ok(());
         for p in &pending {
             if let Err(e) = conn.client().batch_execute(&p.migration.sql).await {
-                result = Err(ledger::failed(&p.migration, &message(&pg_error(e))));
+                result = Err(ledger::failed(&p.migration, message(&pg_error(e))));
                 break;
             }
             if let Err(e) = conn
@@ -790,12 +785,6 @@ impl PostgresDatabase {
         result?;
         lock.commit().await.map_err(pg_error)?;
         Ok(pending.into_iter().map(|p| p.migration.name).collect())
-    }
-}
-
-fn message(e: &Error) -> String {
-    match e {
-        Error::ConstraintViolation(m) | Error::InvalidQuery(m) | Error::Unavailable(m) => m.clone(),
     }
 }
 
@@ -954,7 +943,7 @@ impl PostgresTransaction {
     }
 
     fn abort(&mut self, e: Error) -> Error {
-        self.aborted = Some(message(&e));
+        self.aborted = Some(message(&e).to_owned());
         e
     }
 }

@@ -56,6 +56,7 @@ use serde::Deserialize;
 use tokio::sync::OwnedMutexGuard;
 
 use super::ledger::{self, Pending};
+use super::message;
 use super::sandbox::{Access, Failure, Sandboxed};
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
@@ -546,12 +547,6 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
         })?;
     }
     Ok(new.iter().map(|p| p.migration.name.clone()).collect())
-}
-
-fn message(e: &Error) -> &str {
-    match e {
-        Error::ConstraintViolation(m) | Error::InvalidQuery(m) | Error::Unavailable(m) => m,
-    }
 }
 
 /// Owns the write connection from `BEGIN` until commit or drop.
