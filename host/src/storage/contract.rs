@@ -52,6 +52,10 @@ impl Subject {
     /// Drops the namespace's schemas and roles.
     async fn clean_up(self) {
         let Some(ns) = self.namespace else { return };
+        // One at a time: revoking on the database updates one catalog row,
+        // which concurrent revokes fail on ("tuple concurrently updated").
+        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = ONE_AT_A_TIME.lock().await;
         let (client, connection) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls)
             .await
             .unwrap();

@@ -42,8 +42,12 @@
 //! search path set to its schema (`query` in a `READ ONLY` one). Inside
 //! `begin()`, each statement runs under a savepoint, so a failed statement
 //! undoes only itself and the transaction goes on, as on SQLite. A
-//! connection whose caller stopped waiting mid-transaction is cancelled and
-//! closed rather than returned to the pool, which rolls its work back.
+//! transaction dropped without commit (by its guest, or by a caller that
+//! stopped waiting) is rolled back before its connection returns to the
+//! pool, its running statement cancelled first; a connection whose
+//! rollback fails is closed instead. Closing on every drop would reconnect
+//! once per refused checkout (the catalog drops its transaction when stock
+//! is short).
 //!
 //! Pools: one per component (`max_connections_per_component`), all under
 //! one cap on connections in use (`max_connections`), plus a small one for
@@ -438,7 +442,9 @@ impl PostgresBackend {
              END $d$;
              INSERT INTO {ns}.components VALUES ({name}, {role}) ON CONFLICT DO NOTHING;
              INSERT INTO {ns}.migrating VALUES ({name}) ON CONFLICT DO NOTHING;",
-            limit = self.config.max_connections_per_component,
+            // Twice the pool: a connection being closed still counts until
+            // its backend exits, while the pool already opens the next.
+            limit = 2 * self.config.max_connections_per_component,
             password = literal(&password),
             role = literal(role),
             name = literal(component),
@@ -611,13 +617,16 @@ struct PostgresDatabase {
     wait: Duration,
 }
 
-/// A component connection in use. If it is dropped inside a transaction
-/// (its caller stopped waiting), its statement is cancelled and the
-/// connection closed, which rolls the transaction back; it never returns
-/// to the pool with a transaction open.
+/// A component connection in use. If it is dropped inside a transaction (a
+/// guest dropped it, or its caller stopped waiting), a statement still
+/// running is cancelled and the transaction rolled back before the
+/// connection returns to the pool; if the rollback fails the connection is
+/// closed. It never returns to the pool with a transaction open.
 struct Conn {
     object: Option<Object>,
     in_transaction: bool,
+    /// A statement was sent and its answer not yet read.
+    busy: bool,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -632,16 +641,26 @@ impl Drop for Conn {
         if !self.in_transaction {
             return;
         }
-        if let Some(object) = self.object.take() {
-            let client = Object::take(object);
-            let cancel = client.cancel_token();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = cancel.cancel_query(NoTls).await;
-                });
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to roll back on: closing the connection does it.
+            drop(Object::take(object));
+            return;
+        };
+        let busy = self.busy;
+        runtime.spawn(async move {
+            // A statement its caller stopped waiting for is cancelled first,
+            // so the rollback does not wait for it.
+            if busy {
+                let _ = object.cancel_token().cancel_query(NoTls).await;
             }
-            tracing::warn!("closed a PostgreSQL connection whose transaction was abandoned");
-        }
+            if let Err(e) = object.batch_execute("ROLLBACK").await {
+                tracing::warn!(error = %e, "closed a PostgreSQL connection whose rollback failed");
+                drop(Object::take(object));
+            }
+        });
     }
 }
 
@@ -660,6 +679,7 @@ impl PostgresDatabase {
         Ok(Conn {
             object: Some(object),
             in_transaction: false,
+            busy: false,
             _permit: permit,
         })
     }
@@ -673,6 +693,7 @@ impl PostgresDatabase {
         timeout: Duration,
     ) -> Result<String, Error> {
         conn.in_transaction = true;
+        conn.busy = true;
         let messages = conn
             .client()
             .simple_query(&format!(
@@ -690,12 +711,15 @@ impl PostgresDatabase {
                 _ => None,
             })
             .ok_or_else(|| Error::Unavailable("PostgreSQL did not say its backend pid".into()))?;
+        conn.busy = false;
         Ok(connection_key(&self.host_secret, pid))
     }
 
     async fn end(conn: &mut Conn, commit: bool) -> Result<(), Error> {
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        conn.busy = true;
         conn.client().batch_execute(sql).await.map_err(pg_error)?;
+        conn.busy = false;
         conn.in_transaction = false;
         Ok(())
     }
@@ -710,6 +734,7 @@ impl PostgresDatabase {
         let mut conn = self.conn().await?;
         self.begin_on(&mut conn, mode, self.statement_timeout)
             .await?;
+        conn.busy = true;
         let result = match conn.client().prepare_cached(sql).await {
             Ok(stmt) => run(&conn, &stmt).await,
             Err(e) => Err(pg_error(e)),
@@ -763,6 +788,7 @@ impl PostgresDatabase {
         }
         let mut conn = self.conn().await?;
         let key = self.begin_on(&mut conn, "", self.migration_timeout).await?;
+        conn.busy = true;
         let mut result = Ok(());
         for p in &pending {
             if let Err(e) = conn.client().batch_execute(&p.migration.sql).await {
@@ -918,6 +944,7 @@ impl PostgresTransaction {
         run: impl AsyncFnOnce(&deadpool_postgres::ClientWrapper, &Statement) -> Result<R, Error>,
     ) -> Result<R, Error> {
         self.check()?;
+        self.conn.busy = true;
         let client = self.conn.client();
         let (saved, stmt) = tokio::join!(
             client.batch_execute("SAVEPOINT agora_statement"),
@@ -939,6 +966,7 @@ impl PostgresTransaction {
             let e = pg_error(e);
             return Err(self.abort(e));
         }
+        self.conn.busy = false;
         result
     }
 
@@ -963,12 +991,14 @@ impl Transaction for PostgresTransaction {
     async fn enqueue(&mut self, record: &str) -> Result<(), Error> {
         self.check()?;
         let sql = format!("SELECT {}.enqueue($1, $2)", self.api);
+        self.conn.busy = true;
         let result = self
             .conn
             .client()
             .execute(&sql, &[&self.key, &record])
             .await
             .map_err(pg_error);
+        self.conn.busy = false;
         result.map(|_| ()).map_err(|e| self.abort(e))
     }
 
