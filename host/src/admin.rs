@@ -333,8 +333,9 @@ async fn events(runtime: &Runtime, topic: &str, query: Option<&str>) -> Response
         Ok(events) => {
             let events: Vec<_> = events
                 .into_iter()
-                .map(|(offset, e)| {
+                .map(|(partition, offset, e)| {
                     json!({
+                        "partition": partition,
                         "offset": offset,
                         "id": e.id,
                         "key": e.key,

@@ -157,9 +157,13 @@ impl Capabilities {
             cache: CacheCapability::init(&plugins.backends.cache)
                 .await
                 .context("starting the cache backend")?,
-            messaging: MessagingCapability::init(&plugins.backends.messaging, data_dir)
-                .await
-                .context("starting the messaging backend")?,
+            messaging: MessagingCapability::init(
+                &plugins.backends.messaging,
+                &plugins.backends.coordination,
+                data_dir,
+            )
+            .await
+            .context("starting the messaging backend")?,
             token_issuer: TokenIssuerCapability::new(&tokens),
             tokens,
             config: ConfigCapability,

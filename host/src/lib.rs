@@ -8,12 +8,14 @@ pub mod cache;
 pub mod capability;
 pub mod component;
 pub mod config;
+pub mod coordination;
 pub mod engine;
 pub mod gateway;
 pub mod http_out;
 pub mod links;
 pub mod messaging;
 pub mod outbox;
+pub mod pg;
 pub mod plugins;
 pub mod registry;
 pub mod response;
@@ -22,6 +24,8 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod storage;
+#[cfg(test)]
+mod testing;
 pub mod tokens;
 pub mod watch;
 

@@ -14,6 +14,14 @@
 //! record is removed only once the broker's copy is; a record that is not
 //! an event, or whose topic no serving version of the component was
 //! granted, is set aside with its reason.
+//!
+//! Several hosts relay one component's outbox in turn, under a lock of
+//! coordination's (`outbox:<component>`): each moves what it finds and
+//! removes it from the outbox before letting go, so the next finds only
+//! newer rows. A host that dies between the broker's acknowledgement and
+//! the removal leaves rows the next host sends again (at least once, never
+//! lost); no host waits for another longer than one batch, and a dead
+//! host's lock goes with its connection. A host alone needs no lock.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +31,8 @@ use std::time::Duration;
 use anyhow::Result;
 use tokio::sync::{watch, Notify};
 
-use crate::messaging::{may_publish, Broker, Envelope, Wakeups};
+use crate::coordination::Coordinator;
+use crate::messaging::{may_publish, Broker, Envelope};
 use crate::plugins::Durability;
 use crate::storage::Database;
 
@@ -100,7 +109,7 @@ impl Relay {
         self: &Arc<Self>,
         db: Arc<dyn Database>,
         broker: Arc<dyn Broker>,
-        wakeups: Arc<Wakeups>,
+        coordinator: Arc<dyn Coordinator>,
         mut stop: watch::Receiver<bool>,
     ) {
         if self.running.swap(true, Ordering::SeqCst) {
@@ -110,7 +119,7 @@ impl Relay {
         tokio::spawn(async move {
             loop {
                 let moved = async {
-                    relay.forward(&*db, &*broker, &wakeups, None).await?;
+                    relay.forward(&*db, &*broker, &*coordinator, None).await?;
                     relay.settle(&*db).await
                 };
                 if let Err(e) = moved.await {
@@ -133,10 +142,13 @@ impl Relay {
         &self,
         db: &dyn Database,
         broker: &dyn Broker,
-        wakeups: &Wakeups,
+        coordinator: &dyn Coordinator,
         direct: Option<&Envelope>,
     ) -> Result<usize> {
         let mut handled = self.handled.lock().await;
+        let shared = coordinator
+            .lock(&format!("outbox:{}", self.component))
+            .await?;
         let mut count = 0;
         loop {
             // Rows are numbered in commit order and a new one is numbered
@@ -173,9 +185,6 @@ impl Relay {
                 // copy, each surviving a machine crash before the next step.
                 db.sync().await?;
                 broker.append(&events, Durability::MachineCrash).await?;
-                for event in &events {
-                    wakeups.notify(&event.topic);
-                }
             }
             count += verdicts.len();
             handled.extend(verdicts);
@@ -187,7 +196,11 @@ impl Relay {
             broker
                 .append(std::slice::from_ref(event), Durability::ProcessCrash)
                 .await?;
-            wakeups.notify(&event.topic);
+        }
+        if let Some(lock) = shared {
+            // The next host to take the lock must not find these rows.
+            Self::remove(db, &mut handled).await?;
+            lock.unlock().await;
         }
         Ok(count)
     }
@@ -197,13 +210,19 @@ impl Relay {
     /// outside the ordering lock: a direct publish from an instance whose
     /// transaction holds that connection must not wait on it.
     pub(crate) async fn settle(&self, db: &dyn Database) -> Result<()> {
-        let done: Vec<(i64, Option<String>)> = self
-            .handled
-            .lock()
-            .await
-            .iter()
-            .map(|(seq, refusal)| (*seq, refusal.clone()))
-            .collect();
+        let done = self.handled.lock().await.clone();
+        let mut settled = done.clone();
+        Self::remove(db, &mut settled).await?;
+        let mut handled = self.handled.lock().await;
+        for seq in done.keys() {
+            handled.remove(seq);
+        }
+        Ok(())
+    }
+
+    /// Removes `done` rows from the outbox (the rejected ones to the
+    /// rejected table), and from `done`.
+    async fn remove(db: &dyn Database, done: &mut BTreeMap<i64, Option<String>>) -> Result<()> {
         if done.is_empty() {
             return Ok(());
         }
@@ -217,10 +236,7 @@ impl Relay {
             .filter_map(|(seq, refusal)| refusal.clone().map(|r| (*seq, r)))
             .collect();
         db.outbox_settle(&relayed, &rejected).await?;
-        let mut handled = self.handled.lock().await;
-        for (seq, _) in &done {
-            handled.remove(seq);
-        }
+        done.clear();
         Ok(())
     }
 }

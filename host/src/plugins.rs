@@ -165,13 +165,19 @@ pub struct Backends {
     pub storage: crate::storage::BackendConfig,
     pub cache: crate::cache::BackendConfig,
     pub messaging: crate::messaging::BackendConfig,
+    /// How several hosts share consumers and outbox relays; `local` (this
+    /// host alone) by default.
+    pub coordination: crate::coordination::BackendConfig,
 }
 
 impl Backends {
     /// Whether every capability is on an embedded backend (one that needs
     /// no server).
     pub fn all_embedded(&self) -> bool {
-        self.storage.embedded() && self.cache.embedded() && self.messaging.embedded()
+        self.storage.embedded()
+            && self.cache.embedded()
+            && self.messaging.embedded()
+            && self.coordination.embedded()
     }
 }
 

@@ -19,20 +19,7 @@ pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// Whether the local Redis answers; panics if it must and does not.
 pub async fn redis_answers() -> bool {
-    let up = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect("127.0.0.1:6379"),
-    )
-    .await
-    .is_ok_and(|c| c.is_ok());
-    if !up {
-        assert!(
-            std::env::var("AGORA_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "AGORA_REQUIRE_SERVICES=1 but Redis does not answer on 127.0.0.1:6379"
-        );
-        eprintln!("SKIPPED the redis run: nothing answers on 127.0.0.1:6379");
-    }
-    up
+    crate::testing::answers("Redis", "127.0.0.1:6379").await
 }
 
 /// A prefix no other test or run uses.

@@ -1,21 +1,37 @@
-//! Delivery: one consumer task per (component, topic, partition).
+//! Delivery: a supervisor per host keeps one consumer task per
+//! (subscriber, topic, partition) whose lease this host holds.
 //!
-//! Events are handled one at a time, in log order, and the consumer's offset
-//! moves past an event only once its handler succeeded or the event was
-//! written to the dead-letter topic. A host crash in between redelivers
-//! that one event, which is why handlers are idempotent on the event id.
-//! Sequential handling is what makes per-key order hold; throughput comes
-//! from partitions, not from concurrency within one.
+//! The supervisor beats every [`HEARTBEAT`]: it finds each subscribed
+//! topic's partitions (again every [`PARTITIONS_REFRESH`], so a topic that
+//! grew is seen), asks coordination for this host's leases, starts
+//! consumers for new ones and stops those it lost, no longer wants, or
+//! should give back to a host that joined. A consumer being stopped
+//! finishes the event in hand and commits before its lease is given back,
+//! so two hosts never handle one partition at once. Should this host stop
+//! reaching coordination, its consumers pause before their leases can
+//! expire on the server (one heartbeat of margin), and resume when it
+//! renews them.
+//!
+//! A consumer handles its partition's events one at a time, in log order,
+//! with long fetches (nothing in-process wakes it, so events appended by any
+//! host reach it), and commits its offset after each batch, only past
+//! events whose handler succeeded or that went to the dead-letter topic. A
+//! crash or hand-over in between redelivers the rest of that batch, which is
+//! why handlers are idempotent on the event id. Sequential handling is what
+//! makes per-key order hold; throughput comes from partitions, not from
+//! concurrency within one.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Broker, Envelope, Wakeups, DEAD_LETTER_PREFIX};
+use super::{Broker, Envelope, DEAD_LETTER_PREFIX};
 use crate::bindings::messaging::Message;
+use crate::coordination::{Claim, Commit, Coordinator, HEARTBEAT};
 use crate::plugins::{Durability, RetryPolicy};
 
 /// Hands a message to a component's `subscriber` export.
@@ -24,123 +40,389 @@ pub trait Deliver: Send + Sync {
     async fn deliver(&self, component: &str, message: Message) -> Result<(), String>;
 }
 
-/// Events fetched per read.
+/// Events fetched per read, and so at most redelivered after a crash.
 const BATCH: usize = 64;
-/// The longest wait between retries, and before re-reading an idle topic
-/// (a safety net: consumers are woken on publish).
+/// The longest wait between retries of a failed delivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The wait before trying a failed broker or coordination call again.
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// How often an idle consumer re-reads its offset, to see a rewind.
+const IDLE_OFFSET_CHECK: Duration = Duration::from_secs(1);
+/// How often the partitions of subscribed topics are counted again.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(10);
+/// How long a stopping host waits for its consumers to finish the events in
+/// hand before giving their leases back anyway.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
-pub struct Consumer {
+/// A component subscribed to a topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscription {
     pub component: String,
     pub topic: String,
     pub retry: RetryPolicy,
-    pub broker: Arc<dyn Broker>,
-    pub wakeups: Arc<Wakeups>,
-    pub deliver: Arc<dyn Deliver>,
 }
 
-/// A running subscription; dropping it stops its tasks.
-pub struct Running {
-    pub retry: RetryPolicy,
+/// Until when this host's leases are surely its own, by its own clock.
+#[derive(Default)]
+struct LeaseClock(Mutex<Option<Instant>>);
+
+impl LeaseClock {
+    fn valid(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// After a heartbeat that began at `began`: the server's expiry counts
+    /// from later than that, and a heartbeat of margin is kept.
+    fn renewed(&self, began: Instant, lease: Duration) {
+        let until = lease
+            .checked_sub(HEARTBEAT)
+            .and_then(|ahead| began.checked_add(ahead))
+            // A lease that never runs out (one host alone).
+            .unwrap_or_else(|| began + Duration::from_secs(100 * 365 * 24 * 3600));
+        *self.0.lock().unwrap() = Some(until);
+    }
+}
+
+/// The host's delivery; dropping it stops everything at once (use
+/// [`Supervisor::stopped`] to stop gracefully).
+pub struct Supervisor {
+    subscriptions: watch::Sender<Vec<Subscription>>,
+    task: JoinHandle<()>,
+}
+
+impl Supervisor {
+    pub fn start(
+        broker: Arc<dyn Broker>,
+        coordinator: Arc<dyn Coordinator>,
+        deliver: Arc<dyn Deliver>,
+        subscriptions: Vec<Subscription>,
+        stop: watch::Receiver<bool>,
+    ) -> Supervisor {
+        let (sender, wanted) = watch::channel(subscriptions);
+        let shared = Arc::new(Shared {
+            broker,
+            coordinator,
+            deliver,
+            clock: LeaseClock::default(),
+        });
+        let task = tokio::spawn(supervise(shared, wanted, stop));
+        Supervisor {
+            subscriptions: sender,
+            task,
+        }
+    }
+
+    /// Consumes these subscriptions from now on.
+    pub fn set(&self, subscriptions: Vec<Subscription>) {
+        self.subscriptions.send_replace(subscriptions);
+    }
+
+    /// Waits for the supervisor to stop (after the host's stop signal): its
+    /// consumers finish the events in hand and the leases are given back.
+    pub async fn stopped(mut self) {
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the supervisor and its consumers share.
+struct Shared {
+    broker: Arc<dyn Broker>,
+    coordinator: Arc<dyn Coordinator>,
+    deliver: Arc<dyn Deliver>,
+    clock: LeaseClock,
+}
+
+/// A consumer task and how to stop it.
+struct Running {
+    retry: RetryPolicy,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        // Aborting mid-delivery is safe: the offset was not committed, so the
-        // event is delivered again by whoever consumes next.
+        // Aborting mid-delivery is safe: the offset was not committed, so
+        // the event is delivered again by whoever consumes next.
         self.task.abort();
     }
 }
 
-impl Running {
-    pub fn start(consumer: Consumer, stop: watch::Receiver<bool>) -> Running {
-        let retry = consumer.retry;
-        let consumer = Arc::new(consumer);
-        let task = tokio::spawn(async move {
-            let partitions = loop {
-                match consumer.broker.partitions(&consumer.topic).await {
-                    Ok(n) => break n,
-                    Err(e) => {
-                        consumer.warn("reading partitions", &e);
-                        tokio::time::sleep(IDLE_POLL).await;
+async fn supervise(
+    shared: Arc<Shared>,
+    mut wanted: watch::Receiver<Vec<Subscription>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running: HashMap<Claim, Running> = HashMap::new();
+    // Consumers asked to stop, whose leases go back once they have.
+    let mut stopping: Vec<(Claim, Running)> = Vec::new();
+    let mut partitions: HashMap<String, (u32, Instant)> = HashMap::new();
+    loop {
+        let subscriptions = wanted.borrow_and_update().clone();
+        let mut claims = Vec::new();
+        for sub in &subscriptions {
+            let count = match partitions.get(&sub.topic) {
+                Some((n, at)) if at.elapsed() < PARTITIONS_REFRESH => Some(*n),
+                _ => match shared.broker.partitions(&sub.topic).await {
+                    Ok(n) => {
+                        partitions.insert(sub.topic.clone(), (n, Instant::now()));
+                        Some(n)
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(topic = %sub.topic, error = %format!("{e:#}"), "counting partitions failed; retrying");
+                        partitions.get(&sub.topic).map(|(n, _)| *n)
+                    }
+                },
             };
-            // Dropping the set (when this task is aborted) aborts every partition.
-            let mut partitions_set = tokio::task::JoinSet::new();
-            for p in 0..partitions {
-                partitions_set.spawn(consumer.clone().run(p, stop.clone()));
+            claims.extend((0..count.unwrap_or(0)).map(|partition| Claim {
+                subscriber: sub.component.clone(),
+                topic: sub.topic.clone(),
+                partition,
+            }));
+        }
+        let retry_of = |claim: &Claim| {
+            subscriptions
+                .iter()
+                .find(|s| s.component == claim.subscriber && s.topic == claim.topic)
+                .map(|s| s.retry)
+        };
+
+        // Stopped consumers give their leases back.
+        let mut finished = Vec::new();
+        stopping.retain(|(claim, consumer)| {
+            let done = consumer.task.is_finished();
+            if done {
+                finished.push(claim.clone());
             }
-            while partitions_set.join_next().await.is_some() {}
+            !done
         });
-        Running { retry, task }
+        let began = Instant::now();
+        match shared.coordinator.heartbeat(&claims).await {
+            Ok(leases) => {
+                shared.clock.renewed(began, shared.coordinator.lease_time());
+                let held: HashSet<&Claim> = leases.held.iter().collect();
+                // Keep at most `share` of the wanted claims: those running
+                // first, so that a rebalance moves as little as it can.
+                let mut kept: Vec<&Claim> = claims
+                    .iter()
+                    .filter(|c| held.contains(c) && running.contains_key(*c))
+                    .collect();
+                kept.extend(
+                    claims
+                        .iter()
+                        .filter(|c| held.contains(c) && !running.contains_key(*c)),
+                );
+                kept.truncate(leases.share);
+                let kept: HashSet<Claim> = kept.into_iter().cloned().collect();
+                // Stop what is no longer ours or wanted, or runs an old retry policy.
+                let stale: Vec<Claim> = running
+                    .iter()
+                    .filter(|(claim, consumer)| {
+                        !kept.contains(*claim) || retry_of(claim) != Some(consumer.retry)
+                    })
+                    .map(|(claim, _)| claim.clone())
+                    .collect();
+                for claim in stale {
+                    let consumer = running.remove(&claim).unwrap();
+                    consumer.stop.send_replace(true);
+                    stopping.push((claim, consumer));
+                }
+                // Leases held but neither kept nor still stopping go back.
+                let mut give_back: Vec<Claim> = leases
+                    .held
+                    .iter()
+                    .filter(|c| !kept.contains(*c) && !stopping.iter().any(|(s, _)| s == *c))
+                    .cloned()
+                    .collect();
+                give_back.extend(finished.into_iter().filter(|c| !kept.contains(c)));
+                give_back.dedup();
+                if let Err(e) = shared.coordinator.release(&give_back).await {
+                    tracing::warn!(error = %format!("{e:#}"), "giving leases back failed; they expire instead");
+                }
+                for claim in kept {
+                    let stopping_now = stopping.iter().any(|(s, _)| *s == claim);
+                    let alive = running.get(&claim).is_some_and(|c| !c.task.is_finished());
+                    if stopping_now || alive {
+                        continue;
+                    }
+                    let retry = retry_of(&claim).expect("kept claims are wanted");
+                    running.insert(claim.clone(), Consumer::start(shared.clone(), claim, retry));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "coordination heartbeat failed; consumers pause when their leases would run out");
+            }
+        }
+
+        tokio::select! {
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = wanted.changed() => {}
+            _ = stop.changed() => break,
+        }
+    }
+
+    // Stopping: every consumer finishes the event in hand, then the leases
+    // go back, so other hosts take over at once.
+    for consumer in running.values() {
+        consumer.stop.send_replace(true);
+    }
+    stopping.extend(running.drain());
+    let finish =
+        futures_util::future::join_all(stopping.iter_mut().map(|(_, consumer)| &mut consumer.task));
+    if tokio::time::timeout(STOP_GRACE, finish).await.is_err() {
+        tracing::warn!("consumers did not finish in time; their events are delivered again");
+    }
+    drop(stopping);
+    if let Err(e) = shared.coordinator.leave().await {
+        tracing::warn!(error = %format!("{e:#}"), "giving leases back failed; they expire instead");
     }
 }
 
-/// Repeats a broker call until it succeeds: progress must not be skipped.
-macro_rules! persist {
-    ($self:ident, $what:literal, $call:expr) => {
-        loop {
-            match $call.await {
-                Ok(v) => break v,
-                Err(e) => {
-                    $self.warn($what, &e);
-                    tokio::time::sleep(IDLE_POLL).await;
-                }
-            }
-        }
-    };
+/// One partition's consumer.
+struct Consumer {
+    shared: Arc<Shared>,
+    claim: Claim,
+    retry: RetryPolicy,
+    stop: watch::Receiver<bool>,
+}
+
+/// Whether to go on, after a wait that a stop can cut short.
+async fn pause(stop: &mut watch::Receiver<bool>, wait: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => !*stop.borrow(),
+        _ = stop.changed() => false,
+    }
 }
 
 impl Consumer {
-    fn warn(&self, what: &str, error: &anyhow::Error) {
-        tracing::warn!(component = %self.component, topic = %self.topic, error = %format!("{error:#}"), "{what} failed; retrying");
+    fn start(shared: Arc<Shared>, claim: Claim, retry: RetryPolicy) -> Running {
+        let (stop_sender, stop) = watch::channel(false);
+        let consumer = Consumer {
+            shared,
+            claim,
+            retry,
+            stop,
+        };
+        Running {
+            retry,
+            stop: stop_sender,
+            task: tokio::spawn(consumer.run()),
+        }
     }
 
-    async fn run(self: Arc<Self>, partition: u32, mut stop: watch::Receiver<bool>) {
-        let mut published = self.wakeups.subscribe(&self.topic);
+    fn warn(&self, what: &str, error: &anyhow::Error) {
+        tracing::warn!(component = %self.claim.subscriber, topic = %self.claim.topic, partition = self.claim.partition, error = %format!("{error:#}"), "{what} failed; retrying");
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// The committed offset, retried until read (or stopped).
+    async fn committed(&mut self) -> Option<u64> {
         loop {
-            if *stop.borrow() {
-                return;
+            match self.shared.coordinator.committed(&self.claim).await {
+                Ok(next) => return Some(next),
+                Err(e) => self.warn("reading the offset", &e),
             }
-            published.borrow_and_update();
-            let next = persist!(
-                self,
-                "reading the offset",
-                self.broker
-                    .committed(&self.component, &self.topic, partition)
-            );
-            let batch = persist!(
-                self,
-                "reading events",
-                self.broker.read(&self.topic, partition, next, BATCH)
-            );
-            if batch.is_empty() {
-                tokio::select! {
-                    _ = published.changed() => {}
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                    _ = stop.changed() => return,
+            if !pause(&mut self.stop, RETRY_PAUSE).await {
+                return None;
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let Some(mut next) = self.committed().await else {
+            return;
+        };
+        let mut offset_read = Instant::now();
+        let (topic, partition) = (self.claim.topic.clone(), self.claim.partition);
+        while !self.stopped() {
+            if !self.shared.clock.valid() {
+                if !pause(&mut self.stop, RETRY_PAUSE).await {
+                    return;
                 }
                 continue;
             }
-            for (offset, event) in batch {
-                self.handle(event).await;
-                persist!(
-                    self,
-                    "committing the offset",
-                    self.broker
-                        .commit(&self.component, &self.topic, partition, offset + 1)
-                );
+            let fetched = tokio::select! {
+                fetched = self.shared.broker.fetch(&topic, partition, next, BATCH, true) => fetched,
+                _ = self.stop.changed() => return,
+            };
+            let batch = match fetched {
+                Ok(batch) => batch,
+                Err(e) => {
+                    self.warn("reading events", &e);
+                    if !pause(&mut self.stop, RETRY_PAUSE).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                if offset_read.elapsed() >= IDLE_OFFSET_CHECK {
+                    let Some(committed) = self.committed().await else {
+                        return;
+                    };
+                    next = committed;
+                    offset_read = Instant::now();
+                }
+                continue;
             }
+            let mut handled = next;
+            for (offset, event) in batch {
+                if self.stopped() || !self.shared.clock.valid() || !self.handle(event).await {
+                    break;
+                }
+                handled = offset + 1;
+            }
+            if handled == next {
+                continue;
+            }
+            // Committed even when stopping: the next holder starts after it.
+            loop {
+                match self
+                    .shared
+                    .coordinator
+                    .commit(&self.claim, next, handled)
+                    .await
+                {
+                    Ok(Commit::Done) => {
+                        next = handled;
+                        break;
+                    }
+                    Ok(Commit::Moved(to)) => {
+                        tracing::info!(component = %self.claim.subscriber, topic = %topic, partition, to, "offset moved (rewound); going on from there");
+                        next = to;
+                        break;
+                    }
+                    Ok(Commit::Lost) => {
+                        tracing::info!(component = %self.claim.subscriber, topic = %topic, partition, "lease taken over by another host");
+                        return;
+                    }
+                    Err(e) => self.warn("committing the offset", &e),
+                }
+                // Not waiting on the stop signal: what was handled should
+                // be committed; a host stopping bounds this by its grace.
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            offset_read = Instant::now();
         }
     }
 
     /// Delivers with retries; dead-letters the event when they run out.
-    async fn handle(&self, event: Envelope) {
+    /// False when stopped before the event was done with.
+    async fn handle(&mut self, event: Envelope) -> bool {
         let mut backoff = Duration::from_millis(self.retry.backoff_ms);
         let mut last_error = String::new();
+        let component = self.claim.subscriber.clone();
         for attempt in 1..=self.retry.max_attempts {
             let message = Message {
                 id: event.id.clone(),
@@ -151,20 +433,22 @@ impl Consumer {
                 published_at: event.published_at,
                 attempt,
             };
-            match self.deliver.deliver(&self.component, message).await {
-                Ok(()) => return,
+            match self.shared.deliver.deliver(&component, message).await {
+                Ok(()) => return true,
                 Err(e) => {
-                    tracing::warn!(component = %self.component, topic = %self.topic, event = %event.id, attempt, error = %e, "delivery failed");
+                    tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery failed");
                     last_error = e;
                 }
             }
             if attempt < self.retry.max_attempts {
-                tokio::time::sleep(backoff).await;
+                if !pause(&mut self.stop, backoff).await {
+                    return false;
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
         let mut dead = event.clone();
-        dead.topic = format!("{DEAD_LETTER_PREFIX}{}", self.component);
+        dead.topic = format!("{DEAD_LETTER_PREFIX}{component}");
         dead.headers.extend([
             ("agora-original-topic".to_owned(), event.topic.clone()),
             ("agora-error".to_owned(), last_error),
@@ -173,15 +457,22 @@ impl Consumer {
                 self.retry.max_attempts.to_string(),
             ),
         ]);
-        tracing::error!(component = %self.component, topic = %self.topic, event = %event.id, dead_letter = %dead.topic, "event dead-lettered");
+        tracing::error!(%component, topic = %event.topic, event = %event.id, dead_letter = %dead.topic, "event dead-lettered");
         // Rare, and the offset moves past the event next: its only copy
         // must survive a machine crash first.
-        persist!(
-            self,
-            "dead-lettering",
-            self.broker
+        loop {
+            match self
+                .shared
+                .broker
                 .append(std::slice::from_ref(&dead), Durability::MachineCrash)
-        );
-        self.wakeups.notify(&dead.topic);
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => self.warn("dead-lettering", &e),
+            }
+            if !pause(&mut self.stop, RETRY_PAUSE).await {
+                return false;
+            }
+        }
     }
 }

@@ -1,9 +1,16 @@
 //! Embedded messaging: a durable log in a SQLite file (`<data>/messaging/log.db`).
 //!
-//! One partition per topic: the embedded host is a single process, so order
-//! per topic (stronger than per key) costs nothing. Offsets are the log's
-//! global sequence numbers, increasing but not dense within a topic, which
-//! is all a consumer needs.
+//! Topics have `partitions` partitions (4 by default), created on first
+//! use; an event's partition is chosen as Kafka's clients choose it
+//! ([`partition_of`]), so a subscriber handles that many keys at once and
+//! per-key order holds. Offsets are the log's global sequence numbers,
+//! increasing but not dense within a partition, which is all a consumer
+//! needs. A topic's partition count can grow (raise `partitions`; keys then
+//! move, as in Kafka) but never shrinks.
+//!
+//! Consumers fetch with a long wait: a fetch that finds nothing waits for
+//! an append to the topic, up to [`FETCH_MAX_WAIT`], inside this backend
+//! (Kafka's broker does the same on its side).
 //!
 //! Durability, per the backend's `durability` setting: appends are committed
 //! before `append` returns, in WAL mode with `synchronous = NORMAL`
@@ -13,33 +20,64 @@
 //! than the setting (the outbox relay's) commits with `FULL`, which fsyncs
 //! the WAL and so every commit before it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension};
-
+use rusqlite::{params, Connection};
 use serde::Deserialize;
+use tokio::sync::watch;
 
-use super::{Broker, Envelope, MessagingSettings};
+use super::{partition_of, Broker, Envelope, MessagingSettings};
 use crate::plugins::{BackendKind, Durability};
 use crate::storage::synchronous;
 
 pub const KIND: BackendKind<dyn MessagingSettings> = BackendKind {
     kind: "embedded",
-    parse: |table| Ok(Box::new(EmbeddedConfig::deserialize(table)?)),
+    parse: |table| {
+        let config = EmbeddedConfig::deserialize(table)?;
+        if config.partitions == 0 {
+            return Err(serde::de::Error::custom("`partitions` must be above 0"));
+        }
+        Ok(Box::new(config))
+    },
 };
+
+/// How long a fetch that finds nothing waits for an append. Appends wake it
+/// at once, so this only bounds how long a consumer goes without looking
+/// at its stop signal's peers (a topic that grew, a rewind).
+const FETCH_MAX_WAIT: Duration = Duration::from_millis(500);
 
 /// `[backends.messaging] kind = "embedded"`: a durable log in a SQLite file
 /// under the data directory.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmbeddedConfig {
     /// What a direct `publish` survives; the outbox relay's appends always
     /// survive a machine crash.
     #[serde(default)]
     pub durability: Durability,
+    /// Partitions of a new topic. 4: a subscriber handles four keys at
+    /// once (one slow handler no longer holds up the rest) on a machine of
+    /// a few cores; each costs an idle task per subscriber.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+}
+
+fn default_partitions() -> u32 {
+    4
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            durability: Durability::default(),
+            partitions: default_partitions(),
+        }
+    }
 }
 
 #[async_trait]
@@ -51,23 +89,27 @@ impl MessagingSettings for EmbeddedConfig {
     async fn start(&self, data_dir: &Path) -> Result<Arc<dyn Broker>> {
         Ok(Arc::new(EmbeddedLog::open(
             &data_dir.join("messaging"),
-            self.durability,
+            *self,
         )?))
     }
 }
 
 pub struct EmbeddedLog {
     conn: Arc<Mutex<Connection>>,
-    durability: Durability,
+    config: EmbeddedConfig,
+    /// Partition counts of the topics seen, to place events without a read.
+    topics: Mutex<HashMap<String, u32>>,
+    /// Per topic, a counter bumped by every append, that waiting fetches watch.
+    appended: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
 impl EmbeddedLog {
-    pub fn open(dir: &Path, durability: Durability) -> Result<Self> {
+    pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("log.db");
         let conn =
             Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        conn.pragma_update(None, "synchronous", synchronous(durability))
+        conn.pragma_update(None, "synchronous", synchronous(config.durability))
             .with_context(|| format!("initialising {}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
@@ -80,19 +122,37 @@ impl EmbeddedLog {
                  headers TEXT NOT NULL,
                  published_at INTEGER NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS events_by_topic ON events (topic, seq);
-             CREATE TABLE IF NOT EXISTS consumer_offsets (
-                 consumer TEXT NOT NULL,
-                 topic TEXT NOT NULL,
-                 partition INTEGER NOT NULL,
-                 next INTEGER NOT NULL,
-                 PRIMARY KEY (consumer, topic, partition)
+             CREATE TABLE IF NOT EXISTS topics (
+                 name TEXT PRIMARY KEY,
+                 partitions INTEGER NOT NULL
              );",
+        )
+        .with_context(|| format!("initialising {}", path.display()))?;
+        // Logs written before topics had partitions hold their events in
+        // partition 0.
+        let partitioned: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('events') WHERE name = 'partition'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)?;
+        if !partitioned {
+            conn.execute_batch(
+                "ALTER TABLE events ADD COLUMN partition INTEGER NOT NULL DEFAULT 0;
+                 DROP INDEX IF EXISTS events_by_topic;",
+            )
+            .with_context(|| format!("adding partitions to {}", path.display()))?;
+        }
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS events_by_partition ON events (topic, partition, seq);",
         )
         .with_context(|| format!("initialising {}", path.display()))?;
         Ok(EmbeddedLog {
             conn: Arc::new(Mutex::new(conn)),
-            durability,
+            config,
+            topics: Mutex::default(),
+            appended: Mutex::default(),
         })
     }
 
@@ -104,16 +164,96 @@ impl EmbeddedLog {
         let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
         result.context("embedded message log")
     }
+
+    fn appended(&self, topic: &str) -> watch::Sender<u64> {
+        self.appended
+            .lock()
+            .unwrap()
+            .entry(topic.to_owned())
+            .or_insert_with(|| watch::channel(0).0)
+            .clone()
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Envelope)>> {
+        let topic = topic.to_owned();
+        let rows = self
+            .with(move |c| {
+                let mut stmt = c.prepare_cached(
+                    "SELECT seq, id, key, payload, headers, published_at FROM events
+                     WHERE topic = ?1 AND partition = ?2 AND seq >= ?3 ORDER BY seq LIMIT ?4",
+                )?;
+                let rows =
+                    stmt.query_map(params![topic, partition, from as i64, max as i64], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            Envelope {
+                                id: r.get(1)?,
+                                topic: topic.clone(),
+                                key: r.get(2)?,
+                                payload: r.get(3)?,
+                                headers: Vec::new(),
+                                published_at: r.get::<_, i64>(5)? as u64,
+                            },
+                            r.get::<_, String>(4)?,
+                        ))
+                    })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(seq, mut event, headers)| {
+                event.headers = serde_json::from_str(&headers)
+                    .with_context(|| format!("headers of event {seq}"))?;
+                Ok((seq, event))
+            })
+            .collect()
+    }
 }
 
 #[async_trait]
 impl Broker for EmbeddedLog {
+    async fn partitions(&self, topic: &str) -> Result<u32> {
+        if let Some(n) = self.topics.lock().unwrap().get(topic) {
+            return Ok(*n);
+        }
+        let (name, wanted) = (topic.to_owned(), self.config.partitions);
+        let n = self
+            .with(move |c| {
+                // Created with the configured count, grown to it if it was
+                // created smaller; never shrunk.
+                c.execute(
+                    "INSERT INTO topics (name, partitions) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET partitions = MAX(partitions, excluded.partitions)",
+                    params![name, wanted],
+                )?;
+                c.query_row(
+                    "SELECT partitions FROM topics WHERE name = ?1",
+                    [name],
+                    |r| r.get::<_, u32>(0),
+                )
+            })
+            .await?;
+        self.topics.lock().unwrap().insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
     async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()> {
-        let rows: Vec<(Envelope, String)> = events
-            .iter()
-            .map(|e| Ok((e.clone(), serde_json::to_string(&e.headers)?)))
-            .collect::<Result<_>>()?;
-        let (configured, wanted) = (self.durability, self.durability.max(at_least));
+        let mut rows = Vec::with_capacity(events.len());
+        for event in events {
+            let partition = partition_of(event, self.partitions(&event.topic).await?);
+            rows.push((
+                event.clone(),
+                partition,
+                serde_json::to_string(&event.headers)?,
+            ));
+        }
+        let (configured, wanted) = (self.config.durability, self.config.durability.max(at_least));
         self.with(move |c| {
             if wanted != configured {
                 c.pragma_update(None, "synchronous", synchronous(wanted))?;
@@ -129,60 +269,39 @@ impl Broker for EmbeddedLog {
             }
             appended
         })
-        .await
+        .await?;
+        for event in events {
+            self.appended(&event.topic)
+                .send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(())
     }
 
-    async fn partitions(&self, _topic: &str) -> Result<u32> {
-        Ok(1)
-    }
-
-    async fn read(
+    async fn fetch(
         &self,
         topic: &str,
-        _partition: u32,
+        partition: u32,
         from: u64,
         max: usize,
+        wait: bool,
     ) -> Result<Vec<(u64, Envelope)>> {
-        let topic = topic.to_owned();
-        let rows = self
-            .with(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT seq, id, key, payload, headers, published_at FROM events
-                     WHERE topic = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(params![topic, from as i64, max as i64], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        Envelope {
-                            id: r.get(1)?,
-                            topic: topic.clone(),
-                            key: r.get(2)?,
-                            payload: r.get(3)?,
-                            headers: Vec::new(),
-                            published_at: r.get::<_, i64>(5)? as u64,
-                        },
-                        r.get::<_, String>(4)?,
-                    ))
-                })?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            })
-            .await?;
-        rows.into_iter()
-            .map(|(seq, mut event, headers)| {
-                event.headers = serde_json::from_str(&headers)
-                    .with_context(|| format!("headers of event {seq}"))?;
-                Ok((seq, event))
-            })
-            .collect()
+        // Watching before reading: an append between the two is not missed.
+        let mut appended = self.appended(topic).subscribe();
+        let events = self.read(topic, partition, from, max).await?;
+        if !events.is_empty() || !wait {
+            return Ok(events);
+        }
+        let _ = tokio::time::timeout(FETCH_MAX_WAIT, appended.changed()).await;
+        self.read(topic, partition, from, max).await
     }
 
-    async fn end(&self, topic: &str, _partition: u32) -> Result<u64> {
+    async fn end(&self, topic: &str, partition: u32) -> Result<u64> {
         let topic = topic.to_owned();
         let last = self
             .with(move |c| {
                 c.query_row(
-                    "SELECT MAX(seq) FROM events WHERE topic = ?1",
-                    [topic],
+                    "SELECT MAX(seq) FROM events WHERE topic = ?1 AND partition = ?2",
+                    params![topic, partition],
                     |r| r.get::<_, Option<i64>>(0),
                 )
             })
@@ -190,47 +309,20 @@ impl Broker for EmbeddedLog {
         Ok(last.map_or(0, |seq| seq as u64 + 1))
     }
 
-    async fn committed(&self, consumer: &str, topic: &str, partition: u32) -> Result<u64> {
-        let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
-        let next = self
-            .with(move |c| {
-                c.query_row(
-                    "SELECT next FROM consumer_offsets WHERE consumer = ?1 AND topic = ?2 AND partition = ?3",
-                    params![consumer, topic, partition],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()
-            })
-            .await?;
-        Ok(next.unwrap_or(0) as u64)
-    }
-
-    async fn commit(&self, consumer: &str, topic: &str, partition: u32, next: u64) -> Result<()> {
-        let (consumer, topic) = (consumer.to_owned(), topic.to_owned());
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO consumer_offsets (consumer, topic, partition, next) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (consumer, topic, partition) DO UPDATE SET next = excluded.next",
-                params![consumer, topic, partition, next as i64],
-            )
-            .map(|_| ())
-        })
-        .await
-    }
-
     async fn ping(&self) -> Result<()> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
     }
 }
 
-fn append_rows(c: &mut Connection, rows: Vec<(Envelope, String)>) -> rusqlite::Result<()> {
+fn append_rows(c: &mut Connection, rows: Vec<(Envelope, u32, String)>) -> rusqlite::Result<()> {
     let tx = c.transaction()?;
-    for (e, headers) in rows {
+    for (e, partition, headers) in rows {
         tx.execute(
-            "INSERT INTO events (topic, id, key, payload, headers, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO events (topic, partition, id, key, payload, headers, published_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 e.topic,
+                partition,
                 e.id,
                 e.key,
                 e.payload,
@@ -252,22 +344,29 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn durability_sets_synchronous_and_an_append_may_ask_for_more() {
-        let event = Envelope {
-            id: "1".into(),
+    fn event(key: &str) -> Envelope {
+        Envelope {
+            id: key.into(),
             topic: "t".into(),
-            key: None,
+            key: Some(key.into()),
             payload: b"{}".to_vec(),
             headers: Vec::new(),
             published_at: 0,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn durability_sets_synchronous_and_an_append_may_ask_for_more() {
         // SQLite's numbers: NORMAL is 1, FULL is 2.
         for (durability, level) in [(Durability::ProcessCrash, 1), (Durability::MachineCrash, 2)] {
             let dir = tempfile::TempDir::new().unwrap();
-            let log = EmbeddedLog::open(dir.path(), durability).unwrap();
+            let config = EmbeddedConfig {
+                durability,
+                partitions: 1,
+            };
+            let log = EmbeddedLog::open(dir.path(), config).unwrap();
             assert_eq!(synchronous_level(&log).await, level);
-            log.append(std::slice::from_ref(&event), Durability::MachineCrash)
+            log.append(&[event("k")], Durability::MachineCrash)
                 .await
                 .unwrap();
             assert_eq!(
@@ -275,7 +374,67 @@ mod tests {
                 level,
                 "the setting is restored"
             );
-            assert_eq!(log.read("t", 0, 0, 10).await.unwrap().len(), 1);
+            assert_eq!(log.fetch("t", 0, 0, 10, false).await.unwrap().len(), 1);
         }
+    }
+
+    /// A log written before partitions keeps its events, in partition 0, and
+    /// a topic made with fewer partitions grows to the configured count.
+    #[tokio::test]
+    async fn an_unpartitioned_log_is_upgraded_and_topics_grow() {
+        let dir = tempfile::TempDir::new().unwrap();
+        {
+            let c = Connection::open(dir.path().join("log.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                     id TEXT NOT NULL, key TEXT, payload BLOB NOT NULL, headers TEXT NOT NULL,
+                     published_at INTEGER NOT NULL);
+                 CREATE INDEX events_by_topic ON events (topic, seq);
+                 INSERT INTO events (topic, id, key, payload, headers, published_at)
+                     VALUES ('t', 'old', 'k', x'7b7d', '[]', 0);",
+            )
+            .unwrap();
+        }
+        let open = |partitions| {
+            EmbeddedLog::open(
+                dir.path(),
+                EmbeddedConfig {
+                    durability: Durability::ProcessCrash,
+                    partitions,
+                },
+            )
+            .unwrap()
+        };
+        let log = open(2);
+        let old = log.fetch("t", 0, 0, 10, false).await.unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].1.id, "old");
+        assert_eq!(log.partitions("t").await.unwrap(), 2);
+        drop(log);
+        assert_eq!(open(1).partitions("t").await.unwrap(), 2, "never shrunk");
+        assert_eq!(open(6).partitions("t").await.unwrap(), 6, "grown");
+    }
+
+    /// A fetch that finds nothing waits for the next append and returns it.
+    #[tokio::test]
+    async fn a_waiting_fetch_returns_as_soon_as_an_event_arrives() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let config = EmbeddedConfig {
+            durability: Durability::ProcessCrash,
+            partitions: 1,
+        };
+        let log = Arc::new(EmbeddedLog::open(dir.path(), config).unwrap());
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.fetch("t", 0, 0, 10, true).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        log.append(&[event("k")], Durability::ProcessCrash)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let events = waiting.await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(started.elapsed() < FETCH_MAX_WAIT, "woken by the append");
     }
 }

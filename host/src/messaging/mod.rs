@@ -30,20 +30,25 @@
 //!   ok; failures are retried with exponential backoff, then the event moves
 //!   to `dead-letter.<component>` with the error in its headers.
 //!
-//! Backends implement [`Broker`]: an append-only log of partitions with
-//! consumer offsets, the model Kafka has. Consumers are driven by the host
-//! (see `delivery.rs`), so a backend without consumer groups (rskafka) fits.
+//! Backends implement [`Broker`]: an append-only log of partitioned topics,
+//! the model Kafka has. Which host consumes which partition, and how far
+//! each subscriber got, is coordination's (`coordination/`), so a broker
+//! without consumer groups (rskafka) fits, and several hosts share the work.
+//! Nothing waits on an in-process signal from a publisher: consumers fetch
+//! with a long wait, as a Kafka consumer does, so an event appended by any
+//! host reaches them (see `delivery.rs`).
 
 #[cfg(test)]
 mod contract;
 mod delivery;
 mod embedded;
+mod kafka;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -51,6 +56,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
 use crate::capability::{Capability, CapabilityView};
+use crate::coordination::{self, Claim, Coordinator};
 use crate::outbox;
 use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Durability, Grant, RetryPolicy};
 use crate::state::InstanceState;
@@ -58,14 +64,16 @@ use crate::storage::{Database, TransactionHandle};
 
 pub use delivery::Deliver;
 pub use embedded::{EmbeddedConfig, EmbeddedLog};
+pub use kafka::KafkaConfig;
 
 /// Every messaging backend, by the `kind` that chooses it in `[backends.messaging]`.
-const BACKENDS: &[BackendKind<dyn MessagingSettings>] = &[embedded::KIND];
+const BACKENDS: &[BackendKind<dyn MessagingSettings>] = &[embedded::KIND, kafka::KIND];
 
 /// A messaging backend's settings from `[backends.messaging]`, which start it.
 #[async_trait]
 pub trait MessagingSettings: std::fmt::Debug + Send + Sync {
-    /// Whether the backend runs inside the host, needing no server.
+    /// Whether the backend runs inside the host, needing no server (and
+    /// so serves this host alone).
     fn embedded(&self) -> bool;
     /// `data_dir` is the host's data directory, for embedded backends.
     async fn start(&self, data_dir: &Path) -> Result<Arc<dyn Broker>>;
@@ -96,53 +104,71 @@ pub struct Envelope {
     pub published_at: u64,
 }
 
-/// A partitioned, durable log with consumer offsets.
+/// Header names the platform writes itself (the envelope's fields on Kafka,
+/// a dead letter's error); components may not set them.
+pub const RESERVED_HEADER_PREFIX: &str = "agora-";
+
+/// A log of partitioned topics. Offsets increase within a partition.
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Appends events; returns once they survive what the backend's
-    /// `durability` setting says, and a machine crash if `at_least` asks for it.
-    async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()>;
+    /// The partitions of `topic`, creating it with the configured number
+    /// if it is missing. Asked again, it sees a topic that grew.
     async fn partitions(&self, topic: &str) -> Result<u32>;
-    /// Up to `max` events of one partition from offset `from` on.
-    async fn read(
+    /// Appends events, each to the partition [`partition_of`] picks;
+    /// returns once they survive what the backend promises, and a machine
+    /// crash if `at_least` asks for it.
+    async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()>;
+    /// Up to `max` events of one partition from offset `from` on. With
+    /// `wait`, a fetch that finds none waits for one, up to the backend's
+    /// maximum wait (a long fetch), then returns what it has.
+    async fn fetch(
         &self,
         topic: &str,
         partition: u32,
         from: u64,
         max: usize,
+        wait: bool,
     ) -> Result<Vec<(u64, Envelope)>>;
     /// The offset the next event of a partition will get.
     async fn end(&self, topic: &str, partition: u32) -> Result<u64>;
-    /// The next offset `consumer` has to process.
-    async fn committed(&self, consumer: &str, topic: &str, partition: u32) -> Result<u64>;
-    async fn commit(&self, consumer: &str, topic: &str, partition: u32, next: u64) -> Result<()>;
     async fn ping(&self) -> Result<()>;
 }
 
-/// Per-topic change counters: consumers wait on them instead of polling,
-/// and a change between a read and the wait is never missed.
-#[derive(Default)]
-pub struct Wakeups {
-    topics: Mutex<HashMap<String, watch::Sender<u64>>>,
+/// The partition of `event` among `partitions`: by its key as Kafka's own
+/// clients place keyed records (murmur2, positive, modulo), so other Kafka
+/// producers and consumers agree; an event without a key by its id.
+pub fn partition_of(event: &Envelope, partitions: u32) -> u32 {
+    let key = event.key.as_deref().unwrap_or(&event.id);
+    (murmur2(key.as_bytes()) & 0x7fff_ffff) as u32 % partitions.max(1)
 }
 
-impl Wakeups {
-    fn sender(&self, topic: &str) -> watch::Sender<u64> {
-        self.topics
-            .lock()
-            .unwrap()
-            .entry(topic.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .clone()
+/// Kafka's `Utils.murmur2`: MurmurHash2, 32 bits, seed 0x9747b28c.
+fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes(chunk.try_into().unwrap());
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
     }
-
-    pub fn notify(&self, topic: &str) {
-        self.sender(topic).send_modify(|n| *n = n.wrapping_add(1));
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
     }
-
-    pub fn subscribe(&self, topic: &str) -> watch::Receiver<u64> {
-        self.sender(topic).subscribe()
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
     }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
 }
 
 /// The prefix of the topic a subscriber's failed events go to.
@@ -150,10 +176,11 @@ pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
 
 pub struct MessagingCapability {
     broker: Arc<dyn Broker>,
-    wakeups: Arc<Wakeups>,
+    coordinator: Arc<dyn Coordinator>,
     /// The outbox relay of each component with messaging.
     relays: Mutex<HashMap<String, Arc<outbox::Relay>>>,
-    subscriptions: Mutex<HashMap<(String, String), delivery::Running>>,
+    /// Started by the first [`Self::sync_subscriptions`].
+    delivery: Mutex<Option<delivery::Supervisor>>,
     stop: watch::Sender<bool>,
 }
 
@@ -161,17 +188,28 @@ pub struct MessagingCapability {
 pub struct Publisher {
     publishes: Vec<String>,
     broker: Arc<dyn Broker>,
-    wakeups: Arc<Wakeups>,
+    coordinator: Arc<dyn Coordinator>,
     relay: Arc<outbox::Relay>,
 }
 
 impl MessagingCapability {
-    pub async fn init(config: &BackendConfig, data_dir: &Path) -> Result<Self> {
+    pub async fn init(
+        config: &BackendConfig,
+        coordination: &coordination::BackendConfig,
+        data_dir: &Path,
+    ) -> Result<Self> {
+        if config.embedded() && !coordination.embedded() {
+            bail!(
+                "[backends.messaging]: the embedded log serves one host, but \
+                 [backends.coordination] shares the work among several: use a shared \
+                 broker (`kind = \"kafka\"`) or local coordination"
+            );
+        }
         Ok(MessagingCapability {
             broker: config.start(data_dir).await?,
-            wakeups: Arc::default(),
+            coordinator: coordination.start(data_dir).await?,
             relays: Mutex::default(),
-            subscriptions: Mutex::default(),
+            delivery: Mutex::default(),
             stop: watch::channel(false).0,
         })
     }
@@ -196,7 +234,7 @@ impl MessagingCapability {
         relay.start(
             db,
             self.broker.clone(),
-            self.wakeups.clone(),
+            self.coordinator.clone(),
             self.stop.subscribe(),
         );
     }
@@ -225,47 +263,53 @@ impl MessagingCapability {
         }
     }
 
-    /// Runs exactly the wanted subscriptions: starts new ones, stops removed
-    /// ones, restarts those whose retry policy changed.
+    /// Consumes exactly the wanted subscriptions ((component, topic,
+    /// retry policy)): this host's share of their partitions.
     pub fn sync_subscriptions(
         &self,
         deliver: Arc<dyn Deliver>,
         wanted: &[(String, String, RetryPolicy)],
     ) {
-        let mut running = self.subscriptions.lock().unwrap();
-        running.retain(|(component, topic), sub| {
-            wanted
-                .iter()
-                .any(|(c, t, retry)| c == component && t == topic && *retry == sub.retry)
-        });
-        for (component, topic, retry) in wanted {
-            let key = (component.clone(), topic.clone());
-            if running.contains_key(&key) {
-                continue;
+        let subscriptions = wanted
+            .iter()
+            .map(|(component, topic, retry)| delivery::Subscription {
+                component: component.clone(),
+                topic: topic.clone(),
+                retry: *retry,
+            })
+            .collect();
+        let mut supervisor = self.delivery.lock().unwrap();
+        match &*supervisor {
+            Some(running) => running.set(subscriptions),
+            None => {
+                *supervisor = Some(delivery::Supervisor::start(
+                    self.broker.clone(),
+                    self.coordinator.clone(),
+                    deliver,
+                    subscriptions,
+                    self.stop.subscribe(),
+                ))
             }
-            let sub = delivery::Running::start(
-                delivery::Consumer {
-                    component: component.clone(),
-                    topic: topic.clone(),
-                    retry: *retry,
-                    broker: self.broker.clone(),
-                    wakeups: self.wakeups.clone(),
-                    deliver: deliver.clone(),
-                },
-                self.stop.subscribe(),
-            );
-            running.insert(key, sub);
+        }
+    }
+
+    fn claim(component: &str, topic: &str, partition: u32) -> Claim {
+        Claim {
+            subscriber: component.to_owned(),
+            topic: topic.to_owned(),
+            partition,
         }
     }
 
     /// Moves a subscriber back to offset `to` on every partition of a topic,
-    /// so it handles those events again (after fixing a handler, say). A
-    /// consumer in the middle of a batch may finish it first.
+    /// so it handles those events again (after fixing a handler, say). Its
+    /// consumers notice at their next commit, or within a second when idle.
     pub async fn rewind(&self, component: &str, topic: &str, to: u64) -> Result<()> {
         for partition in 0..self.broker.partitions(topic).await? {
-            self.broker.commit(component, topic, partition, to).await?;
+            self.coordinator
+                .rewind(&Self::claim(component, topic, partition), to)
+                .await?;
         }
-        self.wakeups.notify(topic);
         Ok(())
     }
 
@@ -274,26 +318,30 @@ impl MessagingCapability {
     pub async fn progress(&self, component: &str, topic: &str) -> Result<Vec<(u32, u64, u64)>> {
         let mut partitions = Vec::new();
         for partition in 0..self.broker.partitions(topic).await? {
-            let next = self.broker.committed(component, topic, partition).await?;
+            let claim = Self::claim(component, topic, partition);
+            let next = self.coordinator.committed(&claim).await?;
             partitions.push((partition, next, self.broker.end(topic, partition).await?));
         }
         Ok(partitions)
     }
 
-    /// Events of a topic from `from` on, across its partitions: how an
-    /// operator inspects a dead-letter topic.
+    /// Up to `max` events of each partition of a topic from offset `from`
+    /// on, as (partition, offset, event): how an operator inspects a
+    /// dead-letter topic.
     pub async fn read_topic(
         &self,
         topic: &str,
         from: u64,
         max: usize,
-    ) -> Result<Vec<(u64, Envelope)>> {
+    ) -> Result<Vec<(u32, u64, Envelope)>> {
         let mut events = Vec::new();
         for partition in 0..self.broker.partitions(topic).await? {
-            events.extend(self.broker.read(topic, partition, from, max).await?);
+            let read = self
+                .broker
+                .fetch(topic, partition, from, max, false)
+                .await?;
+            events.extend(read.into_iter().map(|(offset, e)| (partition, offset, e)));
         }
-        events.sort_by_key(|(offset, _)| *offset);
-        events.truncate(max);
         Ok(events)
     }
 }
@@ -328,18 +376,22 @@ impl Capability for MessagingCapability {
         Ok(Publisher {
             publishes: spec.publishes.clone(),
             broker: self.broker.clone(),
-            wakeups: self.wakeups.clone(),
+            coordinator: self.coordinator.clone(),
             relay: self.relay(component, &spec.publishes),
         })
     }
 
     async fn ready(&self) -> Result<()> {
-        self.broker.ping().await
+        self.broker.ping().await?;
+        self.coordinator.ping().await
     }
 
     async fn shutdown(&self) {
         self.stop.send_replace(true);
-        self.subscriptions.lock().unwrap().clear();
+        let supervisor = self.delivery.lock().unwrap().take();
+        if let Some(supervisor) = supervisor {
+            supervisor.stopped().await;
+        }
     }
 }
 
@@ -354,6 +406,7 @@ impl Publisher {
                 message.topic
             )));
         }
+        check_headers(&message.headers).map_err(Error::Invalid)?;
         Ok(Envelope {
             id: uuid::Uuid::new_v4().to_string(),
             topic: message.topic,
@@ -363,6 +416,28 @@ impl Publisher {
             published_at: crate::now_millis(),
         })
     }
+}
+
+/// Headers travel as Kafka record headers, a map: a name may appear once,
+/// and the platform's own names are not a component's to set.
+fn check_headers(headers: &[(String, String)]) -> Result<(), String> {
+    for (i, (name, _)) in headers.iter().enumerate() {
+        if name.is_empty() {
+            return Err(format!("header {i} has an empty name"));
+        }
+        if name
+            .to_ascii_lowercase()
+            .starts_with(RESERVED_HEADER_PREFIX)
+        {
+            return Err(format!(
+                "header `{name}`: names starting with `{RESERVED_HEADER_PREFIX}` are the platform's"
+            ));
+        }
+        if headers[..i].iter().any(|(earlier, _)| earlier == name) {
+            return Err(format!("header `{name}` appears twice"));
+        }
+    }
+    Ok(())
 }
 
 /// What messaging's host functions see of an instance: the component's
@@ -392,13 +467,17 @@ impl wit::Host for MessagingView<'_> {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
-        let (broker, wakeups) = (&*publisher.broker, &*publisher.wakeups);
         let appended = match self.db {
             // After the events this component committed to its outbox, so
             // that it cannot overtake them.
             Some(db) => publisher
                 .relay
-                .forward(&**db, broker, wakeups, Some(&event))
+                .forward(
+                    &**db,
+                    &*publisher.broker,
+                    &*publisher.coordinator,
+                    Some(&event),
+                )
                 .await
                 .map(|handled| {
                     if handled > 0 {
@@ -406,10 +485,12 @@ impl wit::Host for MessagingView<'_> {
                         publisher.relay.wake();
                     }
                 }),
-            None => broker
-                .append(std::slice::from_ref(&event), Durability::ProcessCrash)
-                .await
-                .map(|()| wakeups.notify(&event.topic)),
+            None => {
+                publisher
+                    .broker
+                    .append(std::slice::from_ref(&event), Durability::ProcessCrash)
+                    .await
+            }
         };
         if let Err(e) = appended {
             return Ok(Err(Error::Unavailable(format!("{e:#}"))));
@@ -466,7 +547,11 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         let durability = Durability::ProcessCrash;
         let messaging = MessagingCapability::init(
-            &BackendConfig::new(Arc::new(EmbeddedConfig { durability })),
+            &BackendConfig::new(Arc::new(EmbeddedConfig {
+                durability,
+                partitions: 1,
+            })),
+            &coordination::BackendConfig::default(),
             dir.path(),
         )
         .await
@@ -490,8 +575,14 @@ mod tests {
         tx.commit().await.unwrap();
         messaging.grant([("c", v1.as_slice())]);
 
-        let (broker, wakeups) = (&*messaging.broker, &*messaging.wakeups);
-        assert_eq!(relay.forward(&*db, broker, wakeups, None).await.unwrap(), 2);
+        let (broker, coordinator) = (&*messaging.broker, &*messaging.coordinator);
+        assert_eq!(
+            relay
+                .forward(&*db, broker, coordinator, None)
+                .await
+                .unwrap(),
+            2
+        );
         let verdicts: Vec<_> = relay.handled.lock().await.values().cloned().collect();
         assert_eq!(verdicts[0], None);
         assert!(
@@ -503,12 +594,51 @@ mod tests {
         relay.settle(&*db).await.unwrap();
         let relayed = messaging.read_topic("t", 0, 10).await.unwrap();
         assert_eq!(relayed.len(), 1);
-        assert_eq!(relayed[0].1, event("t"));
+        assert_eq!(relayed[0].2, event("t"));
         assert!(messaging
             .read_topic("never-granted", 0, 10)
             .await
             .unwrap()
             .is_empty());
         assert!(db.outbox_pending(0, 10).await.unwrap().is_empty());
+    }
+
+    /// Kafka's own test vectors (`UtilsTest.testMurmur2`), so keys land on
+    /// the partitions Kafka's clients would pick.
+    #[test]
+    fn murmur2_matches_kafka() {
+        for (key, hash) in [
+            (&b"21"[..], -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            (b"abc", 479470107),
+        ] {
+            assert_eq!(murmur2(key), hash, "{}", String::from_utf8_lossy(key));
+        }
+        let mut keyed = event("t");
+        keyed.key = Some("foobar".into());
+        // (-790332482 & 0x7fffffff) % 6 = 1357151166 % 6
+        assert_eq!(partition_of(&keyed, 6), 1357151166 % 6);
+    }
+
+    #[test]
+    fn headers_must_be_unique_and_not_the_platforms() {
+        let h = |names: &[&str]| -> Vec<(String, String)> {
+            names.iter().map(|n| (n.to_string(), "v".into())).collect()
+        };
+        assert!(check_headers(&h(&["traceparent", "x-tenant"])).is_ok());
+        for (names, expected) in [
+            (&["a", "b", "a"][..], "header `a` appears twice"),
+            (&["Agora-Id"], "are the platform's"),
+            (&[""], "header 0 has an empty name"),
+        ] {
+            let err = check_headers(&h(names)).unwrap_err();
+            assert!(err.contains(expected), "{names:?}: {err}");
+        }
     }
 }

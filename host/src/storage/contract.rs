@@ -1,37 +1,17 @@
 //! The contract of [`StorageBackend`] and [`Database`], run against every
 //! backend: SQLite always, PostgreSQL whenever 127.0.0.1:5432 answers (each
-//! test under a namespace of its own, dropped afterwards). A skipped
-//! PostgreSQL run says so on stderr; with `AGORA_REQUIRE_SERVICES=1` (set by
-//! `scripts/test`, which starts PostgreSQL first) a missing server fails
-//! instead.
+//! test under a namespace of its own, dropped afterwards; see
+//! [`crate::testing::answers`]).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::testing;
 
 use super::{
     Database, Error, Migration, PostgresBackend, PostgresConfig, SqliteBackend, SqliteSettings,
     StorageBackend, Value,
 };
-
-const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
-
-async fn postgres_answers() -> bool {
-    let up = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect("127.0.0.1:5432"),
-    )
-    .await
-    .is_ok_and(|c| c.is_ok());
-    if !up {
-        assert!(
-            std::env::var("AGORA_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "AGORA_REQUIRE_SERVICES=1 but PostgreSQL does not answer on 127.0.0.1:5432"
-        );
-        eprintln!("SKIPPED the postgres run: nothing answers on 127.0.0.1:5432");
-    }
-    up
-}
 
 /// A backend under test, and what to remove when the test is done.
 struct Subject {
@@ -51,24 +31,13 @@ impl Subject {
 
     /// Drops the namespace's schemas and roles.
     async fn clean_up(self) {
-        let Some(ns) = self.namespace else { return };
-        // One at a time: revoking on the database updates one catalog row,
-        // which concurrent revokes fail on ("tuple concurrently updated").
-        static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let _turn = ONE_AT_A_TIME.lock().await;
-        let (client, connection) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        client
-            .batch_execute(&PostgresBackend::drop_namespace_sql(&ns))
-            .await
-            .unwrap();
+        if let Some(ns) = self.namespace {
+            testing::drop_namespace(&ns).await;
+        }
     }
 }
 
 async fn subjects() -> Vec<Subject> {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = tempfile::tempdir().unwrap();
     let mut all = vec![Subject {
         name: "sqlite",
@@ -76,14 +45,10 @@ async fn subjects() -> Vec<Subject> {
         _dir: Some(dir),
         namespace: None,
     }];
-    if postgres_answers().await {
-        let ns = format!(
-            "k{}_{}",
-            crate::now_millis() % 1_000_000_000,
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+    if testing::answers("PostgreSQL", testing::POSTGRES_ADDR).await {
+        let ns = testing::unique("k");
         let config = PostgresConfig {
-            url: POSTGRES_URL.into(),
+            url: testing::POSTGRES_URL.into(),
             namespace: ns.clone(),
             max_connections_per_component: 4,
             max_connections: 8,

@@ -79,15 +79,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use deadpool_postgres::{
-    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolBuilder, PoolError, RecyclingMethod,
-    Runtime,
-};
+use deadpool_postgres::{Hook, HookError, Object, Pool, PoolBuilder, PoolError};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, SimpleQueryMessage, Statement};
 
@@ -97,6 +93,7 @@ use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
 };
+use crate::pg::{self, ident, literal, pool, redacted};
 use crate::plugins::BackendKind;
 
 pub const KIND: BackendKind<dyn StorageSettings> = BackendKind {
@@ -165,18 +162,7 @@ const HOST_CONNECTIONS: usize = 4;
 
 impl PostgresConfig {
     fn check(&self) -> Result<(), String> {
-        let ns = &self.namespace;
-        if ns.is_empty()
-            || ns.len() > 20
-            || !ns.starts_with(|c: char| c.is_ascii_lowercase())
-            || !ns
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
-            return Err(format!(
-                "`namespace` must be 1 to 20 of a-z, 0-9 and '_', starting with a letter; got `{ns}`"
-            ));
-        }
+        pg::check_namespace(&self.namespace)?;
         for (key, value) in [
             (
                 "max_connections_per_component",
@@ -221,14 +207,6 @@ pub struct PostgresBackend {
     pools: Mutex<HashMap<String, Pool>>,
 }
 
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -240,24 +218,6 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
         hash.update([0]);
     }
     hex(&hash.finalize())
-}
-
-/// A pool of up to `size` connections to `server`, where connecting,
-/// waiting for a connection and checking one each take at most `timeout`.
-fn pool(server: tokio_postgres::Config, size: usize, timeout: Duration) -> PoolBuilder {
-    let manager = Manager::from_config(
-        server,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(size)
-        .runtime(Runtime::Tokio1)
-        .create_timeout(Some(timeout))
-        .wait_timeout(Some(timeout))
-        .recycle_timeout(Some(timeout))
 }
 
 fn build(pool: PoolBuilder) -> Result<Pool, Error> {
@@ -403,7 +363,7 @@ impl PostgresBackend {
         );
         let conn = self.host_conn().await?;
         // Two hosts starting together race on CREATE ... IF NOT EXISTS.
-        run_with_retry(&conn, &sql).await?;
+        pg::run_with_retry(&conn, &sql).await.map_err(pg_error)?;
         let row = conn
             .query_one(&format!("SELECT value FROM {ns}.secret"), &[])
             .await
@@ -449,7 +409,9 @@ impl PostgresBackend {
             role = literal(role),
             name = literal(component),
         );
-        run_with_retry(&*self.host_conn().await?, &sql).await
+        pg::run_with_retry(&*self.host_conn().await?, &sql)
+            .await
+            .map_err(pg_error)
     }
 
     fn component_pool(&self, component: &str, role: &str) -> Result<Pool, Error> {
@@ -512,56 +474,6 @@ impl PostgresBackend {
 
 fn connection_key(secret: &[u8; 32], pid: i32) -> String {
     sha256_hex(&[secret, &pid.to_be_bytes()])
-}
-
-/// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
-        Ok(c) => format!(
-            "{}@{:?}/{}",
-            c.get_user().unwrap_or("?"),
-            c.get_hosts(),
-            c.get_dbname().unwrap_or("?")
-        ),
-        Err(_) => "the configured URL".into(),
-    }
-}
-
-/// Runs `sql` in a transaction, again if a concurrent host made one of the
-/// same objects first.
-async fn run_with_retry(conn: &tokio_postgres::Client, sql: &str) -> Result<(), Error> {
-    let mut attempt = 0;
-    loop {
-        // A lock someone holds on an object named here fails the attempt
-        // rather than hanging the host.
-        let result = conn
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL lock_timeout = '5s'; {sql}; COMMIT"
-            ))
-            .await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                let _ = conn.batch_execute("ROLLBACK").await;
-                let racing = e.code().is_some_and(|c| {
-                    [
-                        SqlState::UNIQUE_VIOLATION,
-                        SqlState::DUPLICATE_OBJECT,
-                        SqlState::DUPLICATE_SCHEMA,
-                        SqlState::DUPLICATE_TABLE,
-                        SqlState::T_R_SERIALIZATION_FAILURE,
-                    ]
-                    .contains(c)
-                        || c.code() == "XX000" // "tuple concurrently updated"
-                });
-                attempt += 1;
-                if !racing || attempt == 5 {
-                    return Err(pg_error(e));
-                }
-                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-            }
-        }
-    }
 }
 
 #[async_trait]

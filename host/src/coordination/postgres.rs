@@ -1,0 +1,436 @@
+//! `[backends.coordination] kind = "postgres"`: several hosts sharing one
+//! PostgreSQL, in the host schema `<namespace>` (no component has `USAGE`
+//! on it, see `storage/postgres.rs`).
+//!
+//! - `<namespace>.hosts`: one row per live host, its `seen` time renewed
+//!   on each heartbeat; rows older than the lease time are removed by
+//!   whichever host notices, so a dead host stops counting in the shares.
+//! - `<namespace>.consumer_offsets`: per claim, the next offset, the
+//!   lease's holder and its expiry. Expiry is measured on the server's
+//!   clock, so hosts' clocks need not agree. A holder's own check is
+//!   stricter: its consumers stop handling once `lease_seconds` minus one
+//!   heartbeat have passed since its last successful heartbeat began (see
+//!   `messaging/delivery.rs`), before the server can hand the lease on.
+//! - Outbox locks: `pg_advisory_lock` on a connection the guard holds. A
+//!   host that dies loses its connection and with it the lock, at once.
+//!
+//! Hand-over times, with the defaults: a host that stops gives its leases
+//! back before it exits (the next holder starts within a heartbeat, 1 s); a
+//! host killed or cut off loses them when they expire (`lease_seconds`,
+//! 10 s) and the others take them at their next heartbeat.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use deadpool_postgres::{Object, Pool};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::{Claim, Commit, CoordinationSettings, Coordinator, Leases, Unlock, HEARTBEAT};
+use crate::pg::{self, ident, redacted};
+use crate::plugins::BackendKind;
+
+pub const KIND: BackendKind<dyn CoordinationSettings> = BackendKind {
+    kind: "postgres",
+    parse: |table| {
+        let config = PostgresConfig::deserialize(table)?;
+        config.check().map_err(serde::de::Error::custom)?;
+        Ok(Box::new(config))
+    },
+};
+
+/// `[backends.coordination] kind = "postgres"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// The deployment's PostgreSQL, usually storage's `url`. No default.
+    pub url: String,
+    /// The host schema's name, as storage's `namespace` (`agora` by default).
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// How long a lease outlives its holder's last heartbeat. 10 s: ten
+    /// heartbeats, so a slow round trip or a pause of the host does not
+    /// hand work over; and the longest a dead host's partitions wait.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u64,
+}
+
+fn default_namespace() -> String {
+    "agora".into()
+}
+fn default_lease_seconds() -> u64 {
+    10
+}
+
+impl PostgresConfig {
+    fn check(&self) -> Result<(), String> {
+        pg::check_namespace(&self.namespace)?;
+        if Duration::from_secs(self.lease_seconds) < HEARTBEAT * 3 {
+            return Err(format!(
+                "`lease_seconds` must be at least {} (three heartbeats)",
+                (HEARTBEAT * 3).as_secs()
+            ));
+        }
+        self.url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| format!("`url` is not a PostgreSQL URL: {e}"))?;
+        Ok(())
+    }
+}
+
+/// Connections: a heartbeat and commits, plus one per outbox lock held or
+/// awaited (one per component relaying, and direct publishes behind it).
+const CONNECTIONS: usize = 16;
+/// How long connecting or an outbox lock may take before the call fails
+/// (and is retried by its caller).
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[async_trait]
+impl CoordinationSettings for PostgresConfig {
+    fn embedded(&self) -> bool {
+        false
+    }
+
+    async fn start(&self, _data_dir: &Path) -> Result<Arc<dyn Coordinator>> {
+        Ok(Arc::new(PostgresCoordinator::connect(self).await?))
+    }
+}
+
+pub struct PostgresCoordinator {
+    pool: Pool,
+    ns: String,
+    namespace: String,
+    /// This host, in `hosts` and as a lease's holder.
+    id: String,
+    lease: Duration,
+}
+
+impl PostgresCoordinator {
+    pub async fn connect(config: &PostgresConfig) -> Result<Self> {
+        config.check().map_err(anyhow::Error::msg)?;
+        let mut server: tokio_postgres::Config = config.url.parse()?;
+        server.connect_timeout(TIMEOUT);
+        server.application_name("agora-coordination");
+        // Bounds the wait for an outbox lock.
+        server.options(format!("-c lock_timeout={}", TIMEOUT.as_millis()));
+        let pool = pg::pool(server, CONNECTIONS, TIMEOUT)
+            .build()
+            .context("making the coordination pool")?;
+        let ns = ident(&config.namespace);
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS {ns};
+             REVOKE ALL ON SCHEMA {ns} FROM PUBLIC;
+             CREATE TABLE IF NOT EXISTS {ns}.hosts (
+                 id TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL);
+             CREATE TABLE IF NOT EXISTS {ns}.consumer_offsets (
+                 subscriber TEXT NOT NULL, topic TEXT NOT NULL, partition INT NOT NULL,
+                 next BIGINT NOT NULL DEFAULT 0, holder TEXT, expires TIMESTAMPTZ,
+                 PRIMARY KEY (subscriber, topic, partition))"
+        );
+        let prepare = async {
+            let conn = pool.get().await?;
+            pg::run_with_retry(&conn, &sql).await?;
+            anyhow::Ok(())
+        };
+        prepare.await.with_context(|| {
+            format!(
+                "preparing coordination in PostgreSQL at {}",
+                redacted(&config.url)
+            )
+        })?;
+        Ok(PostgresCoordinator {
+            pool,
+            ns,
+            namespace: config.namespace.clone(),
+            id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            lease: Duration::from_secs(config.lease_seconds),
+        })
+    }
+
+    async fn conn(&self) -> Result<Object> {
+        self.pool
+            .get()
+            .await
+            .context("PostgreSQL (coordination) is unreachable")
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease.as_secs_f64()
+    }
+
+    /// The advisory lock key of `name` in this namespace.
+    fn lock_key(&self, name: &str) -> i64 {
+        let hash = Sha256::digest(format!("{}/{name}", self.namespace));
+        i64::from_be_bytes(hash[..8].try_into().unwrap())
+    }
+}
+
+/// Claims as three arrays, for `unnest`.
+fn columns(claims: &[Claim]) -> (Vec<&str>, Vec<&str>, Vec<i32>) {
+    (
+        claims.iter().map(|c| c.subscriber.as_str()).collect(),
+        claims.iter().map(|c| c.topic.as_str()).collect(),
+        claims.iter().map(|c| c.partition as i32).collect(),
+    )
+}
+
+fn claims(rows: Vec<tokio_postgres::Row>) -> Vec<Claim> {
+    rows.into_iter()
+        .map(|r| Claim {
+            subscriber: r.get(0),
+            topic: r.get(1),
+            partition: r.get::<_, i32>(2) as u32,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl Coordinator for PostgresCoordinator {
+    fn lease_time(&self) -> Duration {
+        self.lease
+    }
+
+    async fn heartbeat(&self, wanted: &[Claim]) -> Result<Leases> {
+        let ns = &self.ns;
+        let conn = self.conn().await?;
+        let lease = self.lease_secs();
+        conn.execute(
+            &format!(
+                "INSERT INTO {ns}.hosts VALUES ($1, now()) ON CONFLICT (id) DO UPDATE SET seen = now()"
+            ),
+            &[&self.id],
+        )
+        .await?;
+        conn.execute(
+            &format!("DELETE FROM {ns}.hosts WHERE seen < now() - make_interval(secs => $1)"),
+            &[&lease],
+        )
+        .await?;
+        let live: i64 = conn
+            .query_one(&format!("SELECT count(*) FROM {ns}.hosts"), &[])
+            .await?
+            .get(0);
+        let (subscribers, topics, partitions) = columns(wanted);
+        conn.execute(
+            &format!(
+                "INSERT INTO {ns}.consumer_offsets (subscriber, topic, partition)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[])
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[&subscribers, &topics, &partitions],
+        )
+        .await?;
+        let mut held = claims(
+            conn.query(
+                &format!(
+                    "UPDATE {ns}.consumer_offsets SET expires = now() + make_interval(secs => $2)
+                     WHERE holder = $1 RETURNING subscriber, topic, partition"
+                ),
+                &[&self.id, &lease],
+            )
+            .await?,
+        );
+        let share = wanted.len().div_ceil(live.max(1) as usize);
+        let mine = held.iter().filter(|c| wanted.contains(c)).count();
+        if mine < share {
+            // Free or expired leases, in random order so that hosts taking
+            // at once mostly take different ones; SKIP LOCKED so they never
+            // wait for each other.
+            held.extend(claims(
+                conn.query(
+                    &format!(
+                        "UPDATE {ns}.consumer_offsets o
+                         SET holder = $1, expires = now() + make_interval(secs => $2)
+                         FROM (SELECT subscriber, topic, partition FROM {ns}.consumer_offsets
+                               WHERE (subscriber, topic, partition) IN
+                                     (SELECT * FROM unnest($3::text[], $4::text[], $5::int[]))
+                                 AND (holder IS NULL OR expires < now())
+                               ORDER BY random() LIMIT $6
+                               FOR UPDATE SKIP LOCKED) f
+                         WHERE (o.subscriber, o.topic, o.partition)
+                             = (f.subscriber, f.topic, f.partition)
+                         RETURNING o.subscriber, o.topic, o.partition"
+                    ),
+                    &[
+                        &self.id,
+                        &lease,
+                        &subscribers,
+                        &topics,
+                        &partitions,
+                        &((share - mine) as i64),
+                    ],
+                )
+                .await?,
+            ));
+        }
+        Ok(Leases { held, share })
+    }
+
+    async fn release(&self, released: &[Claim]) -> Result<()> {
+        if released.is_empty() {
+            return Ok(());
+        }
+        let (subscribers, topics, partitions) = columns(released);
+        self.conn()
+            .await?
+            .execute(
+                &format!(
+                    "UPDATE {ns}.consumer_offsets SET holder = NULL, expires = NULL
+                     WHERE holder = $1 AND (subscriber, topic, partition) IN
+                           (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]))",
+                    ns = self.ns
+                ),
+                &[&self.id, &subscribers, &topics, &partitions],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn committed(&self, claim: &Claim) -> Result<u64> {
+        let row = self
+            .conn()
+            .await?
+            .query_opt(
+                &format!(
+                    "SELECT next FROM {}.consumer_offsets
+                     WHERE subscriber = $1 AND topic = $2 AND partition = $3",
+                    self.ns
+                ),
+                &[&claim.subscriber, &claim.topic, &(claim.partition as i32)],
+            )
+            .await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn commit(&self, claim: &Claim, from: u64, to: u64) -> Result<Commit> {
+        let ns = &self.ns;
+        let conn = self.conn().await?;
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&claim.subscriber, &claim.topic, &(claim.partition as i32)];
+        let done = conn
+            .execute(
+                &format!(
+                    "UPDATE {ns}.consumer_offsets SET next = $5
+                     WHERE subscriber = $1 AND topic = $2 AND partition = $3
+                       AND holder = $4 AND next = $6"
+                ),
+                &[
+                    key[0],
+                    key[1],
+                    key[2],
+                    &self.id,
+                    &(to as i64),
+                    &(from as i64),
+                ],
+            )
+            .await?;
+        if done == 1 {
+            return Ok(Commit::Done);
+        }
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT next, holder IS NOT DISTINCT FROM $4 FROM {ns}.consumer_offsets
+                     WHERE subscriber = $1 AND topic = $2 AND partition = $3"
+                ),
+                &[key[0], key[1], key[2], &self.id],
+            )
+            .await?;
+        Ok(match row {
+            Some(row) if row.get::<_, bool>(1) => Commit::Moved(row.get::<_, i64>(0) as u64),
+            _ => Commit::Lost,
+        })
+    }
+
+    async fn rewind(&self, claim: &Claim, to: u64) -> Result<()> {
+        self.conn()
+            .await?
+            .execute(
+                &format!(
+                    "INSERT INTO {}.consumer_offsets (subscriber, topic, partition, next)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (subscriber, topic, partition) DO UPDATE SET next = excluded.next",
+                    self.ns
+                ),
+                &[
+                    &claim.subscriber,
+                    &claim.topic,
+                    &(claim.partition as i32),
+                    &(to as i64),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn lock(&self, name: &str) -> Result<Option<Box<dyn Unlock>>> {
+        let key = self.lock_key(name);
+        let conn = self.conn().await?;
+        conn.execute("SELECT pg_advisory_lock($1)", &[&key])
+            .await
+            .with_context(|| format!("waiting for the lock `{name}`"))?;
+        Ok(Some(Box::new(AdvisoryLock {
+            conn: Some(conn),
+            key,
+        })))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.conn().await?.execute("SELECT 1", &[]).await?;
+        Ok(())
+    }
+
+    /// Gives back every lease of this host and leaves the hosts table: a
+    /// host stopping hands its work over at once.
+    async fn leave(&self) -> Result<()> {
+        let conn = self.conn().await?;
+        conn.execute(
+            &format!(
+                "UPDATE {}.consumer_offsets SET holder = NULL, expires = NULL WHERE holder = $1",
+                self.ns
+            ),
+            &[&self.id],
+        )
+        .await?;
+        conn.execute(
+            &format!("DELETE FROM {}.hosts WHERE id = $1", self.ns),
+            &[&self.id],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A held advisory lock and the session that holds it.
+struct AdvisoryLock {
+    conn: Option<Object>,
+    key: i64,
+}
+
+#[async_trait]
+impl Unlock for AdvisoryLock {
+    async fn unlock(mut self: Box<Self>) {
+        let conn = self.conn.take().expect("unlocked once");
+        match conn
+            .execute("SELECT pg_advisory_unlock($1)", &[&self.key])
+            .await
+        {
+            Ok(_) => drop(conn),
+            // Closing the session releases the lock.
+            Err(_) => drop(Object::take(conn)),
+        }
+    }
+}
+
+impl Drop for AdvisoryLock {
+    fn drop(&mut self) {
+        // Dropped without unlocking (its task was cancelled): the session
+        // must not go back to the pool still holding the lock.
+        if let Some(conn) = self.conn.take() {
+            drop(Object::take(conn));
+        }
+    }
+}
