@@ -183,3 +183,34 @@ async fn a_lock_is_held_by_one_host_at_a_time() {
     drop((a, b));
     testing::drop_namespace(&ns).await;
 }
+
+/// A host restarted on its data directory is the same host and takes its
+/// leases back at once; a second host on the same directory, alive at the
+/// same time, is another host.
+#[tokio::test]
+async fn a_restarted_host_takes_its_leases_back_at_once() {
+    if !testing::answers("PostgreSQL", testing::POSTGRES_ADDR).await {
+        return;
+    }
+    use super::CoordinationSettings;
+    let ns = testing::unique("co");
+    let dir = tempfile::tempdir().unwrap();
+    let config = PostgresConfig {
+        url: testing::POSTGRES_URL.into(),
+        namespace: ns.clone(),
+        lease_seconds: 10,
+    };
+    let wanted: Vec<Claim> = (0..2).map(claim).collect();
+    let before = config.start(dir.path()).await.unwrap();
+    assert_eq!(before.heartbeat(&wanted).await.unwrap().held.len(), 2);
+    let beside = config.start(dir.path()).await.unwrap();
+    assert!(
+        beside.heartbeat(&wanted).await.unwrap().held.is_empty(),
+        "a live host's directory does not make another host it"
+    );
+    drop((before, beside)); // killed: nothing given back
+    let after = config.start(dir.path()).await.unwrap();
+    assert_eq!(after.heartbeat(&wanted).await.unwrap().held.len(), 2);
+    drop(after);
+    testing::drop_namespace(&ns).await;
+}

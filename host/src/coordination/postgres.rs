@@ -17,7 +17,10 @@
 //! Hand-over times, with the defaults: a host that stops gives its leases
 //! back before it exits (the next holder starts within a heartbeat, 1 s); a
 //! host killed or cut off loses them when they expire (`lease_seconds`,
-//! 10 s) and the others take them at their next heartbeat.
+//! 10 s) and the others take them at their next heartbeat. A host restarted
+//! on the same data directory is the same host (its id is kept there, and
+//! used only by the process holding `coordination.lock` in it), so it takes
+//! its leases back at its first heartbeat instead of waiting them out.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -94,8 +97,10 @@ impl CoordinationSettings for PostgresConfig {
         false
     }
 
-    async fn start(&self, _data_dir: &Path) -> Result<Arc<dyn Coordinator>> {
-        Ok(Arc::new(PostgresCoordinator::connect(self).await?))
+    async fn start(&self, data_dir: &Path) -> Result<Arc<dyn Coordinator>> {
+        let mut coordinator = PostgresCoordinator::connect(self).await?;
+        coordinator.identity = HostIdentity::claim(data_dir)?;
+        Ok(Arc::new(coordinator))
     }
 }
 
@@ -103,8 +108,7 @@ pub struct PostgresCoordinator {
     pool: Pool,
     ns: String,
     namespace: String,
-    /// This host, in `hosts` and as a lease's holder.
-    id: String,
+    identity: HostIdentity,
     lease: Duration,
 }
 
@@ -145,7 +149,7 @@ impl PostgresCoordinator {
             pool,
             ns,
             namespace: config.namespace.clone(),
-            id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            identity: HostIdentity::fresh(),
             lease: Duration::from_secs(config.lease_seconds),
         })
     }
@@ -165,6 +169,51 @@ impl PostgresCoordinator {
     fn lock_key(&self, name: &str) -> i64 {
         let hash = Sha256::digest(format!("{}/{name}", self.namespace));
         i64::from_be_bytes(hash[..8].try_into().unwrap())
+    }
+}
+
+/// This host, in `hosts` and as a lease's holder.
+struct HostIdentity {
+    id: String,
+    /// Holds the data directory's identity for this process (an flock,
+    /// released when the process exits, however it exits).
+    _lock: Option<std::fs::File>,
+}
+
+impl HostIdentity {
+    fn fresh() -> HostIdentity {
+        HostIdentity {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            _lock: None,
+        }
+    }
+
+    /// The identity kept in `data_dir`, if no other live process holds it;
+    /// a fresh one otherwise (hosts sharing a data directory).
+    fn claim(data_dir: &Path) -> Result<HostIdentity> {
+        use std::os::fd::AsRawFd;
+        let lock_path = data_dir.join("coordination.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            tracing::info!(dir = %data_dir.display(), "another host uses this data directory; this one gets an identity of its own");
+            return Ok(HostIdentity::fresh());
+        }
+        let id_path = data_dir.join("host-id");
+        let id = match std::fs::read_to_string(&id_path) {
+            Ok(id) if !id.trim().is_empty() => id.trim().to_owned(),
+            _ => {
+                let id = HostIdentity::fresh().id;
+                std::fs::write(&id_path, &id)
+                    .with_context(|| format!("writing {}", id_path.display()))?;
+                id
+            }
+        };
+        Ok(HostIdentity {
+            id,
+            _lock: Some(lock),
+        })
     }
 }
 
@@ -201,7 +250,7 @@ impl Coordinator for PostgresCoordinator {
             &format!(
                 "INSERT INTO {ns}.hosts VALUES ($1, now()) ON CONFLICT (id) DO UPDATE SET seen = now()"
             ),
-            &[&self.id],
+            &[&self.identity.id],
         )
         .await?;
         conn.execute(
@@ -229,7 +278,7 @@ impl Coordinator for PostgresCoordinator {
                     "UPDATE {ns}.consumer_offsets SET expires = now() + make_interval(secs => $2)
                      WHERE holder = $1 RETURNING subscriber, topic, partition"
                 ),
-                &[&self.id, &lease],
+                &[&self.identity.id, &lease],
             )
             .await?,
         );
@@ -255,7 +304,7 @@ impl Coordinator for PostgresCoordinator {
                          RETURNING o.subscriber, o.topic, o.partition"
                     ),
                     &[
-                        &self.id,
+                        &self.identity.id,
                         &lease,
                         &subscribers,
                         &topics,
@@ -283,7 +332,7 @@ impl Coordinator for PostgresCoordinator {
                            (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]))",
                     ns = self.ns
                 ),
-                &[&self.id, &subscribers, &topics, &partitions],
+                &[&self.identity.id, &subscribers, &topics, &partitions],
             )
             .await?;
         Ok(())
@@ -321,7 +370,7 @@ impl Coordinator for PostgresCoordinator {
                     key[0],
                     key[1],
                     key[2],
-                    &self.id,
+                    &self.identity.id,
                     &(to as i64),
                     &(from as i64),
                 ],
@@ -336,7 +385,7 @@ impl Coordinator for PostgresCoordinator {
                     "SELECT next, holder IS NOT DISTINCT FROM $4 FROM {ns}.consumer_offsets
                      WHERE subscriber = $1 AND topic = $2 AND partition = $3"
                 ),
-                &[key[0], key[1], key[2], &self.id],
+                &[key[0], key[1], key[2], &self.identity.id],
             )
             .await?;
         Ok(match row {
@@ -392,12 +441,12 @@ impl Coordinator for PostgresCoordinator {
                 "UPDATE {}.consumer_offsets SET holder = NULL, expires = NULL WHERE holder = $1",
                 self.ns
             ),
-            &[&self.id],
+            &[&self.identity.id],
         )
         .await?;
         conn.execute(
             &format!("DELETE FROM {}.hosts WHERE id = $1", self.ns),
-            &[&self.id],
+            &[&self.identity.id],
         )
         .await?;
         Ok(())

@@ -32,6 +32,7 @@ async fn backends(dir: &Path) -> Vec<(&'static str, Arc<dyn Broker>)> {
 pub fn kafka() -> KafkaConfig {
     KafkaConfig {
         brokers: testing::KAFKA_ADDR.into(),
+        topic_prefix: String::new(),
         partitions: PARTITIONS,
         replication_factor: 1,
         // The test broker (tansu) waits out every fetch.

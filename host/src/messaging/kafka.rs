@@ -58,6 +58,11 @@ pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port` separated by commas, e.g.
     /// `"${KAFKA_BROKERS:-127.0.0.1:9092}"`. No default.
     pub brokers: String,
+    /// Put before every topic's name on the broker, so that deployments (or
+    /// tests) can share a cluster: `"staging."` makes `order.placed` the
+    /// broker's `staging.order.placed`. Empty by default.
+    #[serde(default)]
+    pub topic_prefix: String,
     /// Partitions of a topic the host creates. 4: a subscriber handles four
     /// keys at once, shared among the hosts; Kafka can add partitions
     /// later but never remove them.
@@ -133,6 +138,7 @@ impl MessagingSettings for KafkaConfig {
             client: OnceCell::new(),
             partitions: Mutex::default(),
             clients: Mutex::default(),
+            read_ahead: Mutex::default(),
         }))
     }
 }
@@ -143,6 +149,8 @@ pub struct KafkaBroker {
     /// Partition counts of the topics seen, for placing events.
     partitions: Mutex<HashMap<String, u32>>,
     clients: Mutex<HashMap<(String, u32), Arc<PartitionClient>>>,
+    /// Per partition, events fetched beyond a fetch's maximum.
+    read_ahead: Mutex<HashMap<(String, u32), Vec<(u64, Envelope)>>>,
 }
 
 /// The headers that carry the envelope.
@@ -150,6 +158,11 @@ const ID_HEADER: &str = "agora-id";
 const PUBLISHED_AT_HEADER: &str = "agora-published-at";
 
 impl KafkaBroker {
+    /// The topic's name on the broker.
+    fn broker_name(&self, topic: &str) -> String {
+        format!("{}{topic}", self.config.topic_prefix)
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.request_timeout_ms)
     }
@@ -188,7 +201,11 @@ impl KafkaBroker {
         let client = Arc::new(
             self.client()
                 .await?
-                .partition_client(topic, partition as i32, UnknownTopicHandling::Retry)
+                .partition_client(
+                    self.broker_name(topic),
+                    partition as i32,
+                    UnknownTopicHandling::Retry,
+                )
                 .await?,
         );
         self.clients.lock().unwrap().insert(key, client.clone());
@@ -201,7 +218,8 @@ impl KafkaBroker {
         let client = self.client().await?;
         for _ in 0..10 {
             let topics = client.list_topics().await?;
-            if let Some(found) = topics.iter().find(|t| t.name == topic) {
+            let name = self.broker_name(topic);
+            if let Some(found) = topics.iter().find(|t| t.name == name) {
                 if !found.partitions.is_empty() {
                     let n = found.partitions.len() as u32;
                     self.partitions.lock().unwrap().insert(topic.to_owned(), n);
@@ -211,7 +229,7 @@ impl KafkaBroker {
                 let created = client
                     .controller_client()?
                     .create_topic(
-                        topic,
+                        &name,
                         self.config.partitions as i32,
                         self.config.replication_factor,
                         self.config.request_timeout_ms as i32,
@@ -232,6 +250,31 @@ impl KafkaBroker {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         bail!("topic `{topic}` has no partitions in the cluster's metadata")
+    }
+
+    /// The records from `from` on, when a fetch at `from` returned none
+    /// though the partition holds more: Kafka returns the whole record batch
+    /// holding an offset, but some brokers (tansu) return nothing for an
+    /// offset inside a batch, where a consumer that stopped mid-batch
+    /// resumes. Fetches from the offsets before it until one starts a batch.
+    async fn batch_containing(
+        &self,
+        client: &PartitionClient,
+        from: u64,
+    ) -> Result<Vec<RecordAndOffset>> {
+        for start in (from.saturating_sub(MAX_BATCH_RECORDS)..from).rev() {
+            let (records, _) = client
+                .fetch_records(start as i64, 1..FETCH_MAX_BYTES, 0)
+                .await?;
+            if records.iter().any(|r| r.offset as u64 >= from) {
+                return Ok(records);
+            }
+            if !records.is_empty() {
+                // A batch that ends before `from`: the next starts after it.
+                break;
+            }
+        }
+        bail!("no record batch holds offset {from}")
     }
 
     async fn produce(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<()> {
@@ -260,7 +303,12 @@ impl KafkaBroker {
             .fetch_records(from as i64, 1..FETCH_MAX_BYTES, max_wait)
             .await;
         let records = match fetched {
-            Ok((records, _high_watermark)) => records,
+            Ok((records, high_watermark))
+                if records.is_empty() && (from as i64) < high_watermark =>
+            {
+                self.batch_containing(&client, from).await?
+            }
+            Ok((records, _)) => records,
             Err(KafkaError::ServerError {
                 protocol_error: ProtocolError::OffsetOutOfRange,
                 ..
@@ -278,17 +326,51 @@ impl KafkaBroker {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(records
+        let mut events: Vec<(u64, Envelope)> = records
             .into_iter()
             .filter(|r| r.offset as u64 >= from)
-            .take(max)
             .map(|r| (r.offset as u64, envelope(topic, partition, r)))
-            .collect())
+            .collect();
+        if events.len() > max {
+            let rest = events.split_off(max);
+            self.read_ahead
+                .lock()
+                .unwrap()
+                .insert((topic.to_owned(), partition), rest);
+        }
+        Ok(events)
+    }
+
+    /// What the last fetch of a partition returned beyond its maximum, if
+    /// it starts at `from`: the next fetch, which asks for it, needs no
+    /// round trip (nor, on tansu, a search for its batch's start).
+    fn take_read_ahead(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, Envelope)>> {
+        let mut read_ahead = self.read_ahead.lock().unwrap();
+        let key = (topic.to_owned(), partition);
+        let mut rest = read_ahead.remove(&key)?;
+        if rest.first().map(|(offset, _)| *offset) != Some(from) {
+            return None;
+        }
+        if rest.len() > max {
+            let later = rest.split_off(max);
+            read_ahead.insert(key, later);
+        }
+        Some(rest)
     }
 }
 
 /// Bytes one fetch may return (Kafka returns at least one whole batch).
 const FETCH_MAX_BYTES: i32 = 4 << 20;
+
+/// How far back [`KafkaBroker::batch_containing`] looks for a batch's start:
+/// the relay's largest batch and then some.
+const MAX_BATCH_RECORDS: u64 = 4096;
 
 fn record(event: &Envelope) -> Record {
     let mut headers: BTreeMap<String, Vec<u8>> = event
@@ -376,6 +458,9 @@ impl Broker for KafkaBroker {
         max: usize,
         wait: bool,
     ) -> Result<Vec<(u64, Envelope)>> {
+        if let Some(events) = self.take_read_ahead(topic, partition, from, max) {
+            return Ok(events);
+        }
         let what = format!("fetching `{topic}` partition {partition} from {from}");
         self.timed(&what, self.read(topic, partition, from, max, wait))
             .await

@@ -41,7 +41,8 @@ fn free_port() -> u16 {
 /// plugins file says (the embedded backends by default); `postgres,redis`
 /// puts storage on the PostgreSQL and the cache on the Redis on 127.0.0.1
 /// (as `scripts/services` sets them up), wherever the file chooses no
-/// backend itself. Each host gets its own PostgreSQL namespace and Redis key
+/// backend itself; `kafka` adds messaging on the test broker, coordinated
+/// through that PostgreSQL. Each host gets its own PostgreSQL namespace and Redis key
 /// prefix, so hosts of parallel tests never meet.
 fn chosen_backends(config: &str, namespace: &str) -> String {
     let chosen = std::env::var("AGORA_TEST_BACKENDS").unwrap_or_default();
@@ -57,8 +58,16 @@ fn chosen_backends(config: &str, namespace: &str) -> String {
             "redis" if !config.contains("[backends.cache]") => tables.push_str(&format!(
                 "\n[backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n"
             )),
-            "postgres" | "redis" => {}
-            other => panic!("AGORA_TEST_BACKENDS: unknown backend `{other}` (postgres, redis, embedded)"),
+            // Kafka on the test broker, under a topic prefix of this host's
+            // own; consumer offsets and leases in PostgreSQL.
+            "kafka" if !config.contains("[backends.messaging]") => tables.push_str(&format!(
+                "\n[backends.messaging]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
+                 topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
+                 [backends.coordination]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\n\
+                 namespace = \"{namespace}\"\n"
+            )),
+            "postgres" | "redis" | "kafka" => {}
+            other => panic!("AGORA_TEST_BACKENDS: unknown backend `{other}` (postgres, redis, kafka, embedded)"),
         }
     }
     tables
