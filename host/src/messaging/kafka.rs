@@ -148,10 +148,12 @@ pub struct KafkaBroker {
     client: OnceCell<Client>,
     /// Partition counts of the topics seen, for placing events.
     partitions: Mutex<HashMap<String, u32>>,
-    clients: Mutex<HashMap<(String, u32), Arc<PartitionClient>>>,
+    clients: Mutex<HashMap<TopicPartition, Arc<PartitionClient>>>,
     /// Per partition, events fetched beyond a fetch's maximum.
-    read_ahead: Mutex<HashMap<(String, u32), Vec<(u64, Envelope)>>>,
+    read_ahead: Mutex<HashMap<TopicPartition, Vec<(u64, Envelope)>>>,
 }
+
+type TopicPartition = (String, u32);
 
 /// The headers that carry the envelope.
 const ID_HEADER: &str = "agora-id";
