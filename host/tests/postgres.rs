@@ -18,17 +18,7 @@ use common::*;
 use serde_json::json;
 
 async fn postgres_answers() -> bool {
-    let up = tokio::net::TcpStream::connect("127.0.0.1:5432")
-        .await
-        .is_ok();
-    if !up {
-        assert!(
-            std::env::var("AGORA_REQUIRE_SERVICES").as_deref() != Ok("1"),
-            "AGORA_REQUIRE_SERVICES=1 but PostgreSQL does not answer on 127.0.0.1:5432"
-        );
-        eprintln!("SKIPPED: nothing answers on 127.0.0.1:5432");
-    }
-    up
+    service_answers("PostgreSQL", "127.0.0.1:5432").await
 }
 
 /// Runs `sql` as the host's own role (the `agora` of [`POSTGRES_URL`]):

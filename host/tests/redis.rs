@@ -20,20 +20,8 @@ const REDIS: &str = "127.0.0.1:6379";
 /// One window for a whole test (see gateway.rs): counts never reset halfway.
 const ONE_WINDOW: &str = "1000000000";
 
-fn redis_required() -> bool {
-    std::env::var("AGORA_REQUIRE_SERVICES").as_deref() == Ok("1")
-}
-
 async fn redis_answers() -> bool {
-    let up = tokio::net::TcpStream::connect(REDIS).await.is_ok();
-    if !up {
-        assert!(
-            !redis_required(),
-            "AGORA_REQUIRE_SERVICES=1 but Redis does not answer on {REDIS}"
-        );
-        eprintln!("SKIPPED: nothing answers on {REDIS}");
-    }
-    up
+    service_answers("Redis", REDIS).await
 }
 
 /// A key prefix no other test or run uses.
@@ -129,6 +117,7 @@ async fn the_probe_caches_in_redis_under_its_own_name_and_entries_expire() {
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert_eq!(ready.json()["backends"]["cache"], "ok");
     assert_eq!(ready.json()["backends"]["storage"], "ok");
+    assert_eq!(ready.json()["backends"]["messaging"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -379,8 +368,8 @@ async fn with_redis_unreachable_the_cache_fails_fast_and_catalog_serves_from_sto
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_production_file_runs_the_shop_on_postgres_and_redis() {
-    if !redis_answers().await {
+async fn the_production_file_runs_the_shop_on_postgres_redis_and_kafka() {
+    if !redis_answers().await || !service_answers("Kafka", "127.0.0.1:9092").await {
         return;
     }
     let prefix = unique_prefix("production");
@@ -392,16 +381,19 @@ async fn the_production_file_runs_the_shop_on_postgres_and_redis() {
     let host = TestHost::start(repo_config("plugins.production.toml", move |c| {
         let edited = c
             .replace("${REDIS_KEY_PREFIX:-}", &in_file)
+            .replace("${KAFKA_TOPIC_PREFIX:-}", &format!("{ns}."))
             .replace("${AGORA_NAMESPACE:-agora}", &ns);
         assert_ne!(edited, c, "the file has a key prefix setting");
         assert!(c.contains("${REDIS_URL:-redis://127.0.0.1:6379}"));
         assert!(c.contains("${DATABASE_URL:-postgres://agora:agora@127.0.0.1:5432/shop}"));
+        assert!(c.contains("${KAFKA_BROKERS:-127.0.0.1:9092}"));
         edited
     }));
     let ready = get(&host.url("/readyz")).await;
     assert_eq!(ready.status, 200, "{}", ready.text());
     assert_eq!(ready.json()["backends"]["cache"], "ok");
     assert_eq!(ready.json()["backends"]["storage"], "ok");
+    assert_eq!(ready.json()["backends"]["messaging"], "ok");
     assert_eq!(ready.json()["components"].as_object().unwrap().len(), 5);
     assert_eq!(get(&host.url("/products")).await.json()["total"], 0);
     // Identity and catalog keep their entries in Redis, under the prefix.

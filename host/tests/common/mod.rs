@@ -73,6 +73,21 @@ fn chosen_backends(config: &str, namespace: &str) -> String {
     tables
 }
 
+/// Whether `service` answers on `addr`; a skipped test says so, and under
+/// `AGORA_REQUIRE_SERVICES=1` (set by `scripts/test`, which starts the
+/// servers first) a missing server fails it instead.
+pub async fn service_answers(service: &str, addr: &str) -> bool {
+    let up = tokio::net::TcpStream::connect(addr).await.is_ok();
+    if !up {
+        assert!(
+            std::env::var("AGORA_REQUIRE_SERVICES").as_deref() != Ok("1"),
+            "AGORA_REQUIRE_SERVICES=1 but {service} does not answer on {addr}"
+        );
+        eprintln!("SKIPPED: {service} does not answer on {addr}");
+    }
+    up
+}
+
 /// The database `scripts/services` creates for the tests and for
 /// plugins.production.toml.
 pub const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
