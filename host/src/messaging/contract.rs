@@ -195,3 +195,34 @@ async fn a_waiting_fetch_gets_an_event_appended_meanwhile() {
         assert_eq!(got[0].1, e, "{name}");
     }
 }
+
+/// A consumer resuming inside a batch of appended events (after a stop or
+/// a hand-over) gets the rest of that batch, not the next one.
+#[tokio::test]
+async fn a_fetch_from_inside_a_batch_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, broker) in backends(dir.path()).await {
+        let topic = testing::unique("orders");
+        let mut ids = Vec::new();
+        for batch in 0..2 {
+            let appended: Vec<_> = (0..5)
+                .map(|i| event(&topic, &format!("b{batch}e{i}"), "k"))
+                .collect();
+            ids.extend(appended.iter().map(|e| e.id.clone()));
+            broker
+                .append(&appended, Durability::ProcessCrash)
+                .await
+                .unwrap();
+        }
+        let all = all(&*broker, &topic).await;
+        let (partition, offsets) = (all[0].0, all.iter().map(|(_, o, _)| *o).collect::<Vec<_>>());
+        for skip in [2, 5, 7] {
+            let got = broker
+                .fetch(&topic, partition, offsets[skip], 100, false)
+                .await
+                .unwrap();
+            let got: Vec<_> = got.iter().map(|(_, e)| e.id.clone()).collect();
+            assert_eq!(got, ids[skip..], "{name}: from the event at {skip}");
+        }
+    }
+}

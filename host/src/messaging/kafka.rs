@@ -255,10 +255,12 @@ impl KafkaBroker {
     }
 
     /// The records from `from` on, when a fetch at `from` returned none
-    /// though the partition holds more: Kafka returns the whole record batch
-    /// holding an offset, but some brokers (tansu) return nothing for an
-    /// offset inside a batch, where a consumer that stopped mid-batch
-    /// resumes. Fetches from the offsets before it until one starts a batch.
+    /// though the partition holds more, or started after `from`: Kafka
+    /// returns the whole record batch holding an offset, but some brokers
+    /// (tansu) answer an offset inside a batch (where a consumer that
+    /// stopped mid-batch resumes) with nothing, or with the next batch,
+    /// which would skip the rest of this one. Fetches from the offsets
+    /// before it until a fetch starts at or before `from`.
     async fn batch_containing(
         &self,
         client: &PartitionClient,
@@ -268,15 +270,11 @@ impl KafkaBroker {
             let (records, _) = client
                 .fetch_records(start as i64, 1..FETCH_MAX_BYTES, 0)
                 .await?;
-            if records.iter().any(|r| r.offset as u64 >= from) {
+            if records.first().is_some_and(|r| r.offset as u64 <= from) {
                 return Ok(records);
             }
-            if !records.is_empty() {
-                // A batch that ends before `from`: the next starts after it.
-                break;
-            }
         }
-        bail!("no record batch holds offset {from}")
+        bail!("no record batch starts within {MAX_BATCH_RECORDS} offsets before {from}")
     }
 
     async fn produce(&self, topic: &str, partition: u32, records: Vec<Record>) -> Result<()> {
@@ -305,8 +303,11 @@ impl KafkaBroker {
             .fetch_records(from as i64, 1..FETCH_MAX_BYTES, max_wait)
             .await;
         let records = match fetched {
+            // Nothing, though the partition holds more; or a batch after
+            // `from` (no gaps: this host's producers write dense offsets).
             Ok((records, high_watermark))
-                if records.is_empty() && (from as i64) < high_watermark =>
+                if (records.is_empty() && (from as i64) < high_watermark)
+                    || records.first().is_some_and(|r| r.offset as u64 > from) =>
             {
                 self.batch_containing(&client, from).await?
             }

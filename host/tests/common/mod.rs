@@ -424,18 +424,27 @@ impl Reply {
 }
 
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
-    let uri: http::Uri = url.parse().unwrap();
-    let authority = uri.authority().unwrap().clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str())
+    try_request(method, url, headers, body)
         .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// A request whose connection may fail (a host that was killed).
+pub async fn try_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+    let uri: http::Uri = url.parse()?;
+    let authority = uri.authority().ok_or("no authority")?.clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let mut builder = http::Request::builder()
         .method(method)
-        .uri(uri.path_and_query().unwrap().as_str());
+        .uri(uri.path_and_query().ok_or("no path")?.as_str());
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", authority.as_str());
     }
@@ -443,23 +452,16 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: Ve
         builder = builder.header(*k, *v);
     }
     let response = sender
-        .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
+        .send_request(builder.body(Full::new(Bytes::from(body)))?)
+        .await?;
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .to_vec();
-    Reply {
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok(Reply {
         status,
         headers,
         body,
-    }
+    })
 }
 
 pub async fn get(url: &str) -> Reply {
