@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -236,65 +234,6 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
     assert_eq!(login.status, 200, "{}", login.text());
 }
 
-/// A TCP proxy in front of PostgreSQL that can be cut (every connection
-/// dropped, new ones refused) and restored: an outage of the database as
-/// the host sees it, without stopping the server other tests use.
-struct Outage {
-    port: u16,
-    down: Arc<AtomicBool>,
-    generation: Arc<tokio::sync::watch::Sender<u64>>,
-}
-
-impl Outage {
-    async fn start() -> Outage {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let (generation, _) = tokio::sync::watch::channel(0u64);
-        let generation = Arc::new(generation);
-        let (d, g) = (down.clone(), generation.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    continue;
-                };
-                if d.load(Ordering::SeqCst) {
-                    continue; // dropped: refused
-                }
-                let mut cut = g.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await
-                    else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        Outage {
-            port,
-            down,
-            generation,
-        }
-    }
-
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://agora:agora@127.0.0.1:{}/shop", self.port)
-    }
-}
-
 async fn checkout(host: &TestHost, token: &str, product: &str) -> Reply {
     request(
         "POST",
@@ -313,9 +252,10 @@ async fn an_outage_of_postgres_gives_fast_503s_and_loses_no_acknowledged_order()
     if !postgres_answers().await {
         return;
     }
-    let outage = Outage::start().await;
+    let outage = Outage::start("127.0.0.1:5432").await;
     let ns = unique_namespace();
-    let host = shop_and_hostile(&outage.url(), &ns);
+    let url = format!("postgres://agora:agora@127.0.0.1:{}/shop", outage.port);
+    let host = shop_and_hostile(&url, &ns);
     let mut token = String::new();
     for (email, password) in [
         ("admin@example.com", "admin-password"),
