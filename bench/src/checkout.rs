@@ -1,8 +1,10 @@
 //! Checkouts per second through the whole saga, on each backend set: the
-//! shop of plugins.toml served by `agora up`, buyers placing orders back to
-//! back on keep-alive connections for the run's duration, then the time
-//! until every acknowledged order is paid (orders → payments → orders, over
-//! the outbox and the broker).
+//! shop of plugins.toml served by `agora up` (by one host, or by two sharing
+//! the work), buyers placing orders back to back on keep-alive connections
+//! for the run's duration, then the time until every acknowledged order is
+//! paid (orders → payments → orders, over the outbox and the broker), and
+//! the latency from an order's acknowledgement to its customer's "paid"
+//! notification (orders → payments → notifications).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,57 +23,93 @@ use crate::{free_port, root, Server};
 
 const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
 
-/// Both backend sets, one after the other.
+/// Every backend set, one after the other.
 pub async fn checkouts(scratch: &Path, duration: Duration, connections: usize) -> Result<()> {
     println!(
         "\n## Checkout: POST /orders, then the saga until paid, {connections} buyers, {}s",
         duration.as_secs()
     );
-    run(
-        "embedded (SQLite, memory cache)",
-        "",
+    run(&Run {
+        label: "embedded (SQLite, memory cache)",
+        backends: String::new(),
+        namespace: None,
+        hosts: 1,
         scratch,
         duration,
         connections,
-    )
+    })
     .await?;
-    let namespace = format!("bench{}", std::process::id());
-    if tokio::net::TcpStream::connect("127.0.0.1:5432")
-        .await
-        .is_err()
-        || tokio::net::TcpStream::connect("127.0.0.1:6379")
-            .await
-            .is_err()
-    {
+    let answers =
+        |addr: &'static str| async move { tokio::net::TcpStream::connect(addr).await.is_ok() };
+    if !answers("127.0.0.1:5432").await || !answers("127.0.0.1:6379").await {
         println!("postgres + redis: skipped (run scripts/services first)");
         return Ok(());
     }
-    let backends = format!(
-        "\n[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n\
-         \n[backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n"
-    );
-    let result = run(
-        "postgres + redis",
-        &backends,
-        scratch,
-        duration,
-        connections,
-    )
-    .await;
-    drop_namespace(&namespace);
-    result
+    let kafka = answers("127.0.0.1:9092").await;
+    let mut sets = vec![("postgres + redis", false, 1)];
+    if kafka {
+        sets.extend([
+            ("postgres + redis + kafka", true, 1),
+            ("... two hosts", true, 2),
+        ]);
+    } else {
+        println!("kafka: skipped (run scripts/services first)");
+    }
+    for (label, kafka, hosts) in sets {
+        let namespace = format!("bench{}_{hosts}{}", std::process::id(), u8::from(kafka));
+        let mut backends = format!(
+            "\n[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n\
+             \n[backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n"
+        );
+        if kafka {
+            // The test broker (tansu) waits out every fetch: keep it short.
+            backends.push_str(&format!(
+                "\n[backends.messaging]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
+                 topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
+                 \n[backends.coordination]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\n\
+                 namespace = \"{namespace}\"\n"
+            ));
+        }
+        let result = run(&Run {
+            label,
+            backends,
+            namespace: Some(namespace.clone()),
+            hosts,
+            scratch,
+            duration,
+            connections,
+        })
+        .await;
+        drop_namespace(&namespace);
+        result?;
+    }
+    Ok(())
 }
 
-async fn run(
-    label: &str,
-    backends: &str,
-    scratch: &Path,
+/// One backend set's run.
+struct Run<'a> {
+    label: &'a str,
+    /// Tables appended to plugins.toml.
+    backends: String,
+    /// The PostgreSQL namespace, where the backends are servers.
+    namespace: Option<String>,
+    hosts: usize,
+    scratch: &'a Path,
     duration: Duration,
     connections: usize,
-) -> Result<()> {
-    let dir = scratch.join(format!(
-        "checkout-{}",
-        label.split(' ').next().unwrap_or("x")
+}
+
+async fn run(run: &Run<'_>) -> Result<()> {
+    let Run {
+        label,
+        duration,
+        connections,
+        ..
+    } = *run;
+    let dir = run.scratch.join(format!(
+        "checkout-{}-{}",
+        label.split(' ').next().unwrap_or("x"),
+        run.hosts
     ));
     std::fs::create_dir_all(&dir)?;
     let text = std::fs::read_to_string(root().join("plugins.toml"))?;
@@ -82,35 +120,53 @@ async fn run(
             &format!("\"{}/", components.display()),
         )
         .replace("\"docs/", &format!("\"{}/docs/", root().display()))
+        // The hosts sign and accept the same tokens.
+        .replace(
+            "[tokens]\n",
+            &format!(
+                "[tokens]\nkey_file = \"{}\"\n",
+                dir.join("tokens.key").display()
+            ),
+        )
         // The bench logs every buyer in from one address.
         .replace(
             "requests = 20, window_seconds = 60",
             "requests = 100000, window_seconds = 60",
-        ) + backends;
+        ) + &run.backends;
     let config_path = dir.join("plugins.toml");
     std::fs::write(&config_path, config)?;
-    let (public, admin) = (free_port(), free_port());
-    let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
-    let _server = Server(
-        Command::new(root().join("target/release/agora"))
-            .arg("up")
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .arg("--data")
-            .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let started = Instant::now();
-    while !matches!(call(addr, "GET", "/readyz", None, None).await, Ok((200, _))) {
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("{label}: agora did not become ready");
+    let mut servers = Vec::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for host in 0..run.hosts {
+        let (public, admin) = (free_port(), free_port());
+        let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
+        servers.push(Server(
+            Command::new(root().join("target/release/agora"))
+                .arg("up")
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--listen", &addr.to_string()])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .arg("--data")
+                .arg(dir.join(format!("data{host}")))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ));
+        let started = Instant::now();
+        while !matches!(call(addr, "GET", "/readyz", None, None).await, Ok((200, _))) {
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("{label}: agora did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        addrs.push(addr);
+    }
+    let addr = addrs[0];
+    if run.hosts > 1 {
+        // Each host has taken its share of the partitions.
+        tokio::time::sleep(Duration::from_secs(3)).await;
     }
 
     let admin_token = sign_up(addr, "admin@example.com", "admin-password").await?;
@@ -133,7 +189,7 @@ async fn run(
     }
 
     // Load: each buyer on its own keep-alive connection.
-    let placed = Arc::new(Mutex::new(Vec::<(String, usize)>::new()));
+    let placed = Arc::new(Mutex::new(Vec::<(String, usize, u64)>::new()));
     let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let failures = Arc::new(Mutex::new(HashMap::<u16, u64>::new()));
     let end = Instant::now() + duration;
@@ -144,6 +200,7 @@ async fn run(
             let (token, product) = (token.clone(), product.clone());
             let (placed, latencies, failures) =
                 (placed.clone(), latencies.clone(), failures.clone());
+            let addr = addrs[buyer % addrs.len()];
             tokio::spawn(async move {
                 let stream = tokio::net::TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
@@ -168,7 +225,10 @@ async fn run(
                     if status == 201 {
                         let body: Value = serde_json::from_slice(&body)?;
                         let id = body["id"].as_str().context("order id")?.to_owned();
-                        placed.lock().unwrap().push((id, buyer));
+                        placed
+                            .lock()
+                            .unwrap()
+                            .push((id, buyer, agora_host::now_millis()));
                         latencies.lock().unwrap().push(took);
                     } else {
                         *failures.lock().unwrap().entry(status).or_default() += 1;
@@ -183,6 +243,8 @@ async fn run(
     }
     let load_ended = Instant::now();
     let placed = std::mem::take(&mut *placed.lock().unwrap());
+    let acknowledged: HashMap<String, u64> =
+        placed.iter().map(|(id, _, at)| (id.clone(), *at)).collect();
     let mut latencies = std::mem::take(&mut *latencies.lock().unwrap());
     latencies.sort();
     let pct = |p: f64| {
@@ -200,7 +262,10 @@ async fn run(
     );
 
     // The saga: every acknowledged order must become paid.
-    let mut unpaid = placed;
+    let mut unpaid: Vec<(String, usize)> = placed
+        .into_iter()
+        .map(|(id, buyer, _)| (id, buyer))
+        .collect();
     let deadline = load_ended + Duration::from_secs(120);
     while !unpaid.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
@@ -235,7 +300,76 @@ async fn run(
             unpaid.len()
         );
     }
+
+    // Order acknowledged → its customer's "paid" notification stored.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let notified = loop {
+        let notified = paid_notifications(run, &dir)?;
+        if notified.len() >= acknowledged.len() || Instant::now() > deadline {
+            break notified;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut delays: Vec<u64> = notified
+        .iter()
+        .filter_map(|(order, at)| Some(at.saturating_sub(*acknowledged.get(order)?)))
+        .collect();
+    delays.sort_unstable();
+    let at = |p: f64| {
+        delays
+            .get(((delays.len() as f64 * p) as usize).min(delays.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "{:<34} order → notification p50 {} ms, p99 {} ms ({} of {} notified)",
+        "",
+        at(0.50),
+        at(0.99),
+        delays.len(),
+        acknowledged.len()
+    );
+    drop(servers);
     Ok(())
+}
+
+/// When each order's "paid" notification was stored (ms since the epoch),
+/// by order id, read from the notifications component's database.
+fn paid_notifications(run: &Run, dir: &Path) -> Result<HashMap<String, u64>> {
+    let sql = "SELECT subject, created_at FROM notifications WHERE kind = 'payment_received'";
+    let rows: Vec<(String, u64)> = match &run.namespace {
+        Some(ns) => {
+            let out = Command::new("psql")
+                .args([POSTGRES_URL, "-qtAF", "|", "-c"])
+                .arg(format!("SET search_path = \"{ns}_notifications\"; {sql}"))
+                .output()
+                .context("psql")?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let (subject, at) = l.rsplit_once('|')?;
+                    Some((subject.to_owned(), at.trim().parse().ok()?))
+                })
+                .collect()
+        }
+        None => {
+            let db = dir.join("data0/storage/notifications.db");
+            let conn = rusqlite::Connection::open(&db)?;
+            let mut stmt = conn.prepare(sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        }
+    };
+    // "Your order <id> is paid"
+    Ok(rows
+        .into_iter()
+        .filter_map(|(subject, at)| {
+            let id = subject
+                .strip_prefix("Your order ")?
+                .strip_suffix(" is paid")?;
+            Some((id.to_owned(), at))
+        })
+        .collect())
 }
 
 /// Registers a user and logs in; returns the token.
