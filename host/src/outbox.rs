@@ -20,8 +20,9 @@
 //! removes it from the outbox before letting go, so the next finds only
 //! newer rows. A host that dies between the broker's acknowledgement and
 //! the removal leaves rows the next host sends again (at least once, never
-//! lost); no host waits for another longer than one batch, and a dead
-//! host's lock goes with its connection. A host alone needs no lock.
+//! lost); the lock is taken per batch, so no host waits for another longer
+//! than one batch, and a dead host's lock goes with its connection. A
+//! database of this host's alone (SQLite) needs no lock.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -146,18 +147,25 @@ impl Relay {
         direct: Option<&Envelope>,
     ) -> Result<usize> {
         let mut handled = self.handled.lock().await;
-        let shared = coordinator
-            .lock(&format!("outbox:{}", self.component))
-            .await?;
+        let lock = format!("outbox:{}", self.component);
         let mut count = 0;
         loop {
             // Rows are numbered in commit order and a new one is numbered
             // above every row still in the outbox, so the unhandled ones lie
             // above the handled ones.
             let after = handled.last_key_value().map_or(0, |(seq, _)| *seq);
-            let rows = db.outbox_pending(after, RELAY_BATCH).await?;
+            let mut rows = db.outbox_pending(after, RELAY_BATCH).await?;
             if rows.is_empty() {
                 break;
+            }
+            // Shared with other hosts: in turn, one batch at a time, read
+            // again under the lock (another host may have sent these).
+            let shared = match db.shared() {
+                true => coordinator.lock(&lock).await?,
+                false => None,
+            };
+            if shared.is_some() {
+                rows = db.outbox_pending(after, RELAY_BATCH).await?;
             }
             let full = rows.len() == RELAY_BATCH;
             let grants = self.grants.lock().unwrap().clone();
@@ -188,6 +196,12 @@ impl Relay {
             }
             count += verdicts.len();
             handled.extend(verdicts);
+            if let Some(lock) = shared {
+                // The next host to take the lock must not find these rows
+                // (a server's database: no write connection to wait for).
+                Self::remove(db, &mut handled).await?;
+                lock.unlock().await;
+            }
             if !full {
                 break;
             }
@@ -196,11 +210,6 @@ impl Relay {
             broker
                 .append(std::slice::from_ref(event), Durability::ProcessCrash)
                 .await?;
-        }
-        if let Some(lock) = shared {
-            // The next host to take the lock must not find these rows.
-            Self::remove(db, &mut handled).await?;
-            lock.unlock().await;
         }
         Ok(count)
     }

@@ -84,13 +84,17 @@ async fn hosts_share_leases_and_hand_them_over() {
     let wanted: Vec<Claim> = (0..4).map(claim).collect();
     let a = postgres_host(&ns, 10).await;
     let first = a.heartbeat(&wanted).await.unwrap();
-    assert_eq!((first.held.len(), first.share), (4, 4));
+    assert_eq!((first.held.len(), first.share(&claim(0))), (4, 4));
 
     let b = postgres_host(&ns, 10).await;
     let joined = b.heartbeat(&wanted).await.unwrap();
-    assert_eq!((joined.held.len(), joined.share), (0, 2), "all taken");
+    assert_eq!(
+        (joined.held.len(), joined.share(&claim(0))),
+        (0, 2),
+        "all taken"
+    );
     let a_now = a.heartbeat(&wanted).await.unwrap();
-    assert_eq!((a_now.held.len(), a_now.share), (4, 2));
+    assert_eq!((a_now.held.len(), a_now.share(&claim(0))), (4, 2));
     let given: Vec<Claim> = a_now.held[2..].to_vec();
     a.release(&given).await.unwrap();
     let mut b_now = b.heartbeat(&wanted).await.unwrap().held;
@@ -110,10 +114,17 @@ async fn hosts_share_leases_and_hand_them_over() {
     );
     assert_eq!(b.committed(&given[0]).await.unwrap(), 3);
 
+    // A host that subscribes to nothing (another version, say) takes no
+    // share from those that do.
+    let idle = postgres_host(&ns, 10).await;
+    assert!(idle.heartbeat(&[]).await.unwrap().held.is_empty());
+    assert_eq!(a.heartbeat(&wanted).await.unwrap().share(&claim(0)), 2);
+    idle.leave().await.unwrap();
+
     b.leave().await.unwrap();
     let after = a.heartbeat(&wanted).await.unwrap();
     assert_eq!(
-        (after.held.len(), after.share),
+        (after.held.len(), after.share(&claim(0))),
         (4, 4),
         "the leaver's leases at the next heartbeat"
     );
@@ -137,7 +148,7 @@ async fn a_dead_hosts_leases_expire_and_are_taken_over() {
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let taken = survivor.heartbeat(&wanted).await.unwrap();
     assert_eq!(
-        (taken.held.len(), taken.share),
+        (taken.held.len(), taken.share(&claim(0))),
         (2, 2),
         "expired leases, and the dead host no longer counted"
     );

@@ -97,9 +97,13 @@ impl Coordinator for LocalCoordinator {
     }
 
     async fn heartbeat(&self, wanted: &[Claim]) -> Result<Leases> {
+        let shares = super::subscriptions(wanted)
+            .into_iter()
+            .map(|(subscription, claims)| (subscription, claims.len()))
+            .collect();
         Ok(Leases {
             held: wanted.to_vec(),
-            share: wanted.len(),
+            shares,
         })
     }
 

@@ -29,6 +29,7 @@
 mod local;
 mod postgres;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,9 +79,33 @@ pub struct Claim {
 pub struct Leases {
     /// Every claim whose lease this host holds.
     pub held: Vec<Claim>,
-    /// How many of the wanted claims this host should hold; it gives back
-    /// the ones above it, so that joining hosts find free leases.
-    pub share: usize,
+    /// Per subscription (subscriber, topic): how many of its partitions
+    /// this host should hold, its partitions divided by the live hosts
+    /// that subscribe (rounded up). It gives back the ones above, so that
+    /// joining hosts find free leases; hosts that do not subscribe (another
+    /// version during a deploy) do not count.
+    pub shares: HashMap<(String, String), usize>,
+}
+
+impl Leases {
+    pub fn share(&self, claim: &Claim) -> usize {
+        self.shares
+            .get(&(claim.subscriber.clone(), claim.topic.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// The partitions of each subscription among `claims`.
+pub fn subscriptions(claims: &[Claim]) -> HashMap<(String, String), Vec<&Claim>> {
+    let mut groups: HashMap<(String, String), Vec<&Claim>> = HashMap::new();
+    for claim in claims {
+        groups
+            .entry((claim.subscriber.clone(), claim.topic.clone()))
+            .or_default()
+            .push(claim);
+    }
+    groups
 }
 
 /// What became of a commit.

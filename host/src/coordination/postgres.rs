@@ -11,8 +11,17 @@
 //!   stricter: its consumers stop handling once `lease_seconds` minus one
 //!   heartbeat have passed since its last successful heartbeat began (see
 //!   `messaging/delivery.rs`), before the server can hand the lease on.
-//! - Outbox locks: `pg_advisory_lock` on a connection the guard holds. A
-//!   host that dies loses its connection and with it the lock, at once.
+//! - Outbox locks: a row of `<namespace>.locks` locked (`FOR UPDATE`) in a
+//!   transaction the guard holds open on its own connection. Not an
+//!   advisory lock: any role may take those, so a component could hold a
+//!   key and stall another's outbox. A host that dies loses its connection
+//!   and with it the lock, at once; a guard dropped before it got the lock
+//!   (a caller that stopped waiting) closes its connection rather than
+//!   return a session to the pool that may get the lock later.
+//! - Every statement has a timeout (`statement_timeout`, and the host's own
+//!   around each call), so an unreachable server fails a heartbeat rather
+//!   than hang it; heartbeats and commits have connections of their own,
+//!   apart from those waiting for outbox locks.
 //!
 //! Hand-over times, with the defaults: a host that stops gives its leases
 //! back before it exits (the next holder starts within a heartbeat, 1 s); a
@@ -30,7 +39,6 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use deadpool_postgres::{Object, Pool};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::{Claim, Commit, CoordinationSettings, Coordinator, Leases, Unlock, HEARTBEAT};
 use crate::pg::{self, ident, redacted};
@@ -84,11 +92,13 @@ impl PostgresConfig {
     }
 }
 
-/// Connections: a heartbeat and commits, plus one per outbox lock held or
-/// awaited (one per component relaying, and direct publishes behind it).
-const CONNECTIONS: usize = 16;
-/// How long connecting or an outbox lock may take before the call fails
-/// (and is retried by its caller).
+/// Connections for heartbeats, commits and reads of offsets.
+const CONNECTIONS: usize = 4;
+/// Connections for outbox locks, one per lock held or awaited (a component
+/// relaying, and direct publishes behind it).
+const LOCK_CONNECTIONS: usize = 16;
+/// How long connecting, an outbox lock, or one call may take before it
+/// fails (and is retried by its caller).
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[async_trait]
@@ -106,8 +116,8 @@ impl CoordinationSettings for PostgresConfig {
 
 pub struct PostgresCoordinator {
     pool: Pool,
+    locks: Pool,
     ns: String,
-    namespace: String,
     identity: HostIdentity,
     lease: Duration,
 }
@@ -118,9 +128,15 @@ impl PostgresCoordinator {
         let mut server: tokio_postgres::Config = config.url.parse()?;
         server.connect_timeout(TIMEOUT);
         server.application_name("agora-coordination");
-        // Bounds the wait for an outbox lock.
-        server.options(format!("-c lock_timeout={}", TIMEOUT.as_millis()));
-        let pool = pg::pool(server, CONNECTIONS, TIMEOUT)
+        // Bounds the wait for an outbox lock, and any statement.
+        server.options(format!(
+            "-c lock_timeout={ms} -c statement_timeout={ms}",
+            ms = TIMEOUT.as_millis()
+        ));
+        let pool = pg::pool(server.clone(), CONNECTIONS, TIMEOUT)
+            .build()
+            .context("making the coordination pool")?;
+        let locks = pg::pool(server, LOCK_CONNECTIONS, TIMEOUT)
             .build()
             .context("making the coordination pool")?;
         let ns = ident(&config.namespace);
@@ -129,6 +145,8 @@ impl PostgresCoordinator {
              REVOKE ALL ON SCHEMA {ns} FROM PUBLIC;
              CREATE TABLE IF NOT EXISTS {ns}.hosts (
                  id TEXT PRIMARY KEY, seen TIMESTAMPTZ NOT NULL);
+             ALTER TABLE {ns}.hosts ADD COLUMN IF NOT EXISTS wants TEXT[] NOT NULL DEFAULT '{{}}';
+             CREATE TABLE IF NOT EXISTS {ns}.locks (name TEXT PRIMARY KEY);
              CREATE TABLE IF NOT EXISTS {ns}.consumer_offsets (
                  subscriber TEXT NOT NULL, topic TEXT NOT NULL, partition INT NOT NULL,
                  next BIGINT NOT NULL DEFAULT 0, holder TEXT, expires TIMESTAMPTZ,
@@ -147,8 +165,8 @@ impl PostgresCoordinator {
         })?;
         Ok(PostgresCoordinator {
             pool,
+            locks,
             ns,
-            namespace: config.namespace.clone(),
             identity: HostIdentity::fresh(),
             lease: Duration::from_secs(config.lease_seconds),
         })
@@ -164,11 +182,105 @@ impl PostgresCoordinator {
     fn lease_secs(&self) -> f64 {
         self.lease.as_secs_f64()
     }
+}
 
-    /// The advisory lock key of `name` in this namespace.
-    fn lock_key(&self, name: &str) -> i64 {
-        let hash = Sha256::digest(format!("{}/{name}", self.namespace));
-        i64::from_be_bytes(hash[..8].try_into().unwrap())
+impl PostgresCoordinator {
+    async fn beat(&self, wanted: &[Claim]) -> Result<Leases> {
+        let ns = &self.ns;
+        let conn = self.conn().await?;
+        let lease = self.lease_secs();
+        let groups = super::subscriptions(wanted);
+        let key = |(subscriber, topic): &(String, String)| format!("{subscriber}\u{1f}{topic}");
+        let wants: Vec<String> = groups.keys().map(key).collect();
+        conn.execute(
+            &format!(
+                "INSERT INTO {ns}.hosts (id, seen, wants) VALUES ($1, now(), $2)
+                 ON CONFLICT (id) DO UPDATE SET seen = now(), wants = excluded.wants"
+            ),
+            &[&self.identity.id, &wants],
+        )
+        .await?;
+        conn.execute(
+            &format!("DELETE FROM {ns}.hosts WHERE seen < now() - make_interval(secs => $1)"),
+            &[&lease],
+        )
+        .await?;
+        // How many live hosts subscribe to each subscription.
+        let subscribed: std::collections::HashMap<String, i64> = conn
+            .query(
+                &format!("SELECT w, count(*) FROM {ns}.hosts, unnest(wants) w GROUP BY w"),
+                &[],
+            )
+            .await?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let (subscribers, topics, partitions) = columns(wanted);
+        conn.execute(
+            &format!(
+                "INSERT INTO {ns}.consumer_offsets (subscriber, topic, partition)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[])
+                 ON CONFLICT DO NOTHING"
+            ),
+            &[&subscribers, &topics, &partitions],
+        )
+        .await?;
+        let mut held = claims(
+            conn.query(
+                &format!(
+                    "UPDATE {ns}.consumer_offsets SET expires = now() + make_interval(secs => $2)
+                     WHERE holder = $1 RETURNING subscriber, topic, partition"
+                ),
+                &[&self.identity.id, &lease],
+            )
+            .await?,
+        );
+        let mut shares = std::collections::HashMap::new();
+        for (subscription, claimed) in &groups {
+            let hosts = subscribed
+                .get(&key(subscription))
+                .copied()
+                .unwrap_or(1)
+                .max(1);
+            let share = claimed.len().div_ceil(hosts as usize);
+            shares.insert(subscription.clone(), share);
+            let mine = held.iter().filter(|c| claimed.contains(c)).count();
+            if mine >= share {
+                continue;
+            }
+            // Free or expired leases, in random order so that hosts taking
+            // at once mostly take different ones; SKIP LOCKED so they never
+            // wait for each other.
+            let owned: Vec<Claim> = claimed.iter().map(|c| (*c).clone()).collect();
+            let (subscribers, topics, partitions) = columns(&owned);
+            held.extend(claims(
+                conn.query(
+                    &format!(
+                        "UPDATE {ns}.consumer_offsets o
+                         SET holder = $1, expires = now() + make_interval(secs => $2)
+                         FROM (SELECT subscriber, topic, partition FROM {ns}.consumer_offsets
+                               WHERE (subscriber, topic, partition) IN
+                                     (SELECT * FROM unnest($3::text[], $4::text[], $5::int[]))
+                                 AND (holder IS NULL OR expires < now())
+                               ORDER BY random() LIMIT $6
+                               FOR UPDATE SKIP LOCKED) f
+                         WHERE (o.subscriber, o.topic, o.partition)
+                             = (f.subscriber, f.topic, f.partition)
+                         RETURNING o.subscriber, o.topic, o.partition"
+                    ),
+                    &[
+                        &self.identity.id,
+                        &lease,
+                        &subscribers,
+                        &topics,
+                        &partitions,
+                        &((share - mine) as i64),
+                    ],
+                )
+                .await?,
+            ));
+        }
+        Ok(Leases { held, shares })
     }
 }
 
@@ -217,6 +329,14 @@ impl HostIdentity {
     }
 }
 
+/// `call`, failing after [`TIMEOUT`] (a statement's own timeout does not
+/// cover a server that stopped answering).
+async fn timed<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(TIMEOUT * 2, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("coordination: {what} took over {:?}", TIMEOUT * 2))?
+}
+
 /// Claims as three arrays, for `unnest`.
 fn columns(claims: &[Claim]) -> (Vec<&str>, Vec<&str>, Vec<i32>) {
     (
@@ -243,238 +363,200 @@ impl Coordinator for PostgresCoordinator {
     }
 
     async fn heartbeat(&self, wanted: &[Claim]) -> Result<Leases> {
-        let ns = &self.ns;
-        let conn = self.conn().await?;
-        let lease = self.lease_secs();
-        conn.execute(
-            &format!(
-                "INSERT INTO {ns}.hosts VALUES ($1, now()) ON CONFLICT (id) DO UPDATE SET seen = now()"
-            ),
-            &[&self.identity.id],
-        )
-        .await?;
-        conn.execute(
-            &format!("DELETE FROM {ns}.hosts WHERE seen < now() - make_interval(secs => $1)"),
-            &[&lease],
-        )
-        .await?;
-        let live: i64 = conn
-            .query_one(&format!("SELECT count(*) FROM {ns}.hosts"), &[])
-            .await?
-            .get(0);
-        let (subscribers, topics, partitions) = columns(wanted);
-        conn.execute(
-            &format!(
-                "INSERT INTO {ns}.consumer_offsets (subscriber, topic, partition)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[])
-                 ON CONFLICT DO NOTHING"
-            ),
-            &[&subscribers, &topics, &partitions],
-        )
-        .await?;
-        let mut held = claims(
-            conn.query(
-                &format!(
-                    "UPDATE {ns}.consumer_offsets SET expires = now() + make_interval(secs => $2)
-                     WHERE holder = $1 RETURNING subscriber, topic, partition"
-                ),
-                &[&self.identity.id, &lease],
-            )
-            .await?,
-        );
-        let share = wanted.len().div_ceil(live.max(1) as usize);
-        let mine = held.iter().filter(|c| wanted.contains(c)).count();
-        if mine < share {
-            // Free or expired leases, in random order so that hosts taking
-            // at once mostly take different ones; SKIP LOCKED so they never
-            // wait for each other.
-            held.extend(claims(
-                conn.query(
-                    &format!(
-                        "UPDATE {ns}.consumer_offsets o
-                         SET holder = $1, expires = now() + make_interval(secs => $2)
-                         FROM (SELECT subscriber, topic, partition FROM {ns}.consumer_offsets
-                               WHERE (subscriber, topic, partition) IN
-                                     (SELECT * FROM unnest($3::text[], $4::text[], $5::int[]))
-                                 AND (holder IS NULL OR expires < now())
-                               ORDER BY random() LIMIT $6
-                               FOR UPDATE SKIP LOCKED) f
-                         WHERE (o.subscriber, o.topic, o.partition)
-                             = (f.subscriber, f.topic, f.partition)
-                         RETURNING o.subscriber, o.topic, o.partition"
-                    ),
-                    &[
-                        &self.identity.id,
-                        &lease,
-                        &subscribers,
-                        &topics,
-                        &partitions,
-                        &((share - mine) as i64),
-                    ],
-                )
-                .await?,
-            ));
-        }
-        Ok(Leases { held, share })
+        timed("a heartbeat", self.beat(wanted)).await
     }
 
     async fn release(&self, released: &[Claim]) -> Result<()> {
-        if released.is_empty() {
-            return Ok(());
-        }
-        let (subscribers, topics, partitions) = columns(released);
-        self.conn()
-            .await?
-            .execute(
-                &format!(
-                    "UPDATE {ns}.consumer_offsets SET holder = NULL, expires = NULL
-                     WHERE holder = $1 AND (subscriber, topic, partition) IN
-                           (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]))",
-                    ns = self.ns
-                ),
-                &[&self.identity.id, &subscribers, &topics, &partitions],
-            )
-            .await?;
-        Ok(())
+        timed("release", async {
+            if released.is_empty() {
+                return Ok(());
+            }
+            let (subscribers, topics, partitions) = columns(released);
+            self.conn()
+                .await?
+                .execute(
+                    &format!(
+                        "UPDATE {ns}.consumer_offsets SET holder = NULL, expires = NULL
+                         WHERE holder = $1 AND (subscriber, topic, partition) IN
+                               (SELECT * FROM unnest($2::text[], $3::text[], $4::int[]))",
+                        ns = self.ns
+                    ),
+                    &[&self.identity.id, &subscribers, &topics, &partitions],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn committed(&self, claim: &Claim) -> Result<u64> {
-        let row = self
-            .conn()
-            .await?
-            .query_opt(
-                &format!(
-                    "SELECT next FROM {}.consumer_offsets
-                     WHERE subscriber = $1 AND topic = $2 AND partition = $3",
-                    self.ns
-                ),
-                &[&claim.subscriber, &claim.topic, &(claim.partition as i32)],
-            )
-            .await?;
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        timed("committed", async {
+            let row = self
+                .conn()
+                .await?
+                .query_opt(
+                    &format!(
+                        "SELECT next FROM {}.consumer_offsets
+                         WHERE subscriber = $1 AND topic = $2 AND partition = $3",
+                        self.ns
+                    ),
+                    &[&claim.subscriber, &claim.topic, &(claim.partition as i32)],
+                )
+                .await?;
+            Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        })
+        .await
     }
 
     async fn commit(&self, claim: &Claim, from: u64, to: u64) -> Result<Commit> {
-        let ns = &self.ns;
-        let conn = self.conn().await?;
-        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&claim.subscriber, &claim.topic, &(claim.partition as i32)];
-        let done = conn
-            .execute(
-                &format!(
-                    "UPDATE {ns}.consumer_offsets SET next = $5
-                     WHERE subscriber = $1 AND topic = $2 AND partition = $3
-                       AND holder = $4 AND next = $6"
-                ),
-                &[
-                    key[0],
-                    key[1],
-                    key[2],
-                    &self.identity.id,
-                    &(to as i64),
-                    &(from as i64),
-                ],
-            )
-            .await?;
-        if done == 1 {
-            return Ok(Commit::Done);
-        }
-        let row = conn
-            .query_opt(
-                &format!(
-                    "SELECT next, holder IS NOT DISTINCT FROM $4 FROM {ns}.consumer_offsets
-                     WHERE subscriber = $1 AND topic = $2 AND partition = $3"
-                ),
-                &[key[0], key[1], key[2], &self.identity.id],
-            )
-            .await?;
-        Ok(match row {
-            Some(row) if row.get::<_, bool>(1) => Commit::Moved(row.get::<_, i64>(0) as u64),
-            _ => Commit::Lost,
+        timed("commit", async {
+            let ns = &self.ns;
+            let conn = self.conn().await?;
+            let key: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                [&claim.subscriber, &claim.topic, &(claim.partition as i32)];
+            let done = conn
+                .execute(
+                    &format!(
+                        "UPDATE {ns}.consumer_offsets SET next = $5
+                         WHERE subscriber = $1 AND topic = $2 AND partition = $3
+                           AND holder = $4 AND next = $6"
+                    ),
+                    &[
+                        key[0],
+                        key[1],
+                        key[2],
+                        &self.identity.id,
+                        &(to as i64),
+                        &(from as i64),
+                    ],
+                )
+                .await?;
+            if done == 1 {
+                return Ok(Commit::Done);
+            }
+            let row = conn
+                .query_opt(
+                    &format!(
+                        "SELECT next, holder IS NOT DISTINCT FROM $4 FROM {ns}.consumer_offsets
+                         WHERE subscriber = $1 AND topic = $2 AND partition = $3"
+                    ),
+                    &[key[0], key[1], key[2], &self.identity.id],
+                )
+                .await?;
+            Ok(match row {
+                Some(row) if row.get::<_, bool>(1) => Commit::Moved(row.get::<_, i64>(0) as u64),
+                _ => Commit::Lost,
+            })
         })
+        .await
     }
 
     async fn rewind(&self, claim: &Claim, to: u64) -> Result<()> {
-        self.conn()
-            .await?
-            .execute(
-                &format!(
-                    "INSERT INTO {}.consumer_offsets (subscriber, topic, partition, next)
-                     VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (subscriber, topic, partition) DO UPDATE SET next = excluded.next",
-                    self.ns
-                ),
-                &[
-                    &claim.subscriber,
-                    &claim.topic,
-                    &(claim.partition as i32),
-                    &(to as i64),
-                ],
-            )
-            .await?;
-        Ok(())
+        timed("rewind", async {
+            self.conn()
+                .await?
+                .execute(
+                    &format!(
+                        "INSERT INTO {}.consumer_offsets (subscriber, topic, partition, next)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (subscriber, topic, partition) DO UPDATE SET next = excluded.next",
+                        self.ns
+                    ),
+                    &[
+                        &claim.subscriber,
+                        &claim.topic,
+                        &(claim.partition as i32),
+                        &(to as i64),
+                    ],
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn lock(&self, name: &str) -> Result<Option<Box<dyn Unlock>>> {
-        let key = self.lock_key(name);
-        let conn = self.conn().await?;
-        conn.execute("SELECT pg_advisory_lock($1)", &[&key])
+        let conn = self
+            .locks
+            .get()
+            .await
+            .context("PostgreSQL (coordination) is unreachable")?;
+        // Guarded before the first statement: dropped while waiting, the
+        // session is closed, never pooled with a lock it may yet get.
+        let lock = RowLock { conn: Some(conn) };
+        let client = lock.conn.as_ref().unwrap();
+        let ns = &self.ns;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .context("beginning a lock")?;
+        client
+            .execute(
+                &format!("INSERT INTO {ns}.locks VALUES ($1) ON CONFLICT DO NOTHING"),
+                &[&name],
+            )
             .await
             .with_context(|| format!("waiting for the lock `{name}`"))?;
-        Ok(Some(Box::new(AdvisoryLock {
-            conn: Some(conn),
-            key,
-        })))
+        client
+            .execute(
+                &format!("SELECT 1 FROM {ns}.locks WHERE name = $1 FOR UPDATE"),
+                &[&name],
+            )
+            .await
+            .with_context(|| format!("waiting for the lock `{name}`"))?;
+        Ok(Some(Box::new(lock)))
     }
 
     async fn ping(&self) -> Result<()> {
-        self.conn().await?.execute("SELECT 1", &[]).await?;
-        Ok(())
+        timed("ping", async {
+            self.conn().await?.execute("SELECT 1", &[]).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Gives back every lease of this host and leaves the hosts table: a
     /// host stopping hands its work over at once.
     async fn leave(&self) -> Result<()> {
-        let conn = self.conn().await?;
-        conn.execute(
-            &format!(
-                "UPDATE {}.consumer_offsets SET holder = NULL, expires = NULL WHERE holder = $1",
-                self.ns
-            ),
-            &[&self.identity.id],
-        )
-        .await?;
-        conn.execute(
-            &format!("DELETE FROM {}.hosts WHERE id = $1", self.ns),
-            &[&self.identity.id],
-        )
-        .await?;
-        Ok(())
+        timed("leave", async {
+            let conn = self.conn().await?;
+            conn.execute(
+                &format!(
+                    "UPDATE {}.consumer_offsets SET holder = NULL, expires = NULL WHERE holder = $1",
+                    self.ns
+                ),
+                &[&self.identity.id],
+            )
+            .await?;
+            conn.execute(
+                &format!("DELETE FROM {}.hosts WHERE id = $1", self.ns),
+                &[&self.identity.id],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
     }
 }
 
-/// A held advisory lock and the session that holds it.
-struct AdvisoryLock {
+/// A held lock: the open transaction holding its row, and its session.
+struct RowLock {
     conn: Option<Object>,
-    key: i64,
 }
 
 #[async_trait]
-impl Unlock for AdvisoryLock {
+impl Unlock for RowLock {
     async fn unlock(mut self: Box<Self>) {
         let conn = self.conn.take().expect("unlocked once");
-        match conn
-            .execute("SELECT pg_advisory_unlock($1)", &[&self.key])
-            .await
-        {
-            Ok(_) => drop(conn),
-            // Closing the session releases the lock.
+        match conn.batch_execute("COMMIT").await {
+            Ok(()) => drop(conn),
+            // Closing the session ends the transaction, and the lock.
             Err(_) => drop(Object::take(conn)),
         }
     }
 }
 
-impl Drop for AdvisoryLock {
+impl Drop for RowLock {
     fn drop(&mut self) {
         // Dropped without unlocking (its task was cancelled): the session
         // must not go back to the pool still holding the lock.

@@ -31,7 +31,9 @@ use tokio::task::JoinHandle;
 
 use super::{Broker, Envelope, DEAD_LETTER_PREFIX};
 use crate::bindings::messaging::Message;
-use crate::coordination::{Claim, Commit, Coordinator, HEARTBEAT};
+use crate::coordination::{
+    subscriptions as subscriptions_of, Claim, Commit, Coordinator, HEARTBEAT,
+};
 use crate::plugins::{Durability, RetryPolicy};
 
 /// Hands a message to a component's `subscriber` export.
@@ -50,6 +52,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 const IDLE_OFFSET_CHECK: Duration = Duration::from_secs(1);
 /// How often the partitions of subscribed topics are counted again.
 const PARTITIONS_REFRESH: Duration = Duration::from_secs(10);
+/// The most of a handler's error a dead letter keeps: brokers bound a
+/// record's size, and a dead letter must always fit.
+const MAX_ERROR_BYTES: usize = 4096;
 /// How long a stopping host waits for its consumers to finish the events in
 /// hand before giving their leases back anyway.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -68,10 +73,11 @@ struct LeaseClock(Mutex<Option<Instant>>);
 
 impl LeaseClock {
     fn valid(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap()
-            .is_some_and(|until| Instant::now() < until)
+        self.until().is_some_and(|until| Instant::now() < until)
+    }
+
+    fn until(&self) -> Option<Instant> {
+        *self.0.lock().unwrap()
     }
 
     /// After a heartbeat that began at `began`: the server's expiry counts
@@ -167,22 +173,11 @@ async fn supervise(
     let mut partitions: HashMap<String, (u32, Instant)> = HashMap::new();
     loop {
         let subscriptions = wanted.borrow_and_update().clone();
+        count_partitions(&*shared.broker, &subscriptions, &mut partitions).await;
         let mut claims = Vec::new();
         for sub in &subscriptions {
-            let count = match partitions.get(&sub.topic) {
-                Some((n, at)) if at.elapsed() < PARTITIONS_REFRESH => Some(*n),
-                _ => match shared.broker.partitions(&sub.topic).await {
-                    Ok(n) => {
-                        partitions.insert(sub.topic.clone(), (n, Instant::now()));
-                        Some(n)
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic = %sub.topic, error = %format!("{e:#}"), "counting partitions failed; retrying");
-                        partitions.get(&sub.topic).map(|(n, _)| *n)
-                    }
-                },
-            };
-            claims.extend((0..count.unwrap_or(0)).map(|partition| Claim {
+            let count = partitions.get(&sub.topic).map_or(0, |(n, _)| *n);
+            claims.extend((0..count).map(|partition| Claim {
                 subscriber: sub.component.clone(),
                 topic: sub.topic.clone(),
                 partition,
@@ -207,21 +202,26 @@ async fn supervise(
         let began = Instant::now();
         match shared.coordinator.heartbeat(&claims).await {
             Ok(leases) => {
-                shared.clock.renewed(began, shared.coordinator.lease_time());
                 let held: HashSet<&Claim> = leases.held.iter().collect();
-                // Keep at most `share` of the wanted claims: those running
-                // first, so that a rebalance moves as little as it can.
-                let mut kept: Vec<&Claim> = claims
-                    .iter()
-                    .filter(|c| held.contains(c) && running.contains_key(*c))
-                    .collect();
-                kept.extend(
-                    claims
+                // Keep at most each subscription's share of its partitions:
+                // those running first, so that a rebalance moves as little
+                // as it can.
+                let mut kept: HashSet<Claim> = HashSet::new();
+                for (subscription, group) in subscriptions_of(&claims) {
+                    let mut mine: Vec<&Claim> = group
                         .iter()
-                        .filter(|c| held.contains(c) && !running.contains_key(*c)),
-                );
-                kept.truncate(leases.share);
-                let kept: HashSet<Claim> = kept.into_iter().cloned().collect();
+                        .copied()
+                        .filter(|c| held.contains(c) && running.contains_key(*c))
+                        .collect();
+                    mine.extend(
+                        group
+                            .iter()
+                            .copied()
+                            .filter(|c| held.contains(c) && !running.contains_key(*c)),
+                    );
+                    let share = leases.shares.get(&subscription).copied().unwrap_or(0);
+                    kept.extend(mine.into_iter().take(share).cloned());
+                }
                 // Stop what is no longer ours or wanted, or runs an old retry policy.
                 let stale: Vec<Claim> = running
                     .iter()
@@ -235,6 +235,9 @@ async fn supervise(
                     consumer.stop.send_replace(true);
                     stopping.push((claim, consumer));
                 }
+                // Only now: a consumer told to stop must not see its lease
+                // renewed first and start another event.
+                shared.clock.renewed(began, shared.coordinator.lease_time());
                 // Leases held but neither kept nor still stopping go back.
                 let mut give_back: Vec<Claim> = leases
                     .held
@@ -286,12 +289,71 @@ async fn supervise(
     }
 }
 
+/// Counts the partitions of subscribed topics not counted for
+/// [`PARTITIONS_REFRESH`], all at once and each within a heartbeat, so an
+/// unreachable broker cannot hold up the heartbeat. A topic that cannot be
+/// counted keeps its last count (or has none yet) and is tried again at
+/// the next refresh (the next heartbeat, if it has none).
+async fn count_partitions(
+    broker: &dyn Broker,
+    subscriptions: &[Subscription],
+    partitions: &mut HashMap<String, (u32, Instant)>,
+) {
+    let mut due: Vec<&str> = subscriptions
+        .iter()
+        .map(|s| s.topic.as_str())
+        .filter(|topic| {
+            partitions
+                .get(*topic)
+                .is_none_or(|(_, at)| at.elapsed() >= PARTITIONS_REFRESH)
+        })
+        .collect();
+    due.sort_unstable();
+    due.dedup();
+    let counted = futures_util::future::join_all(due.into_iter().map(|topic| async move {
+        (
+            topic,
+            tokio::time::timeout(HEARTBEAT, broker.partitions(topic)).await,
+        )
+    }))
+    .await;
+    for (topic, counted) in counted {
+        match counted {
+            Ok(Ok(n)) => {
+                partitions.insert(topic.to_owned(), (n, Instant::now()));
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => format!("{e:#}"),
+                    _ => format!("no answer within {HEARTBEAT:?}"),
+                };
+                tracing::warn!(%topic, %error, "counting partitions failed; retrying");
+                if let Some((_, at)) = partitions.get_mut(topic) {
+                    *at = Instant::now();
+                }
+            }
+        }
+    }
+}
+
 /// One partition's consumer.
 struct Consumer {
     shared: Arc<Shared>,
     claim: Claim,
     retry: RetryPolicy,
     stop: watch::Receiver<bool>,
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 /// Whether to go on, after a wait that a stop can cut short.
@@ -352,6 +414,7 @@ impl Consumer {
                 }
                 continue;
             }
+            let fetch_began = Instant::now();
             let fetched = tokio::select! {
                 fetched = self.shared.broker.fetch(&topic, partition, next, BATCH, true) => fetched,
                 _ = self.stop.changed() => return,
@@ -367,6 +430,13 @@ impl Consumer {
                 }
             };
             if batch.is_empty() {
+                // A broker that answered at once without waiting (an error
+                // it reports as nothing): no busy loop.
+                if fetch_began.elapsed() < Duration::from_millis(5)
+                    && !pause(&mut self.stop, Duration::from_millis(100)).await
+                {
+                    return;
+                }
                 if offset_read.elapsed() >= IDLE_OFFSET_CHECK {
                     let Some(committed) = self.committed().await else {
                         return;
@@ -433,7 +503,23 @@ impl Consumer {
                 published_at: event.published_at,
                 attempt,
             };
-            match self.shared.deliver.deliver(&component, message).await {
+            // Within the lease only: a handler still running when it could
+            // have passed to another host is cut short (and its event
+            // delivered again there), so two hosts never handle one
+            // partition at once.
+            let Some(until) = self.shared.clock.until().filter(|u| Instant::now() < *u) else {
+                return false;
+            };
+            let delivered = tokio::time::timeout_at(
+                until.into(),
+                self.shared.deliver.deliver(&component, message),
+            )
+            .await;
+            let Ok(delivered) = delivered else {
+                tracing::warn!(%component, topic = %event.topic, event = %event.id, "delivery cut short: this host's lease could not be renewed");
+                return false;
+            };
+            match delivered {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery failed");
@@ -451,7 +537,10 @@ impl Consumer {
         dead.topic = format!("{DEAD_LETTER_PREFIX}{component}");
         dead.headers.extend([
             ("agora-original-topic".to_owned(), event.topic.clone()),
-            ("agora-error".to_owned(), last_error),
+            (
+                "agora-error".to_owned(),
+                truncated(last_error, MAX_ERROR_BYTES),
+            ),
             (
                 "agora-attempts".to_owned(),
                 self.retry.max_attempts.to_string(),

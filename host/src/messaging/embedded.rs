@@ -291,8 +291,18 @@ impl Broker for EmbeddedLog {
         if !events.is_empty() || !wait {
             return Ok(events);
         }
-        let _ = tokio::time::timeout(FETCH_MAX_WAIT, appended.changed()).await;
-        self.read(topic, partition, from, max).await
+        // Appends to the topic's other partitions wake this too.
+        let deadline = tokio::time::Instant::now() + FETCH_MAX_WAIT;
+        while tokio::time::timeout_at(deadline, appended.changed())
+            .await
+            .is_ok_and(|changed| changed.is_ok())
+        {
+            let events = self.read(topic, partition, from, max).await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+        }
+        Ok(Vec::new())
     }
 
     async fn end(&self, topic: &str, partition: u32) -> Result<u64> {

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use async_trait::async_trait;
@@ -146,8 +146,9 @@ impl MessagingSettings for KafkaConfig {
 pub struct KafkaBroker {
     config: KafkaConfig,
     client: OnceCell<Client>,
-    /// Partition counts of the topics seen, for placing events.
-    partitions: Mutex<HashMap<String, u32>>,
+    /// Partition counts of the topics seen, and when they were counted,
+    /// for placing events.
+    partitions: Mutex<HashMap<String, (u32, Instant)>>,
     clients: Mutex<HashMap<TopicPartition, Arc<PartitionClient>>>,
     /// Per partition, events fetched beyond a fetch's maximum.
     read_ahead: Mutex<HashMap<TopicPartition, Vec<(u64, Envelope)>>>,
@@ -224,7 +225,10 @@ impl KafkaBroker {
             if let Some(found) = topics.iter().find(|t| t.name == name) {
                 if !found.partitions.is_empty() {
                     let n = found.partitions.len() as u32;
-                    self.partitions.lock().unwrap().insert(topic.to_owned(), n);
+                    self.partitions
+                        .lock()
+                        .unwrap()
+                        .insert(topic.to_owned(), (n, Instant::now()));
                     return Ok(n);
                 }
             } else {
@@ -318,10 +322,12 @@ impl KafkaBroker {
             }) => {
                 let earliest = client.get_offset(OffsetAt::Earliest).await? as u64;
                 if from >= earliest {
-                    // Past the end: nothing yet.
-                    return Ok(Vec::new());
+                    // Past the end: the topic was made again, or the
+                    // cluster lost events. At least once: from the start.
+                    tracing::error!(%topic, partition, from, earliest, "offset {from} is past the end of the partition; reading it again from {earliest}");
+                } else {
+                    tracing::error!(%topic, partition, from, earliest, "events before offset {earliest} are gone (retention); going on from there");
                 }
-                tracing::error!(%topic, partition, from, earliest, "events before offset {earliest} are gone (retention); going on from there");
                 client
                     .fetch_records(earliest as i64, 1..FETCH_MAX_BYTES, max_wait)
                     .await?
@@ -366,6 +372,35 @@ impl KafkaBroker {
         }
         Some(rest)
     }
+}
+
+/// Bytes of records in one produce request, well under Kafka's default
+/// `max.message.bytes` (1 MiB), which bounds a record batch: a larger batch
+/// would be refused, and retried, for ever.
+const MAX_PRODUCE_BYTES: usize = 512 << 10;
+
+/// How long a topic's partition count is trusted for placing events.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(10);
+
+/// `records` in runs of at most [`MAX_PRODUCE_BYTES`] (a larger record
+/// alone; events are bounded below that at `publish`).
+fn by_size(records: Vec<Record>) -> Vec<Vec<Record>> {
+    let mut runs: Vec<Vec<Record>> = Vec::new();
+    let mut size = 0;
+    for record in records {
+        let len = record.approximate_size();
+        match runs.last_mut() {
+            Some(run) if size + len <= MAX_PRODUCE_BYTES => {
+                size += len;
+                run.push(record);
+            }
+            _ => {
+                size = len;
+                runs.push(vec![record]);
+            }
+        }
+    }
+    runs
 }
 
 /// Bytes one fetch may return (Kafka returns at least one whole batch).
@@ -434,10 +469,11 @@ impl Broker for KafkaBroker {
         // One produce per partition, in order within each.
         let mut batches: Vec<((String, u32), Vec<Record>)> = Vec::new();
         for event in events {
+            // Counted again now and then, so keys follow a topic that grew.
             let known = self.partitions.lock().unwrap().get(&event.topic).copied();
             let count = match known {
-                Some(n) => n,
-                None => self.partitions(&event.topic).await?,
+                Some((n, at)) if at.elapsed() < PARTITIONS_REFRESH => n,
+                _ => self.partitions(&event.topic).await?,
             };
             let target = (event.topic.clone(), partition_of(event, count));
             match batches.iter_mut().find(|(t, _)| *t == target) {
@@ -446,9 +482,11 @@ impl Broker for KafkaBroker {
             }
         }
         for ((topic, partition), records) in batches {
-            let what = format!("producing to `{topic}` partition {partition}");
-            self.timed(&what, self.produce(&topic, partition, records))
-                .await?;
+            for records in by_size(records) {
+                let what = format!("producing to `{topic}` partition {partition}");
+                self.timed(&what, self.produce(&topic, partition, records))
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -104,6 +104,11 @@ pub struct Envelope {
     pub published_at: u64,
 }
 
+/// The largest event (payload, key and headers) a component may publish:
+/// under what a Kafka broker accepts in one record by default (1 MiB), with
+/// room for the envelope and a dead letter's headers.
+pub const MAX_EVENT_BYTES: usize = 256 << 10;
+
 /// Header names the platform writes itself (the envelope's fields on Kafka,
 /// a dead letter's error); components may not set them.
 pub const RESERVED_HEADER_PREFIX: &str = "agora-";
@@ -407,6 +412,18 @@ impl Publisher {
             )));
         }
         check_headers(&message.headers).map_err(Error::Invalid)?;
+        let size = message.payload.len()
+            + message.key.as_ref().map_or(0, String::len)
+            + message
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>();
+        if size > MAX_EVENT_BYTES {
+            return Err(Error::Invalid(format!(
+                "the event is {size} bytes; at most {MAX_EVENT_BYTES} (payload, key and headers)"
+            )));
+        }
         Ok(Envelope {
             id: uuid::Uuid::new_v4().to_string(),
             topic: message.topic,

@@ -124,6 +124,11 @@ pub trait Database: Send + Sync {
     /// Makes every transaction committed so far survive a machine crash
     /// (a no-op where each commit already does).
     async fn sync(&self) -> Result<(), Error>;
+    /// Whether other hosts may use this database too (a server's), so that
+    /// its outbox is relayed by each of them in turn.
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 /// One row of a component's outbox.

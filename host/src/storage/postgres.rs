@@ -728,6 +728,10 @@ impl PostgresDatabase {
 
 #[async_trait]
 impl Database for PostgresDatabase {
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn query(&self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error> {
         self.single("READ ONLY", sql, async |conn, stmt| {
             run_query(conn.client(), stmt, &params).await
