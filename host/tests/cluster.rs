@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// The shop on the production backends under `namespace`, both hosts'
 /// tokens signed with one key, payments and emails going to recorders.
@@ -20,14 +20,7 @@ fn cluster_config(
     provider: u16,
     mailer: u16,
 ) -> impl FnOnce(&Ports, &std::path::Path) -> String {
-    let backends = format!(
-        "[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n\
-         [backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n\
-         [backends.messaging]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
-         topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
-         [backends.coordination]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\n\
-         namespace = \"{namespace}\"\nlease_seconds = 3\n"
-    );
+    let backends = server_backends(namespace, "127.0.0.1:9092", "lease_seconds = 3\n");
     let key_file = key_file.display().to_string();
     shop_config(move |config| {
         let config = config
@@ -47,39 +40,18 @@ fn cluster_config(
     })
 }
 
-async fn call(url: &str, method: &str, token: Option<&str>, body: Option<Value>) -> Reply {
-    try_call(url, method, token, body)
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
-}
-
-async fn try_call(
-    url: &str,
-    method: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(b) = &bearer {
-        headers.push(("authorization", b.as_str()));
-    }
-    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    try_request(method, url, &headers, body).await
-}
-
 async fn user(base: &str, email: &str, password: &str) -> String {
-    let registered = call(
-        &format!("{base}/users"),
+    let registered = json_call(
         "POST",
+        &format!("{base}/users"),
         None,
         Some(json!({"email": email, "password": password, "name": "Buyer"})),
     )
     .await;
     assert_eq!(registered.status, 201, "{}", registered.text());
-    let login = call(
-        &format!("{base}/auth/login"),
+    let login = json_call(
         "POST",
+        &format!("{base}/auth/login"),
         None,
         Some(json!({"email": email, "password": password})),
     )
@@ -124,9 +96,9 @@ async fn two_hosts_share_the_shop_and_the_survivor_takes_over_when_one_is_killed
     .await;
 
     let admin = user(&url_a, "admin@example.com", "admin-password").await;
-    let product = call(
-        &format!("{url_b}/products"),
+    let product = json_call(
         "POST",
+        &format!("{url_b}/products"),
         Some(&admin),
         Some(json!({"name": "Lamp", "description": "x", "price_cents": 1200, "stock": 100000})),
     )
@@ -153,9 +125,9 @@ async fn two_hosts_share_the_shop_and_the_survivor_takes_over_when_one_is_killed
             while started.elapsed() < Duration::from_secs(6) {
                 n += 1;
                 let (url, host) = &urls[n % 2];
-                let order = try_call(
-                    &format!("{url}/orders"),
+                let order = try_json(
                     "POST",
+                    &format!("{url}/orders"),
                     Some(&token),
                     Some(json!({"items": [{"product_id": product, "quantity": 1}]})),
                 )

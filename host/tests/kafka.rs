@@ -67,21 +67,6 @@ impl Drop for Broker {
     }
 }
 
-async fn call(host: &TestHost, path: &str, token: Option<&str>, body: serde_json::Value) -> Reply {
-    let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(b) = &bearer {
-        headers.push(("authorization", b.as_str()));
-    }
-    request(
-        "POST",
-        &host.url(path),
-        &headers,
-        body.to_string().into_bytes(),
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_30_second_broker_outage_under_load_loses_no_checkout() {
     if !service_answers("PostgreSQL", "127.0.0.1:5432").await
@@ -94,13 +79,7 @@ async fn a_30_second_broker_outage_under_load_loses_no_checkout() {
     let outage = Outage::start(&format!("127.0.0.1:{port}")).await;
     let _broker = Broker::start(port, outage.port).await;
     let ns = unique_namespace();
-    let backends = format!(
-        "[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{ns}\"\n\
-         [backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{ns}/\"\n\
-         [backends.messaging]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:{}\"\nfetch_max_wait_ms = 20\n\
-         [backends.coordination]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{ns}\"\n",
-        outage.port
-    );
+    let backends = server_backends(&ns, &format!("127.0.0.1:{}", outage.port), "");
     let host = TestHost::start(shop_config(move |c| backends + &c));
 
     let mut token = String::new();
@@ -108,26 +87,26 @@ async fn a_30_second_broker_outage_under_load_loses_no_checkout() {
         ("admin@example.com", "admin-password"),
         ("buyer@example.com", "correct horse"),
     ] {
-        let signup = call(
-            &host,
-            "/users",
+        let signup = json_call(
+            "POST",
+            &host.url("/users"),
             None,
-            json!({"email": email, "name": "B", "password": password}),
+            Some(json!({"email": email, "name": "B", "password": password})),
         )
         .await;
         assert_eq!(signup.status, 201, "{}", signup.text());
-        let login = call(
-            &host,
-            "/auth/login",
+        let login = json_call(
+            "POST",
+            &host.url("/auth/login"),
             None,
-            json!({"email": email, "password": password}),
+            Some(json!({"email": email, "password": password})),
         )
         .await;
         token = login.json()["token"].as_str().unwrap().to_owned();
         if email.starts_with("admin") {
             let body =
                 json!({"name": "Lamp", "description": "d", "price_cents": 100, "stock": 1_000_000});
-            let created = call(&host, "/products", Some(&token), body).await;
+            let created = json_call("POST", &host.url("/products"), Some(&token), Some(body)).await;
             assert_eq!(created.status, 201, "{}", created.text());
         }
     }
@@ -153,16 +132,7 @@ async fn a_30_second_broker_outage_under_load_loses_no_checkout() {
                     let mut ids = Vec::new();
                     while Instant::now() < until {
                         let body = json!({"items": [{"product_id": product, "quantity": 1}]});
-                        let reply = request(
-                            "POST",
-                            &url,
-                            &[
-                                ("authorization", &format!("Bearer {token}")),
-                                ("content-type", "application/json"),
-                            ],
-                            body.to_string().into_bytes(),
-                        )
-                        .await;
+                        let reply = json_call("POST", &url, Some(&token), Some(body)).await;
                         assert_eq!(reply.status, 201, "{phase}: {}", reply.text());
                         ids.push(reply.json()["id"].as_str().unwrap().to_owned());
                         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -4,8 +4,10 @@
 //! - **Leases.** Each (subscriber, topic, partition), a [`Claim`], is
 //!   consumed by one host at a time: the one holding its lease. Hosts renew
 //!   their leases on every heartbeat and take free or expired ones up to
-//!   their fair share (the wanted claims divided by the live hosts, rounded
-//!   up), so a host that joins gets work within a few heartbeats and a
+//!   their fair share (per subscription, its partitions divided by the live
+//!   hosts that subscribe, rounded up: a host running another version
+//!   during a deploy leaves nothing unconsumed), so a host that joins gets
+//!   work within a few heartbeats and a
 //!   host that stops or dies hands its claims over: at once when it stops
 //!   (it gives them back), within the lease time when it dies.
 //! - **Consumer offsets**, beside the leases, in the same row: an offset is

@@ -92,7 +92,8 @@ impl PostgresConfig {
     }
 }
 
-/// Connections for heartbeats, commits and reads of offsets.
+/// Connections for commits and reads of offsets (heartbeats have one of
+/// their own, so consumers never hold them up).
 const CONNECTIONS: usize = 4;
 /// Connections for outbox locks, one per lock held or awaited (a component
 /// relaying, and direct publishes behind it).
@@ -100,6 +101,10 @@ const LOCK_CONNECTIONS: usize = 16;
 /// How long connecting, an outbox lock, or one call may take before it
 /// fails (and is retried by its caller).
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an outbox lock may sit idle in its transaction before the
+/// server ends it: far beyond one batch, and a frozen host (paused, starved)
+/// cannot stall the outbox for ever; at worst a batch is sent twice.
+const LOCK_IDLE_LIMIT: Duration = Duration::from_secs(30);
 
 #[async_trait]
 impl CoordinationSettings for PostgresConfig {
@@ -115,6 +120,7 @@ impl CoordinationSettings for PostgresConfig {
 }
 
 pub struct PostgresCoordinator {
+    beats: Pool,
     pool: Pool,
     locks: Pool,
     ns: String,
@@ -128,14 +134,25 @@ impl PostgresCoordinator {
         let mut server: tokio_postgres::Config = config.url.parse()?;
         server.connect_timeout(TIMEOUT);
         server.application_name("agora-coordination");
+        // A server that stops answering fails the connection (which the
+        // pool then drops) instead of leaving a call hanging for minutes.
+        server.tcp_user_timeout(TIMEOUT * 2);
+        server.keepalives_idle(TIMEOUT);
         // Bounds the wait for an outbox lock, and any statement.
-        server.options(format!(
-            "-c lock_timeout={ms} -c statement_timeout={ms}",
-            ms = TIMEOUT.as_millis()
-        ));
+        let ms = TIMEOUT.as_millis();
+        server.options(format!("-c lock_timeout={ms} -c statement_timeout={ms}"));
+        let beats = pg::pool(server.clone(), 1, TIMEOUT)
+            .build()
+            .context("making the coordination pool")?;
         let pool = pg::pool(server.clone(), CONNECTIONS, TIMEOUT)
             .build()
             .context("making the coordination pool")?;
+        // A host that froze while holding a lock loses it after 30 s.
+        server.options(format!(
+            "-c lock_timeout={ms} -c statement_timeout={ms} \
+             -c idle_in_transaction_session_timeout={}",
+            LOCK_IDLE_LIMIT.as_millis()
+        ));
         let locks = pg::pool(server, LOCK_CONNECTIONS, TIMEOUT)
             .build()
             .context("making the coordination pool")?;
@@ -164,6 +181,7 @@ impl PostgresCoordinator {
             )
         })?;
         Ok(PostgresCoordinator {
+            beats,
             pool,
             locks,
             ns,
@@ -185,9 +203,45 @@ impl PostgresCoordinator {
 }
 
 impl PostgresCoordinator {
+    async fn take_lock(&self, name: &str) -> Result<Option<Box<dyn Unlock>>> {
+        let conn = self
+            .locks
+            .get()
+            .await
+            .context("PostgreSQL (coordination) is unreachable")?;
+        // Guarded before the first statement: dropped while waiting, the
+        // session is closed, never pooled with a lock it may yet get.
+        let lock = RowLock { conn: Some(conn) };
+        let client = lock.conn.as_ref().unwrap();
+        let ns = &self.ns;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await
+            .context("beginning a lock")?;
+        client
+            .execute(
+                &format!("INSERT INTO {ns}.locks VALUES ($1) ON CONFLICT DO NOTHING"),
+                &[&name],
+            )
+            .await
+            .with_context(|| format!("waiting for the lock `{name}`"))?;
+        client
+            .execute(
+                &format!("SELECT 1 FROM {ns}.locks WHERE name = $1 FOR UPDATE"),
+                &[&name],
+            )
+            .await
+            .with_context(|| format!("waiting for the lock `{name}`"))?;
+        Ok(Some(Box::new(lock)))
+    }
+
     async fn beat(&self, wanted: &[Claim]) -> Result<Leases> {
         let ns = &self.ns;
-        let conn = self.conn().await?;
+        let conn = self
+            .beats
+            .get()
+            .await
+            .context("PostgreSQL (coordination) is unreachable")?;
         let lease = self.lease_secs();
         let groups = super::subscriptions(wanted);
         let key = |(subscriber, topic): &(String, String)| format!("{subscriber}\u{1f}{topic}");
@@ -476,35 +530,8 @@ impl Coordinator for PostgresCoordinator {
     }
 
     async fn lock(&self, name: &str) -> Result<Option<Box<dyn Unlock>>> {
-        let conn = self
-            .locks
-            .get()
-            .await
-            .context("PostgreSQL (coordination) is unreachable")?;
-        // Guarded before the first statement: dropped while waiting, the
-        // session is closed, never pooled with a lock it may yet get.
-        let lock = RowLock { conn: Some(conn) };
-        let client = lock.conn.as_ref().unwrap();
-        let ns = &self.ns;
-        client
-            .batch_execute("BEGIN")
-            .await
-            .context("beginning a lock")?;
-        client
-            .execute(
-                &format!("INSERT INTO {ns}.locks VALUES ($1) ON CONFLICT DO NOTHING"),
-                &[&name],
-            )
-            .await
-            .with_context(|| format!("waiting for the lock `{name}`"))?;
-        client
-            .execute(
-                &format!("SELECT 1 FROM {ns}.locks WHERE name = $1 FOR UPDATE"),
-                &[&name],
-            )
-            .await
-            .with_context(|| format!("waiting for the lock `{name}`"))?;
-        Ok(Some(Box::new(lock)))
+        // Dropped at the timeout, the guard closes its connection.
+        timed("a lock", self.take_lock(name)).await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -548,10 +575,10 @@ struct RowLock {
 impl Unlock for RowLock {
     async fn unlock(mut self: Box<Self>) {
         let conn = self.conn.take().expect("unlocked once");
-        match conn.batch_execute("COMMIT").await {
-            Ok(()) => drop(conn),
+        match tokio::time::timeout(TIMEOUT, conn.batch_execute("COMMIT")).await {
+            Ok(Ok(())) => drop(conn),
             // Closing the session ends the transaction, and the lock.
-            Err(_) => drop(Object::take(conn)),
+            _ => drop(Object::take(conn)),
         }
     }
 }

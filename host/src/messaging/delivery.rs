@@ -503,20 +503,27 @@ impl Consumer {
                 published_at: event.published_at,
                 attempt,
             };
-            // Within the lease only: a handler still running when it could
-            // have passed to another host is cut short (and its event
-            // delivered again there), so two hosts never handle one
-            // partition at once.
-            let Some(until) = self.shared.clock.until().filter(|u| Instant::now() < *u) else {
-                return false;
+            // Within the lease only: a handler still running when this
+            // host's lease could have passed to another host is cut short
+            // (and its event delivered again there), so two hosts never
+            // handle one partition at once. The lease is read again as
+            // heartbeats renew it, so only a lapse cuts a handler, never
+            // its own deadline.
+            let delivery = self.shared.deliver.deliver(&component, message);
+            tokio::pin!(delivery);
+            let delivered = loop {
+                let until = self.shared.clock.until().filter(|u| Instant::now() < *u);
+                // Read after the clock: the supervisor stops, then renews.
+                let (Some(until), false) = (until, self.stopped()) else {
+                    break None;
+                };
+                tokio::select! {
+                    delivered = &mut delivery => break Some(delivered),
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
             };
-            let delivered = tokio::time::timeout_at(
-                until.into(),
-                self.shared.deliver.deliver(&component, message),
-            )
-            .await;
-            let Ok(delivered) = delivered else {
-                tracing::warn!(%component, topic = %event.topic, event = %event.id, "delivery cut short: this host's lease could not be renewed");
+            let Some(delivered) = delivered else {
+                tracing::warn!(%component, topic = %event.topic, event = %event.id, "delivery cut short: this host's lease lapsed, or it was told to stop");
                 return false;
             };
             match delivered {

@@ -306,6 +306,9 @@ impl KafkaBroker {
         let fetched = client
             .fetch_records(from as i64, 1..FETCH_MAX_BYTES, max_wait)
             .await;
+        // Where the events returned start: `from`, or the partition's first
+        // offset when `from` is out of its range.
+        let mut start = from;
         let records = match fetched {
             // Nothing, though the partition holds more; or a batch after
             // `from` (no gaps: this host's producers write dense offsets).
@@ -328,6 +331,7 @@ impl KafkaBroker {
                 } else {
                     tracing::error!(%topic, partition, from, earliest, "events before offset {earliest} are gone (retention); going on from there");
                 }
+                start = earliest;
                 client
                     .fetch_records(earliest as i64, 1..FETCH_MAX_BYTES, max_wait)
                     .await?
@@ -337,7 +341,7 @@ impl KafkaBroker {
         };
         let mut events: Vec<(u64, Envelope)> = records
             .into_iter()
-            .filter(|r| r.offset as u64 >= from)
+            .filter(|r| r.offset as u64 >= start)
             .map(|r| (r.offset as u64, envelope(topic, partition, r)))
             .collect();
         if events.len() > max {

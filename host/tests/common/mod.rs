@@ -756,3 +756,47 @@ impl Outage {
         self.down.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The production backends for one deployment under `namespace`: storage
+/// and coordination on the PostgreSQL, the cache on the Redis, messaging on
+/// the Kafka at `brokers` (under a topic prefix of the namespace's), as
+/// `scripts/services` sets them up. `coordination` adds settings to its table.
+pub fn server_backends(namespace: &str, brokers: &str, coordination: &str) -> String {
+    format!(
+        "[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n\
+         [backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n\
+         [backends.messaging]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\n\
+         topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
+         [backends.coordination]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\n\
+         namespace = \"{namespace}\"\n{coordination}"
+    )
+}
+
+/// A JSON request with an optional bearer token, whose connection may fail
+/// (a host that was killed).
+pub async fn try_json(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(b) = &bearer {
+        headers.push(("authorization", b.as_str()));
+    }
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    try_request(method, url, &headers, body).await
+}
+
+/// [`try_json`] where the connection must not fail.
+pub async fn json_call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Reply {
+    try_json(method, url, token, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
