@@ -626,3 +626,24 @@ fn a_missing_component_file_is_named_with_a_hint() {
         "{err}"
     );
 }
+
+/// The production file as shipped (Kafka, PostgreSQL, Redis, PostgreSQL
+/// coordination) passes `agora check`, which loads every component on the
+/// embedded backends and contacts no server: what the Dockerfile runs.
+#[test]
+fn agora_check_loads_the_production_file_without_its_servers() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins.production.toml");
+    let out = agora(&["check", "--config", path.to_str().unwrap()]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{printed}\n{}", stderr(&out));
+    assert!(
+        printed.contains("server backends are not contacted"),
+        "{printed}"
+    );
+    for component in ["identity", "catalog", "orders", "payments", "notifications"] {
+        assert!(
+            printed.contains(&format!("ok  {component}")),
+            "{component}: {printed}"
+        );
+    }
+}
