@@ -74,6 +74,8 @@ pub struct Capabilities {
 /// One component's configured capabilities; `None` where not granted.
 pub struct ComponentCaps {
     pub name: String,
+    /// The component's environment (`env` in plugins.toml).
+    pub env: Vec<(String, String)>,
     pub storage: Option<<StorageCapability as Capability>::ComponentState>,
     pub cache: Option<<CacheCapability as Capability>::ComponentState>,
     pub messaging: Option<<MessagingCapability as Capability>::ComponentState>,
@@ -269,6 +271,7 @@ impl Capabilities {
         }
         Ok(ComponentCaps {
             name: name.to_owned(),
+            env: spec.env.clone().into_iter().collect(),
             storage,
             messaging,
             cache: granted(&self.cache, name, spec).await?,

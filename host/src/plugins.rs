@@ -377,6 +377,13 @@ pub struct ComponentSpec {
     /// Read by the component through `agora:platform/config`.
     #[serde(default)]
     pub settings: BTreeMap<String, toml::Value>,
+    /// The environment the component sees through WASI (`std::env`), and
+    /// nothing of the host's: a standard wasi:http component that reads its
+    /// settings from the environment runs unmodified. A value may name the
+    /// host's variables (`"${TARGET_URL}"`), which is the only way one of
+    /// them reaches a component.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -582,6 +589,14 @@ impl Plugins {
             }
             if spec.wasm.as_os_str().is_empty() {
                 return Err(invalid(key("wasm"), "must name a .wasm file".into()));
+            }
+            for (variable, value) in &spec.env {
+                if variable.is_empty() || variable.contains(['=', '\0']) || value.contains('\0') {
+                    return Err(invalid(
+                        format!("{}.{variable}", key("env")),
+                        "a variable's name must be non-empty without '=' or NUL, its value without NUL".into(),
+                    ));
+                }
             }
             for (i, route) in spec.routes.iter().enumerate() {
                 check_canonical(route)
@@ -891,6 +906,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             ("routes = [\"hello\"]", "components.a.routes[0]"),
+            ("env = { \"A=B\" = \"x\" }", "components.a.env.A=B"),
             (
                 "limits = { memory_mib = 0 }",
                 "components.a.limits.memory_mib",

@@ -26,9 +26,14 @@ pub struct InstanceState {
 
 impl InstanceState {
     pub fn new(caps: Arc<ComponentCaps>, memory_bytes: usize) -> Self {
-        // No preopened directories, no environment, no network sockets: a
-        // component reaches the world only through its granted capabilities.
-        let wasi = WasiCtx::builder().inherit_stdout().inherit_stderr().build();
+        // No preopened directories, no environment but its own `env`, no
+        // network sockets: a component reaches the world only through its
+        // granted capabilities.
+        let wasi = WasiCtx::builder()
+            .inherit_stdout()
+            .inherit_stderr()
+            .envs(&caps.env)
+            .build();
         let outbound = OutboundHooks::new(caps.outbound_hosts.clone());
         InstanceState {
             caps,

@@ -647,3 +647,33 @@ fn agora_check_loads_the_production_file_without_its_servers() {
         );
     }
 }
+
+/// A component sees the environment its `env` gives it, and nothing of the
+/// host's: a host variable reaches it only where `env` names it.
+#[tokio::test]
+async fn a_component_sees_its_env_and_nothing_of_the_hosts() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "routes = [\"/probe\"]\n",
+            "routes = [\"/probe\"]\nenv = { TARGET_URL = \"http://example.com/\", FROM_HOST = \"${HOME}\" }\n",
+        )
+    });
+    let read = |name: &str| {
+        let url = host.url(&format!("/probe/env/{name}"));
+        async move { get(&url).await }
+    };
+    let target = read("TARGET_URL").await;
+    assert_eq!(
+        target.json(),
+        serde_json::json!({"value": "http://example.com/"})
+    );
+    let home = std::env::var("HOME").unwrap();
+    assert_eq!(read("FROM_HOST").await.json()["value"], home.as_str());
+    for hidden in ["HOME", "PATH", "RUST_LOG"] {
+        assert_eq!(
+            read(hidden).await.status,
+            404,
+            "{hidden} leaked into the component"
+        );
+    }
+}

@@ -23,6 +23,7 @@ impl Service for Probe {
             .post("/probe/publish", publish)
             .get("/probe/received", received)
             .get("/probe/config/{key}", setting)
+            .get("/probe/env/{name}", variable)
             .post("/probe/token", token)
             .post("/probe/token-as", token_as)
             .get("/probe/whoami", whoami)
@@ -188,6 +189,12 @@ fn received(_: &Request) -> Result<Response> {
 
 fn setting(req: &Request) -> Result<Response> {
     let value = config::get(req.param("key")).ok_or_else(|| Error::not_found("no such setting"))?;
+    Ok(Response::ok(&json!({ "value": value })))
+}
+
+fn variable(req: &Request) -> Result<Response> {
+    let value =
+        std::env::var(req.param("name")).map_err(|_| Error::not_found("no such variable"))?;
     Ok(Response::ok(&json!({ "value": value })))
 }
 
