@@ -677,3 +677,42 @@ async fn a_component_sees_its_env_and_nothing_of_the_hosts() {
         );
     }
 }
+
+/// `--log-format json` writes each log line as one JSON object, for log
+/// shippers; the output meant for people stays as it is.
+#[test]
+fn logs_can_be_written_as_json_lines() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("plugins.toml");
+    let hello = component("hello");
+    std::fs::write(
+        &path,
+        format!(
+            "[components.hello]\nwasm = \"{}\"\nroutes = [\"/hello\"]\n",
+            hello.display()
+        ),
+    )
+    .unwrap();
+    let out = agora(&[
+        "--log-format",
+        "json",
+        "check",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let logs: Vec<serde_json::Value> = printed
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(!logs.is_empty(), "no JSON log line in: {printed}");
+    for log in &logs {
+        assert!(
+            log["level"].is_string() && log["timestamp"].is_string() && log["message"].is_string(),
+            "{log}"
+        );
+    }
+    assert!(printed.contains("ok  hello"), "{printed}");
+}
