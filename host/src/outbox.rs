@@ -220,8 +220,7 @@ impl Relay {
     /// transaction holds that connection must not wait on it.
     pub(crate) async fn settle(&self, db: &dyn Database) -> Result<()> {
         let done = self.handled.lock().await.clone();
-        let mut settled = done.clone();
-        Self::remove(db, &mut settled).await?;
+        Self::remove(db, &mut done.clone()).await?;
         let mut handled = self.handled.lock().await;
         for seq in done.keys() {
             handled.remove(seq);

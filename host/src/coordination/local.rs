@@ -6,7 +6,7 @@
 //! redelivers those events (handlers are idempotent), never skips one.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::{Claim, Commit, CoordinationSettings, Coordinator, Leases, Unlock};
 use crate::plugins::BackendKind;
+use crate::storage::SharedConnection;
 
 pub const KIND: BackendKind<dyn CoordinationSettings> = BackendKind {
     kind: "local",
@@ -41,7 +42,7 @@ impl CoordinationSettings for LocalConfig {
 }
 
 pub struct LocalCoordinator {
-    conn: Arc<Mutex<Connection>>,
+    conn: SharedConnection,
 }
 
 impl LocalCoordinator {
@@ -65,17 +66,8 @@ impl LocalCoordinator {
         )
         .with_context(|| format!("initialising consumer offsets in {}", path.display()))?;
         Ok(LocalCoordinator {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn, "consumer offsets"),
         })
-    }
-
-    async fn with<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R> {
-        let conn = self.conn.clone();
-        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
-        result.context("consumer offsets")
     }
 }
 
@@ -113,12 +105,12 @@ impl Coordinator for LocalCoordinator {
 
     async fn committed(&self, claim: &Claim) -> Result<u64> {
         let claim = claim.clone();
-        self.with(move |c| read_offset(c, &claim)).await
+        self.conn.with(move |c| read_offset(c, &claim)).await
     }
 
     async fn commit(&self, claim: &Claim, from: u64, to: u64) -> Result<Commit> {
         let claim = claim.clone();
-        self.with(move |c| {
+        self.conn.with(move |c| {
             let current = read_offset(c, &claim)?;
             if current != from {
                 return Ok(Commit::Moved(current));
@@ -135,7 +127,7 @@ impl Coordinator for LocalCoordinator {
 
     async fn rewind(&self, claim: &Claim, to: u64) -> Result<()> {
         let claim = claim.clone();
-        self.with(move |c| {
+        self.conn.with(move |c| {
             c.execute(
                 "INSERT INTO consumer_offsets (consumer, topic, partition, next) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (consumer, topic, partition) DO UPDATE SET next = excluded.next",
@@ -151,7 +143,9 @@ impl Coordinator for LocalCoordinator {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        self.conn
+            .with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+            .await
     }
 
     async fn leave(&self) -> Result<()> {

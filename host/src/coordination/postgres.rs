@@ -269,7 +269,7 @@ impl PostgresCoordinator {
             .into_iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let (subscribers, topics, partitions) = columns(wanted);
+        let (subscribers, topics, partitions) = columns(wanted.iter());
         conn.execute(
             &format!(
                 "INSERT INTO {ns}.consumer_offsets (subscriber, topic, partition)
@@ -305,8 +305,7 @@ impl PostgresCoordinator {
             // Free or expired leases, in random order so that hosts taking
             // at once mostly take different ones; SKIP LOCKED so they never
             // wait for each other.
-            let owned: Vec<Claim> = claimed.iter().map(|c| (*c).clone()).collect();
-            let (subscribers, topics, partitions) = columns(&owned);
+            let (subscribers, topics, partitions) = columns(claimed.iter().copied());
             held.extend(claims(
                 conn.query(
                     &format!(
@@ -392,11 +391,13 @@ async fn timed<T>(what: &str, call: impl std::future::Future<Output = Result<T>>
 }
 
 /// Claims as three arrays, for `unnest`.
-fn columns(claims: &[Claim]) -> (Vec<&str>, Vec<&str>, Vec<i32>) {
+fn columns<'a>(
+    claims: impl Iterator<Item = &'a Claim> + Clone,
+) -> (Vec<&'a str>, Vec<&'a str>, Vec<i32>) {
     (
-        claims.iter().map(|c| c.subscriber.as_str()).collect(),
-        claims.iter().map(|c| c.topic.as_str()).collect(),
-        claims.iter().map(|c| c.partition as i32).collect(),
+        claims.clone().map(|c| c.subscriber.as_str()).collect(),
+        claims.clone().map(|c| c.topic.as_str()).collect(),
+        claims.map(|c| c.partition as i32).collect(),
     )
 }
 
@@ -425,7 +426,7 @@ impl Coordinator for PostgresCoordinator {
             if released.is_empty() {
                 return Ok(());
             }
-            let (subscribers, topics, partitions) = columns(released);
+            let (subscribers, topics, partitions) = columns(released.iter());
             self.conn()
                 .await?
                 .execute(

@@ -21,7 +21,7 @@
 //! makes per-key order hold; throughput comes from partitions, not from
 //! concurrency within one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -239,14 +239,16 @@ async fn supervise(
                 // renewed first and start another event.
                 shared.clock.renewed(began, shared.coordinator.lease_time());
                 // Leases held but neither kept nor still stopping go back.
-                let mut give_back: Vec<Claim> = leases
+                let give_back: Vec<Claim> = leases
                     .held
                     .iter()
-                    .filter(|c| !kept.contains(*c) && !stopping.iter().any(|(s, _)| s == *c))
+                    .filter(|c| !stopping.iter().any(|(s, _)| s == *c))
                     .cloned()
+                    .chain(finished)
+                    .filter(|c| !kept.contains(c))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
                     .collect();
-                give_back.extend(finished.into_iter().filter(|c| !kept.contains(c)));
-                give_back.dedup();
                 if let Err(e) = shared.coordinator.release(&give_back).await {
                     tracing::warn!(error = %format!("{e:#}"), "giving leases back failed; they expire instead");
                 }
@@ -388,17 +390,30 @@ impl Consumer {
         *self.stop.borrow()
     }
 
-    /// The committed offset, retried until read (or stopped).
-    async fn committed(&mut self) -> Option<u64> {
+    /// `call`, again after a pause until it succeeds; `None` if the
+    /// consumer is stopped first.
+    async fn retried<T, Fut>(&mut self, what: &str, mut call: impl FnMut() -> Fut) -> Option<T>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
         loop {
-            match self.shared.coordinator.committed(&self.claim).await {
-                Ok(next) => return Some(next),
-                Err(e) => self.warn("reading the offset", &e),
+            match call().await {
+                Ok(value) => return Some(value),
+                Err(e) => self.warn(what, &e),
             }
             if !pause(&mut self.stop, RETRY_PAUSE).await {
                 return None;
             }
         }
+    }
+
+    /// The committed offset, retried until read (or stopped).
+    async fn committed(&mut self) -> Option<u64> {
+        let (shared, claim) = (self.shared.clone(), self.claim.clone());
+        self.retried("reading the offset", || {
+            shared.coordinator.committed(&claim)
+        })
+        .await
     }
 
     async fn run(mut self) {
@@ -556,19 +571,13 @@ impl Consumer {
         tracing::error!(%component, topic = %event.topic, event = %event.id, dead_letter = %dead.topic, "event dead-lettered");
         // Rare, and the offset moves past the event next: its only copy
         // must survive a machine crash first.
-        loop {
-            match self
-                .shared
+        let shared = self.shared.clone();
+        self.retried("dead-lettering", || {
+            shared
                 .broker
                 .append(std::slice::from_ref(&dead), Durability::MachineCrash)
-                .await
-            {
-                Ok(()) => return true,
-                Err(e) => self.warn("dead-lettering", &e),
-            }
-            if !pause(&mut self.stop, RETRY_PAUSE).await {
-                return false;
-            }
-        }
+        })
+        .await
+        .is_some()
     }
 }

@@ -33,7 +33,7 @@ use tokio::sync::watch;
 
 use super::{partition_of, Broker, Envelope, MessagingSettings};
 use crate::plugins::{BackendKind, Durability};
-use crate::storage::synchronous;
+use crate::storage::{synchronous, SharedConnection};
 
 pub const KIND: BackendKind<dyn MessagingSettings> = BackendKind {
     kind: "embedded",
@@ -95,7 +95,7 @@ impl MessagingSettings for EmbeddedConfig {
 }
 
 pub struct EmbeddedLog {
-    conn: Arc<Mutex<Connection>>,
+    conn: SharedConnection,
     config: EmbeddedConfig,
     /// Partition counts of the topics seen, to place events without a read.
     topics: Mutex<HashMap<String, u32>>,
@@ -149,20 +149,11 @@ impl EmbeddedLog {
         )
         .with_context(|| format!("initialising {}", path.display()))?;
         Ok(EmbeddedLog {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: SharedConnection::new(conn, "embedded message log"),
             config,
             topics: Mutex::default(),
             appended: Mutex::default(),
         })
-    }
-
-    async fn with<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
-    ) -> Result<R> {
-        let conn = self.conn.clone();
-        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
-        result.context("embedded message log")
     }
 
     fn appended(&self, topic: &str) -> watch::Sender<u64> {
@@ -183,6 +174,7 @@ impl EmbeddedLog {
     ) -> Result<Vec<(u64, Envelope)>> {
         let topic = topic.to_owned();
         let rows = self
+            .conn
             .with(move |c| {
                 let mut stmt = c.prepare_cached(
                     "SELECT seq, id, key, payload, headers, published_at FROM events
@@ -224,6 +216,7 @@ impl Broker for EmbeddedLog {
         }
         let (name, wanted) = (topic.to_owned(), self.config.partitions);
         let n = self
+            .conn
             .with(move |c| {
                 // Created with the configured count, grown to it if it was
                 // created smaller; never shrunk.
@@ -254,7 +247,7 @@ impl Broker for EmbeddedLog {
             ));
         }
         let (configured, wanted) = (self.config.durability, self.config.durability.max(at_least));
-        self.with(move |c| {
+        self.conn.with(move |c| {
             if wanted != configured {
                 c.pragma_update(None, "synchronous", synchronous(wanted))?;
             }
@@ -308,6 +301,7 @@ impl Broker for EmbeddedLog {
     async fn end(&self, topic: &str, partition: u32) -> Result<u64> {
         let topic = topic.to_owned();
         let last = self
+            .conn
             .with(move |c| {
                 c.query_row(
                     "SELECT MAX(seq) FROM events WHERE topic = ?1 AND partition = ?2",
@@ -320,7 +314,9 @@ impl Broker for EmbeddedLog {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+        self.conn
+            .with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+            .await
     }
 }
 
@@ -349,7 +345,8 @@ mod tests {
     use super::*;
 
     async fn synchronous_level(log: &EmbeddedLog) -> i64 {
-        log.with(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)))
+        log.conn
+            .with(|c| c.query_row("PRAGMA synchronous", [], |r| r.get(0)))
             .await
             .unwrap()
     }

@@ -57,7 +57,7 @@ use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
 pub use postgres::{PostgresBackend, PostgresConfig};
-pub use sqlite::{synchronous, Settings as SqliteSettings, SqliteBackend};
+pub use sqlite::{synchronous, Settings as SqliteSettings, SharedConnection, SqliteBackend};
 
 /// Every storage backend, by the `kind` that chooses it in `[backends.storage]`.
 const BACKENDS: &[BackendKind<dyn StorageSettings>] = &[sqlite::KIND, postgres::KIND];

@@ -136,6 +136,33 @@ impl SqliteBackend {
     }
 }
 
+/// A SQLite connection of the host's own (the embedded message log, local
+/// coordination's offsets), shared behind a mutex and used off the async
+/// threads.
+pub struct SharedConnection {
+    conn: Arc<Mutex<Connection>>,
+    /// What it holds, for errors.
+    what: &'static str,
+}
+
+impl SharedConnection {
+    pub fn new(conn: Connection, what: &'static str) -> Self {
+        SharedConnection {
+            conn: Arc::new(Mutex::new(conn)),
+            what,
+        }
+    }
+
+    pub async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let conn = self.conn.clone();
+        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
+        anyhow::Context::context(result, self.what)
+    }
+}
+
 /// `PRAGMA synchronous` for a durability setting, in WAL mode.
 pub fn synchronous(durability: Durability) -> &'static str {
     match durability {
