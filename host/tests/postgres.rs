@@ -30,8 +30,17 @@ fn psql(sql: &str) -> String {
 }
 
 /// The shop and the hostile component on PostgreSQL at `url`, under
-/// `namespace`.
-fn shop_and_hostile(url: &str, namespace: &str) -> TestHost {
+/// `namespace`; `coordinated` adds messaging on the test Kafka with
+/// coordination (leases, offsets, outbox locks) in the same PostgreSQL.
+fn shop_and_hostile(url: &str, namespace: &str, coordinated: bool) -> TestHost {
+    let coordination = match coordinated {
+        true => format!(
+            "[backends.messaging]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
+             topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
+             [backends.coordination]\nkind = \"postgres\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n"
+        ),
+        false => String::new(),
+    };
     let (url, namespace) = (url.to_owned(), namespace.to_owned());
     TestHost::start(shop_config(move |text| {
         format!(
@@ -39,7 +48,7 @@ fn shop_and_hostile(url: &str, namespace: &str) -> TestHost {
              grants = [\"storage\", \"cache\", \"messaging\"]\n\
              publishes = [\"hostile.events\"]\nlimits = {{ timeout_ms = 2000 }}\n\
              [backends.storage]\nkind = \"postgres\"\nurl = \"{url}\"\nnamespace = \"{namespace}\"\n\
-             connect_timeout_ms = 500\n",
+             connect_timeout_ms = 500\n{coordination}",
             component("hostile").display()
         )
     }))
@@ -61,7 +70,8 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
         return;
     }
     let ns = unique_namespace();
-    let host = shop_and_hostile(POSTGRES_URL, &ns);
+    let kafka = service_answers("Kafka", "127.0.0.1:9092").await;
+    let host = shop_and_hostile(POSTGRES_URL, &ns, kafka);
     let signup = post_json(
         &host.url("/users"),
         &json!({"email": "victim@example.com", "name": "V", "password": "correct horse battery"}),
@@ -127,6 +137,19 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
             format!("SELECT \"{ns}\".caller('guessed')"),
             "permission denied for schema",
         ),
+        // Coordination's tables: another host's leases, offsets and locks.
+        (
+            format!("UPDATE \"{ns}\".consumer_offsets SET next = 0, holder = 'me'"),
+            "permission denied for schema",
+        ),
+        (
+            format!("SELECT 1 FROM \"{ns}\".locks FOR UPDATE"),
+            "permission denied for schema",
+        ),
+        (
+            format!("DELETE FROM \"{ns}\".hosts"),
+            "permission denied for schema",
+        ),
         ("SET ROLE agora".into(), "permission denied to set role"),
         (
             "SET SESSION AUTHORIZATION agora".into(),
@@ -161,6 +184,15 @@ async fn a_hostile_component_reaches_only_its_own_schema() {
     for (sql, reason) in &attacks {
         let reply = hostile(&host, "execute", json!({ "sql": sql })).await;
         assert_refused(&host, sql, &reply, reason);
+    }
+    if kafka {
+        // Coordination's rows are there, and still the host's.
+        let coordination = psql(&format!(
+            "SELECT (SELECT count(*) FROM \"{ns}\".consumer_offsets WHERE holder IS NOT NULL) > 0, \
+                    (SELECT count(*) FROM \"{ns}\".consumer_offsets WHERE holder = 'me'), \
+                    (SELECT count(*) FROM \"{ns}\".hosts)"
+        ));
+        assert_eq!(coordination, "t|0|1", "holders, forged holders, hosts");
     }
     // A type storage does not carry is named, with its column.
     let reply = hostile(
@@ -255,7 +287,7 @@ async fn an_outage_of_postgres_gives_fast_503s_and_loses_no_acknowledged_order()
     let outage = Outage::start("127.0.0.1:5432").await;
     let ns = unique_namespace();
     let url = format!("postgres://agora:agora@127.0.0.1:{}/shop", outage.port);
-    let host = shop_and_hostile(&url, &ns);
+    let host = shop_and_hostile(&url, &ns, false);
     let mut token = String::new();
     for (email, password) in [
         ("admin@example.com", "admin-password"),

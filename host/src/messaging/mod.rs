@@ -643,6 +643,41 @@ mod tests {
         assert_eq!(partition_of(&keyed, 6), 1357151166 % 6);
     }
 
+    /// A publish is checked before it is stored or sent: its grant, its
+    /// headers, and its size (an event a broker would refuse for ever must
+    /// not reach an outbox).
+    #[tokio::test]
+    async fn an_event_is_refused_before_it_leaves_when_it_breaks_a_rule() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let messaging = MessagingCapability::init(
+            &BackendConfig::default(),
+            &coordination::BackendConfig::default(),
+            dir.path(),
+        )
+        .await
+        .unwrap();
+        let publisher = Publisher {
+            publishes: vec!["t".into()],
+            broker: messaging.broker.clone(),
+            coordinator: messaging.coordinator.clone(),
+            relay: messaging.relay("c", &["t".into()]),
+        };
+        let message = |topic: &str, payload: usize, header: &str| OutgoingMessage {
+            topic: topic.into(),
+            key: Some("k".into()),
+            payload: vec![b'x'; payload],
+            headers: vec![(header.into(), "v".into())],
+        };
+        assert!(publisher
+            .envelope(message("t", 1000, "traceparent"))
+            .is_ok());
+        let refused = |m| format!("{:?}", publisher.envelope(m).unwrap_err());
+        assert!(refused(message("other", 10, "h")).contains("TopicNotGranted"));
+        assert!(refused(message("t", 10, "agora-id")).contains("are the platform's"));
+        let too_large = refused(message("t", MAX_EVENT_BYTES, "h"));
+        assert!(too_large.contains("at most 262144"), "{too_large}");
+    }
+
     #[test]
     fn headers_must_be_unique_and_not_the_platforms() {
         let h = |names: &[&str]| -> Vec<(String, String)> {
