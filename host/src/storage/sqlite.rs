@@ -137,10 +137,11 @@ impl SqliteBackend {
 }
 
 /// A SQLite connection of the host's own (the embedded message log, local
-/// coordination's offsets), shared behind a mutex and used off the async
-/// threads.
+/// coordination's offsets), used off the async threads. Callers queue for
+/// it before a blocking thread is taken, so concurrent callers (a consumer
+/// per partition) never park threads on one connection.
 pub struct SharedConnection {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<tokio::sync::Mutex<Connection>>,
     /// What it holds, for errors.
     what: &'static str,
 }
@@ -148,7 +149,7 @@ pub struct SharedConnection {
 impl SharedConnection {
     pub fn new(conn: Connection, what: &'static str) -> Self {
         SharedConnection {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
             what,
         }
     }
@@ -157,8 +158,8 @@ impl SharedConnection {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
-        let conn = self.conn.clone();
-        let result = tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap())).await?;
+        let mut conn = self.conn.clone().lock_owned().await;
+        let result = tokio::task::spawn_blocking(move || f(&mut conn)).await?;
         anyhow::Context::context(result, self.what)
     }
 }
