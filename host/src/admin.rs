@@ -15,6 +15,12 @@
 //! DNS-rebinding page reaches the socket under its own name, and can read
 //! the answers).
 //!
+//! The console (`/console`, see [`crate::console`]) is the one part meant
+//! for a browser: it keeps the `Host` check, and replaces the bearer token
+//! with a session cookie that the token opens, and the `Origin` refusal
+//! with a same-origin check.
+//!
+//! - `GET  /metrics` (Prometheus, OpenMetrics text)
 //! - `GET  /components`
 //! - `POST /components/{name}/deploy` (body: the .wasm binary)
 //! - `POST /components/{name}/rollback`
@@ -35,6 +41,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::console::{self, Console};
+use crate::metrics::{self, metrics};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::server::{read_body, LocalAddr};
@@ -54,12 +62,17 @@ const MIN_TOKEN_CHARS: usize = 32;
 pub struct Admin {
     runtime: Arc<Runtime>,
     token: String,
+    console: Console,
 }
 
 impl Admin {
     /// The admin API with the token of [`load_or_create_token`].
     pub fn new(runtime: Arc<Runtime>, token: String) -> Admin {
-        Admin { runtime, token }
+        Admin {
+            runtime,
+            token,
+            console: Console::default(),
+        }
     }
 
     /// Refuses browser requests, then requests without the token.
@@ -67,8 +80,7 @@ impl Admin {
         if request.headers().contains_key(header::ORIGIN) {
             return Err(Refused::BrowserOrigin);
         }
-        let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
-        if !host_is_local(request, local) {
+        if !addressed_here(request) {
             return Err(Refused::ForeignHost);
         }
         let presented = request
@@ -153,6 +165,12 @@ pub fn read_token(bytes: &[u8]) -> Result<String, String> {
     Ok(token.to_owned())
 }
 
+/// Whether the request names this listener, or localhost, as its host.
+fn addressed_here(request: &Request<Incoming>) -> bool {
+    let local = request.extensions().get::<LocalAddr>().map(|l| l.0);
+    host_is_local(request, local)
+}
+
 /// Whether the request names this listener, or localhost, as its host: a
 /// DNS-rebinding page reaches the same socket under a name of its own.
 fn host_is_local(request: &Request<Incoming>, local: Option<SocketAddr>) -> bool {
@@ -194,6 +212,14 @@ fn host_is_local(request: &Request<Incoming>, local: Option<SocketAddr>) -> bool
 pub async fn handle(admin: Arc<Admin>, request: Request<Incoming>) -> Response<Body> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    if path == "/console" || path.starts_with("/console/") {
+        if !addressed_here(&request) {
+            return Refused::ForeignHost.response();
+        }
+        let response = console::handle(&admin.console, &admin.runtime, &admin.token, request).await;
+        tracing::debug!(target: "agora::admin", %method, %path, status = response.status().as_u16());
+        return response;
+    }
     if let Err(refused) = admin.admit(&request) {
         tracing::warn!(target: "agora::admin", %method, %path, ?refused, "admin request refused");
         return refused.response();
@@ -201,6 +227,15 @@ pub async fn handle(admin: Arc<Admin>, request: Request<Incoming>) -> Response<B
     let runtime = &admin.runtime;
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let response = match (&method, segments.as_slice()) {
+        (&Method::GET, ["metrics"]) => {
+            runtime.observe().await;
+            let mut response = Response::new(response::full(metrics().encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+            );
+            response
+        }
         (&Method::GET, ["components"]) => components(runtime),
         (&Method::POST, ["components", name, "deploy"]) => deploy(runtime, name, request).await,
         (&Method::POST, ["components", name, "rollback"]) => match runtime.rollback(name).await {

@@ -30,6 +30,7 @@ use crate::cache::CacheCapability;
 use crate::config::ConfigCapability;
 use crate::http_out::HttpOutCapability;
 use crate::messaging::MessagingCapability;
+use crate::metrics::PoolUse;
 use crate::plugins::{ComponentSpec, Grant, Plugins, SHOP_INTERFACES};
 use crate::state::InstanceState;
 use crate::storage::StorageCapability;
@@ -283,6 +284,13 @@ impl Capabilities {
     }
 
     /// Each backend's reachability, by capability name.
+    /// Every backend pool's use, for the metrics.
+    pub fn pools(&self) -> Vec<PoolUse> {
+        let mut pools = self.storage.pools();
+        pools.extend(self.messaging.pools());
+        pools
+    }
+
     pub async fn readiness(&self) -> BTreeMap<&'static str, Result<()>> {
         BTreeMap::from([
             ("storage", self.storage.ready().await),

@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
@@ -36,6 +36,7 @@ use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
 use crate::links;
+use crate::metrics::{InstanceMetrics, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
@@ -60,6 +61,9 @@ pub struct ComponentVersion {
     /// many may (`host.max_waiting_requests`).
     waiting: AtomicUsize,
     max_waiting: usize,
+    /// One per route of `spec.routes`, in its order.
+    route_metrics: Vec<RouteMetrics>,
+    instance_metrics: InstanceMetrics,
 }
 
 /// Why an invocation failed, as the client is told.
@@ -153,6 +157,45 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// How long a compile runs before the log says so: a cache hit takes
+/// milliseconds, a large component's first compile tens of seconds.
+const COMPILE_NOTICE: Duration = Duration::from_secs(2);
+
+/// Compiles `wasm` off the async threads (or fetches it from the engine's
+/// cache), saying so in the log while it takes long.
+async fn compile(
+    engine: &Engine,
+    name: &str,
+    wasm: &Arc<[u8]>,
+) -> Result<wasmtime::Result<Component>> {
+    let started = Instant::now();
+    let compiling = {
+        let (engine, wasm) = (engine.clone(), wasm.clone());
+        tokio::task::spawn_blocking(move || Component::new(&engine, &wasm))
+    };
+    tokio::pin!(compiling);
+    let mut notice = tokio::time::interval_at(
+        tokio::time::Instant::now() + COMPILE_NOTICE,
+        COMPILE_NOTICE * 5,
+    );
+    loop {
+        tokio::select! {
+            compiled = &mut compiling => {
+                if started.elapsed() >= COMPILE_NOTICE {
+                    tracing::info!(component = %name, seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "compiled (cached for the next start)");
+                }
+                return Ok(compiled?);
+            }
+            _ = notice.tick() => tracing::info!(
+                component = %name,
+                bytes = wasm.len(),
+                "compiling to native code ({} s so far; cached afterwards)",
+                started.elapsed().as_secs()
+            ),
+        }
+    }
+}
+
 pub fn version_of(wasm: &[u8]) -> String {
     Sha256::digest(wasm)
         .iter()
@@ -175,12 +218,9 @@ impl ComponentVersion {
         wasm: Arc<[u8]>,
     ) -> Result<ComponentVersion> {
         let version = version_of(&wasm);
-        let component = {
-            let (engine, wasm) = (engine.clone(), wasm.clone());
-            tokio::task::spawn_blocking(move || Component::new(&engine, &wasm))
-                .await?
-                .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?
-        };
+        let component = compile(engine, name, &wasm)
+            .await?
+            .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?;
         Capabilities::check_imports(engine, name, &component, spec)?;
         let linked = links::linker_for(linker, engine, name, &component, spec, runtime)?;
         let pre = linked
@@ -210,6 +250,12 @@ impl ComponentVersion {
             permits: Arc::new(Semaphore::new(spec.limits.max_concurrency as usize)),
             waiting: AtomicUsize::new(0),
             max_waiting: HostSettings::default().max_waiting_requests as usize,
+            route_metrics: spec
+                .routes
+                .iter()
+                .map(|route| RouteMetrics::new(name, route))
+                .collect(),
+            instance_metrics: InstanceMetrics::new(name),
         };
         loaded.migrations = loaded.list_migrations().await?;
         // Refuses migrations without a storage grant now, not at commit.
@@ -223,8 +269,75 @@ impl ComponentVersion {
         self
     }
 
+    /// The index of `route` (one of `spec.routes`), for [`Self::observe_request`].
+    pub fn route_index(&self, route: &str) -> usize {
+        self.spec
+            .routes
+            .iter()
+            .position(|r| r == route)
+            .expect("the registry routes only to a component's own routes")
+    }
+
+    /// Counts a request answered on the route of `route_index`.
+    pub fn observe_request(&self, route_index: usize, status: u16, elapsed: Duration) {
+        self.route_metrics[route_index].observe(status, elapsed.as_secs_f64());
+    }
+
+    /// Requests answered so far on each route, as (route, count); the
+    /// counts go on across versions.
+    pub fn requests_per_route(&self) -> Vec<(&str, u64)> {
+        self.spec
+            .routes
+            .iter()
+            .zip(&self.route_metrics)
+            .map(|(route, m)| (route.as_str(), m.total()))
+            .collect()
+    }
+
+    /// Instance slots in use, and HTTP requests waiting for one.
+    pub fn slots(&self) -> (usize, usize) {
+        let max = self.spec.limits.max_concurrency as usize;
+        (
+            max.saturating_sub(self.permits.available_permits()),
+            self.waiting.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The database holding this component's outbox, if it publishes.
+    pub fn outbox(&self) -> Option<&Arc<dyn Database>> {
+        self.caps.messaging.as_ref().and(self.caps.storage.as_ref())
+    }
+
+    /// Counts an invocation's failure by kind, and hands it on.
+    fn failed(&self, failure: Failure) -> Failure {
+        let m = &self.instance_metrics;
+        let counter = match failure {
+            Failure::Timeout => Some(&m.deadlines),
+            Failure::MemoryExhausted => Some(&m.memory_kills),
+            Failure::Trapped(_) => Some(&m.traps),
+            _ => None,
+        };
+        if let Some(counter) = counter {
+            counter.inc();
+        }
+        failure
+    }
+
+    /// A fresh instance, timed.
+    async fn instantiate(
+        &self,
+        store: &mut Store<InstanceState>,
+    ) -> wasmtime::Result<wasmtime::component::Instance> {
+        let started = Instant::now();
+        let instance = self.pre.instantiate_async(store).await?;
+        self.instance_metrics
+            .instantiation
+            .observe(started.elapsed().as_secs_f64());
+        Ok(instance)
+    }
+
     fn deadline(&self) -> Instant {
-        Instant::now() + std::time::Duration::from_millis(self.spec.limits.timeout_ms)
+        Instant::now() + Duration::from_millis(self.spec.limits.timeout_ms)
     }
 
     /// The pre-linked component every instance is made from.
@@ -384,7 +497,7 @@ impl ComponentVersion {
                     .http
                     .as_ref()
                     .ok_or_else(|| wasmtime::format_err!("no wasi:http/incoming-handler export"))?;
-                let instance = this.pre.instantiate_async(&mut store).await?;
+                let instance = this.instantiate(&mut store).await?;
                 let proxy = indices.load(&mut store, &instance)?;
                 proxy
                     .wasi_http_incoming_handler()
@@ -400,13 +513,13 @@ impl ComponentVersion {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
             }
             Ok(Err(_)) => match task.await {
-                Ok(Err(failure)) => failure.response(&self.name),
+                Ok(Err(failure)) => self.failed(failure).response(&self.name),
                 Ok(Ok(())) => Failure::NoResponse.response(&self.name),
                 Err(e) => Failure::Internal(e.to_string()).response(&self.name),
             },
             Err(_) => {
                 task.abort();
-                Failure::Timeout.response(&self.name)
+                self.failed(Failure::Timeout).response(&self.name)
             }
         }
     }
@@ -440,7 +553,7 @@ impl ComponentVersion {
             Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
         let run = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
+            let instance = self.instantiate(&mut store).await?;
             let func = instance
                 .get_export_index(&mut store, None, interface)
                 .and_then(|i| instance.get_export_index(&mut store, Some(&i), function))
@@ -456,10 +569,10 @@ impl ComponentVersion {
         match timeout_at(deadline, run).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
-                let failure = Failure::classify(e, store.data().limiter.exhausted);
+                let failure = self.failed(Failure::classify(e, store.data().limiter.exhausted));
                 wasmtime::bail!("{}", failure.message(&self.name))
             }
-            Err(_) => wasmtime::bail!("{}", Failure::Timeout.message(&self.name)),
+            Err(_) => wasmtime::bail!("{}", self.failed(Failure::Timeout).message(&self.name)),
         }
     }
 
@@ -478,7 +591,7 @@ impl ComponentVersion {
             .await
             .map_err(|f| f.message(&self.name))?;
         let run = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
+            let instance = self.instantiate(&mut store).await?;
             indices
                 .load(&mut store, &instance)?
                 .call_handle(&mut store, &message)
@@ -486,10 +599,10 @@ impl ComponentVersion {
         };
         match timeout_at(deadline, run).await {
             Ok(Ok(result)) => result,
-            Ok(Err(e)) => {
-                Err(Failure::classify(e, store.data().limiter.exhausted).message(&self.name))
-            }
-            Err(_) => Err(Failure::Timeout.message(&self.name)),
+            Ok(Err(e)) => Err(self
+                .failed(Failure::classify(e, store.data().limiter.exhausted))
+                .message(&self.name)),
+            Err(_) => Err(self.failed(Failure::Timeout).message(&self.name)),
         }
     }
 }

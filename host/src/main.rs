@@ -12,7 +12,7 @@ use std::sync::Arc;
 use agora_host::admin::Admin;
 use agora_host::plugins::Plugins;
 use agora_host::runtime::Runtime;
-use agora_host::{admin, server, watch};
+use agora_host::{admin, develop, scaffold, server, watch};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -78,6 +78,24 @@ enum Command {
         /// Run each component's build command first.
         #[arg(long)]
         build: bool,
+        /// Build first, then rebuild a component and swap it in whenever
+        /// its sources (`watch` in plugins.toml) change. A failed build
+        /// leaves the serving version in place.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Create a component crate from a template (a router, a migration and
+    /// a subscriber) and add its table to plugins.toml.
+    New {
+        name: String,
+        #[arg(long, env = "AGORA_CONFIG", default_value = "plugins.toml")]
+        config: PathBuf,
+        /// Where component crates go, relative to plugins.toml.
+        #[arg(long, default_value = "components")]
+        dir: PathBuf,
+        /// The guest SDK crate (default: <dir>/sdk).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
     /// Validate plugins.toml and load every component (compile, check grants,
     /// link, apply migrations to a scratch database) without serving.
@@ -148,11 +166,19 @@ async fn run(cli: Cli) -> Result<()> {
             admin_listen,
             data,
             build,
+            watch,
         } => {
             let plugins_path = std::path::absolute(&config)?;
             let plugins = Plugins::load(&plugins_path)?;
-            if build {
-                run_builds(&plugins)?;
+            if build || watch {
+                let all: Vec<String> = plugins.components.keys().cloned().collect();
+                match develop::build(&plugins, &all).await {
+                    Ok(()) => {}
+                    // Watching: serve what was built before, and try again
+                    // at the next change.
+                    Err(e) if watch => tracing::error!(error = %format!("{e:#}"), "a build failed"),
+                    Err(e) => return Err(e),
+                }
             }
             let data_dir = resolve_data_dir(&plugins, data)?;
             up(
@@ -161,8 +187,29 @@ async fn run(cli: Cli) -> Result<()> {
                 &data_dir,
                 listen.unwrap_or(plugins.host.listen),
                 admin_listen.unwrap_or(plugins.host.admin_listen),
+                watch,
             )
             .await
+        }
+        Command::New {
+            name,
+            config,
+            dir,
+            sdk,
+        } => {
+            let made = scaffold::create(&scaffold::NewComponent {
+                name: &name,
+                plugins: &config,
+                dir: &dir,
+                sdk: sdk.as_deref(),
+            })?;
+            println!("created {}", made.crate_dir.display());
+            println!("added [components.{name}] to {}", config.display());
+            if !made.in_workspace {
+                println!("the crate is a Cargo workspace of its own");
+            }
+            println!("serve it: agora up --watch   (then: curl localhost:8080/{name})");
+            Ok(())
         }
         Command::Check { config } => {
             let plugins_path = std::path::absolute(&config)?;
@@ -251,6 +298,7 @@ async fn up(
     data_dir: &Path,
     listen: SocketAddr,
     admin_listen: SocketAddr,
+    watch_sources: bool,
 ) -> Result<()> {
     // Before the admin listener: whoever can connect finds the token.
     let token = admin::load_or_create_token(data_dir)?;
@@ -263,6 +311,9 @@ async fn up(
     let runtime = Runtime::start(plugins, plugins_path, data_dir).await?;
     let admin = Arc::new(Admin::new(runtime.clone(), token));
     watch::start(runtime.clone())?;
+    if watch_sources {
+        develop::watch_sources(runtime.clone())?;
+    }
     tracing::info!(
         public = %public.local_addr()?,
         admin = %admin_listener.local_addr()?,
@@ -299,28 +350,6 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// Runs each distinct build command once, in the plugins file's directory.
-fn run_builds(plugins: &Plugins) -> Result<()> {
-    let mut done = std::collections::BTreeSet::new();
-    for (name, spec) in &plugins.components {
-        let Some(command) = &spec.build else { continue };
-        if !done.insert(command.clone()) {
-            continue;
-        }
-        tracing::info!(component = %name, %command, "building");
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(command)
-            .current_dir(&plugins.base_dir)
-            .status()
-            .with_context(|| format!("running the build of `{name}`"))?;
-        if !status.success() {
-            bail!("the build of component `{name}` failed ({status}): {command}");
-        }
-    }
-    Ok(())
 }
 
 fn tempdir() -> Result<PathBuf> {

@@ -34,6 +34,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::coordination::Coordinator;
 use crate::messaging::{may_publish, Broker, Envelope};
+use crate::metrics::{metrics, TopicLabels};
 use crate::plugins::Durability;
 use crate::storage::Database;
 
@@ -193,6 +194,7 @@ impl Relay {
                 // copy, each surviving a machine crash before the next step.
                 db.sync().await?;
                 broker.append(&events, Durability::MachineCrash).await?;
+                self.count_published(&events);
             }
             count += verdicts.len();
             handled.extend(verdicts);
@@ -207,11 +209,27 @@ impl Relay {
             }
         }
         if let Some(event) = direct {
-            broker
-                .append(std::slice::from_ref(event), Durability::ProcessCrash)
-                .await?;
+            let direct = std::slice::from_ref(event);
+            broker.append(direct, Durability::ProcessCrash).await?;
+            self.count_published(direct);
         }
         Ok(count)
+    }
+
+    fn count_published(&self, events: &[Envelope]) {
+        let mut per_topic = BTreeMap::<&str, u64>::new();
+        for event in events {
+            *per_topic.entry(&event.topic).or_default() += 1;
+        }
+        for (topic, count) in per_topic {
+            metrics()
+                .events_published
+                .get_or_create(&TopicLabels {
+                    component: self.component.clone(),
+                    topic: topic.to_owned(),
+                })
+                .inc_by(count);
+        }
     }
 
     /// Removes the handled rows from the outbox (the rejected ones to the

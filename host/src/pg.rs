@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::metrics::PoolUse;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolBuilder, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
@@ -24,6 +25,19 @@ pub fn pool(server: tokio_postgres::Config, size: usize, timeout: Duration) -> P
         .create_timeout(Some(timeout))
         .wait_timeout(Some(timeout))
         .recycle_timeout(Some(timeout))
+}
+
+/// How `pool` (named `name`) of a capability's PostgreSQL backend is used now.
+pub fn pool_use(capability: &'static str, name: &str, pool: &Pool) -> PoolUse {
+    let status = pool.status();
+    PoolUse {
+        capability,
+        backend: "postgres",
+        pool: name.to_owned(),
+        connections: status.size,
+        in_use: status.size.saturating_sub(status.available),
+        waiting: status.waiting,
+    }
 }
 
 /// `name` as a quoted SQL identifier.

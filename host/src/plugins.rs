@@ -341,6 +341,11 @@ pub struct ComponentSpec {
     /// Run by `agora up --build` (from the plugins file's directory) before loading.
     #[serde(default)]
     pub build: Option<String>,
+    /// Sources (files or directories, relative to the plugins file) whose
+    /// changes make `agora up --watch` run `build` again and swap in the
+    /// result.
+    #[serde(default)]
+    pub watch: Vec<PathBuf>,
     /// Path prefixes routed to this component; the longest match wins.
     #[serde(default)]
     pub routes: Vec<String>,

@@ -46,11 +46,12 @@ impl Registry {
     /// The component whose route is the longest prefix of the canonical
     /// `path`, matching whole segments: `/users` serves `/users` and
     /// `/users/me`, not `/usersettings`.
-    pub fn route(&self, path: &str) -> Option<&Arc<ComponentVersion>> {
+    /// Returns the route (the prefix) with the component.
+    pub fn route(&self, path: &str) -> Option<(&str, &Arc<ComponentVersion>)> {
         self.routes
             .iter()
             .find(|(prefix, _)| prefix_matches(prefix, path))
-            .and_then(|(_, name)| self.components.get(name))
+            .and_then(|(prefix, name)| Some((prefix.as_str(), self.components.get(name)?)))
     }
 }
 

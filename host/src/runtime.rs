@@ -22,10 +22,10 @@
 //! migration committed. Migrations are meant to be backward compatible
 //! (expand, then contract in a later version) for this and for rollback.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
@@ -38,12 +38,55 @@ use crate::capability::Capabilities;
 use crate::component::{version_of, ComponentVersion};
 use crate::engine;
 use crate::messaging::Deliver;
+use crate::metrics::{metrics, ComponentLabels, PartitionLabels};
 use crate::plugins::{ComponentSpec, Plugins};
 use crate::registry::Registry;
 use crate::state::InstanceState;
 
 /// Replaced versions kept per component for `rollback`.
 const KEPT_VERSIONS: usize = 5;
+
+/// Changes kept for the console's deploy history.
+const KEPT_CHANGES: usize = 100;
+
+/// A change of a component's serving version, or one refused.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Change {
+    /// Milliseconds since the Unix epoch.
+    pub at: u64,
+    /// `*` for a reload refused as a whole.
+    pub component: String,
+    /// `deployed`, `rolled_back` or `refused`.
+    pub outcome: &'static str,
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Change {
+    fn deployed(version: &ComponentVersion) -> Change {
+        Change {
+            at: crate::now_millis(),
+            component: version.name.clone(),
+            outcome: "deployed",
+            version: Some(version.version.clone()),
+            error: None,
+        }
+    }
+
+    fn refused(component: &str, error: &anyhow::Error) -> Change {
+        Change {
+            at: crate::now_millis(),
+            component: component.to_owned(),
+            outcome: "refused",
+            version: None,
+            error: Some(format!("{error:#}")),
+        }
+    }
+}
+
+/// How long a scrape waits for one component's outbox depth and lag: under
+/// Prometheus' default scrape timeout (10 s) with the rest of the scrape.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Runtime {
     engine: Engine,
@@ -58,6 +101,7 @@ pub struct Runtime {
     /// `host.max_waiting_requests`, read at start like the rest of `[host]`.
     max_waiting: usize,
     control: tokio::sync::Mutex<()>,
+    history: Mutex<VecDeque<Change>>,
     /// Consumers reach the runtime weakly, so it is not kept alive by them.
     this: Weak<Runtime>,
 }
@@ -88,6 +132,7 @@ impl Runtime {
             data_dir: data_dir.to_owned(),
             max_waiting: plugins.host.max_waiting_requests as usize,
             control: tokio::sync::Mutex::new(()),
+            history: Mutex::default(),
         });
         let components = runtime.load_all(&plugins, &Registry::default()).await?;
         let registry = Registry::new(components);
@@ -99,6 +144,12 @@ impl Runtime {
 
     pub fn registry(&self) -> arc_swap::Guard<Arc<Registry>> {
         self.registry.load()
+    }
+
+    /// The registry, to hold across awaits (a [`Self::registry`] guard is
+    /// for short reads).
+    pub fn registry_snapshot(&self) -> Arc<Registry> {
+        self.registry.load_full()
     }
 
     pub fn plugins(&self) -> Plugins {
@@ -231,14 +282,26 @@ impl Runtime {
         let _serial = self.control.lock().await;
         let plugins = Plugins::load(&self.plugins_path)?;
         let current = self.registry.load_full();
-        let components = self
-            .load_all(&plugins, &current)
-            .await
-            .context("the change was refused; the running versions keep serving")?;
-        let unchanged = components.len() == current.components.len()
-            && components
-                .iter()
-                .all(|(n, c)| current.components.get(n).is_some_and(|o| Arc::ptr_eq(o, c)));
+        let components = match self.load_all(&plugins, &current).await {
+            Ok(components) => components,
+            Err(e) => {
+                // Which component failed is in the error, not a label.
+                let e = e.context("the change was refused; the running versions keep serving");
+                self.record(Change::refused("*", &e));
+                return Err(e);
+            }
+        };
+        let mut unchanged = components.len() == current.components.len();
+        for (name, component) in &components {
+            if !current
+                .components
+                .get(name)
+                .is_some_and(|old| Arc::ptr_eq(old, component))
+            {
+                self.record(Change::deployed(component));
+                unchanged = false;
+            }
+        }
         *self.plugins.lock().unwrap() = plugins;
         if !unchanged {
             self.swap(Registry::new(components), true);
@@ -249,6 +312,15 @@ impl Runtime {
 
     /// Deploys a new binary for a running component.
     pub async fn deploy(&self, name: &str, wasm: Vec<u8>) -> Result<Arc<ComponentVersion>> {
+        let deployed = self.replace(name, wasm).await;
+        self.record(match &deployed {
+            Ok(version) => Change::deployed(version),
+            Err(e) => Change::refused(name, e),
+        });
+        deployed
+    }
+
+    async fn replace(&self, name: &str, wasm: Vec<u8>) -> Result<Arc<ComponentVersion>> {
         let _serial = self.control.lock().await;
         let current = self.registry.load_full();
         let running = current
@@ -266,6 +338,18 @@ impl Runtime {
 
     /// Restores the version a component ran before its last change.
     pub async fn rollback(&self, name: &str) -> Result<Arc<ComponentVersion>> {
+        let restored = self.restore_previous(name).await;
+        self.record(match &restored {
+            Ok(version) => Change {
+                outcome: "rolled_back",
+                ..Change::deployed(version)
+            },
+            Err(e) => Change::refused(name, e),
+        });
+        restored
+    }
+
+    async fn restore_previous(&self, name: &str) -> Result<Arc<ComponentVersion>> {
         let _serial = self.control.lock().await;
         let current = self.registry.load_full();
         if !current.components.contains_key(name) {
@@ -283,6 +367,90 @@ impl Runtime {
         self.swap(current.with(version.clone()), false);
         tracing::info!(component = %name, version = %version.version, "rolled back");
         Ok(version)
+    }
+
+    /// Hands a message to the component's serving version.
+    pub async fn deliver_now(&self, component: &str, message: Message) -> Result<(), String> {
+        let version = self
+            .registry()
+            .components
+            .get(component)
+            .cloned()
+            .ok_or_else(|| format!("component `{component}` is not running"))?;
+        version.deliver(message).await
+    }
+
+    /// Counts a change and keeps it in the history.
+    fn record(&self, change: Change) {
+        metrics().deploy(&change.component, change.outcome);
+        let mut history = self.history.lock().unwrap();
+        if history.len() == KEPT_CHANGES {
+            history.pop_front();
+        }
+        history.push_back(change);
+    }
+
+    /// The latest changes of serving versions, oldest first.
+    pub fn history(&self) -> Vec<Change> {
+        self.history.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Reads what the metrics show as state rather than count (slots, lag,
+    /// outbox depth, pools), at scrape time; see [`crate::metrics`]. Each
+    /// component gets [`OBSERVE_TIMEOUT`]: a backend that does not answer
+    /// leaves its series out of this scrape rather than stalling it.
+    pub async fn observe(&self) {
+        let m = metrics();
+        let registry = self.registry_snapshot();
+        m.clear_observed();
+        for component in registry.components.values() {
+            let labels = ComponentLabels {
+                component: component.name.clone(),
+            };
+            let (in_use, waiting) = component.slots();
+            m.slots_in_use.get_or_create(&labels).set(in_use as i64);
+            m.slots_waiting.get_or_create(&labels).set(waiting as i64);
+            let backlog = async {
+                if let Some(db) = component.outbox() {
+                    match db.outbox_depth().await {
+                        Ok(depth) => {
+                            m.outbox_depth.get_or_create(&labels).set(depth as i64);
+                        }
+                        Err(e) => {
+                            tracing::debug!(component = %component.name, error = %e, "outbox depth unknown")
+                        }
+                    }
+                }
+                for topic in &component.spec.subscribes {
+                    let messaging = &self.capabilities.messaging;
+                    match messaging.progress(&component.name, topic).await {
+                        Ok(partitions) => {
+                            for (partition, next, end) in partitions {
+                                m.consumer_lag
+                                    .get_or_create(&PartitionLabels {
+                                        subscriber: component.name.clone(),
+                                        topic: topic.clone(),
+                                        partition: partition.to_string(),
+                                    })
+                                    .set(end.saturating_sub(next) as i64);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(component = %component.name, %topic, error = %format!("{e:#}"), "consumer lag unknown")
+                        }
+                    }
+                }
+            };
+            if tokio::time::timeout(OBSERVE_TIMEOUT, backlog)
+                .await
+                .is_err()
+            {
+                tracing::warn!(component = %component.name, "metrics: the backends took over {OBSERVE_TIMEOUT:?} to say its outbox depth and lag");
+            }
+        }
+        for pool in self.capabilities.pools() {
+            m.observe_pool(&pool);
+        }
     }
 
     /// Previous versions of a component, newest last.
@@ -361,12 +529,6 @@ struct Dispatch(Weak<Runtime>);
 impl Deliver for Dispatch {
     async fn deliver(&self, component: &str, message: Message) -> Result<(), String> {
         let runtime = self.0.upgrade().ok_or("the host is shutting down")?;
-        let version = runtime
-            .registry()
-            .components
-            .get(component)
-            .cloned()
-            .ok_or_else(|| format!("component `{component}` is not running"))?;
-        version.deliver(message).await
+        runtime.deliver_now(component, message).await
     }
 }

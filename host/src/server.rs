@@ -55,6 +55,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::component::ComponentVersion;
 use crate::gateway;
 use crate::plugins::HostSettings;
 use crate::response::{self, Body};
@@ -589,24 +590,29 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     let path = request.uri().path().to_owned();
     let id = request_id(&request);
     request.headers_mut().insert(REQUEST_ID, id.clone());
-    let (component, mut response) = route(&runtime, request).await;
+    let (routed, mut response) = route(&runtime, request).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    if let Some((component, route)) = &routed {
+        component.observe_request(*route, status, elapsed);
+    }
     tracing::info!(
         target: "agora::request",
         %method,
         %path,
-        component = component.as_deref().unwrap_or("-"),
-        status = response.status().as_u16(),
-        duration_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+        component = routed.as_ref().map_or("-", |(c, _)| c.name.as_str()),
+        status,
+        duration_ms = format!("{:.2}", elapsed.as_secs_f64() * 1000.0),
         request_id = id.to_str().unwrap_or_default(),
     );
     response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 
-async fn route(
-    runtime: &Runtime,
-    mut request: Request<Incoming>,
-) -> (Option<String>, Response<Body>) {
+/// The component a request was routed to, and the index of its route.
+type Routed = Option<(Arc<ComponentVersion>, usize)>;
+
+async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Response<Body>) {
     // One path for everything below: routing, auth, rate limits, the component.
     if let Err(refused) = gateway::normalize(&mut request) {
         return (None, refused.response());
@@ -623,29 +629,31 @@ async fn route(
         _ => {}
     }
     let registry = runtime.registry();
-    let Some(component) = registry.route(request.uri().path()).cloned() else {
+    let Some((prefix, component)) = registry.route(request.uri().path()) else {
         let message = format!("no component serves {}", request.uri().path());
         return (
             None,
             response::error(StatusCode::NOT_FOUND, "not_found", message),
         );
     };
+    let routed = (component.clone(), component.route_index(prefix));
     drop(registry);
-    let name = component.name.clone();
+    let component = routed.0.clone();
     let signer = runtime.capabilities.tokens.signer();
     if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
-        return (Some(name), refused.response());
+        return (Some(routed), refused.response());
     }
     let cache = runtime.capabilities.cache.backend();
-    if let Err(refused) = gateway::admit(&name, &component.spec, &*cache, &request).await {
-        return (Some(name), refused.response());
+    if let Err(refused) = gateway::admit(&component.name, &component.spec, &*cache, &request).await
+    {
+        return (Some(routed), refused.response());
     }
     let limit = component.spec.limits.max_body_kib as usize * 1024;
     let response = match read_body(request, limit).await {
         Ok(request) => component.handle_http(request).await,
         Err(response) => response,
     };
-    (Some(name), response)
+    (Some(routed), response)
 }
 
 async fn openapi(runtime: &Runtime) -> Response<Body> {

@@ -76,6 +76,10 @@ impl Service for Probe {
         if payload.contains("fail-once") && message.attempt == 1 {
             return Err("the first attempt fails".into());
         }
+        // A bug that v2 fixes: its dead letters can be replayed.
+        if payload.contains("fail-before-v2") && VERSION == "v1" {
+            return Err("v1 cannot handle this payload".into());
+        }
         storage::execute(
             "INSERT INTO received (id, topic, payload, attempt) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO NOTHING",

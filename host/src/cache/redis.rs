@@ -31,6 +31,7 @@ use fred::prelude::{
 use serde::Deserialize;
 
 use super::{CacheBackend, CacheSettings, Error};
+use crate::metrics::metrics;
 use crate::plugins::BackendKind;
 
 pub const KIND: BackendKind<dyn CacheSettings> = BackendKind {
@@ -198,6 +199,7 @@ impl RedisCache {
     /// address (a component has no business knowing the topology).
     fn unavailable(&self, what: &str, e: &RedisError) -> Error {
         tracing::warn!(server = %self.server, error = %e, "redis cache: {what} failed");
+        metrics().backend_error("cache", KIND.kind);
         let why = match e.kind() {
             ErrorKind::Timeout => "timed out",
             ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Backpressure => "is not reachable",

@@ -39,6 +39,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_trait::async_trait;
 
+use crate::metrics::PoolUse;
 use crate::plugins::{BackendKind, BackendRegistry};
 
 pub use local::LocalConfig;
@@ -143,6 +144,10 @@ pub trait Coordinator: Send + Sync {
     /// Gives back every lease of this host and leaves the live hosts, as
     /// it stops: its work is handed over at once.
     async fn leave(&self) -> Result<()>;
+    /// Its connection pools' use, for the metrics (none in process).
+    fn pools(&self) -> Vec<PoolUse> {
+        Vec::new()
+    }
 }
 
 /// A held cross-host lock.

@@ -41,6 +41,7 @@ use deadpool_postgres::{Object, Pool};
 use serde::Deserialize;
 
 use super::{Claim, Commit, CoordinationSettings, Coordinator, Leases, Unlock, HEARTBEAT};
+use crate::metrics::{metrics, PoolUse};
 use crate::pg::{self, ident, redacted};
 use crate::plugins::BackendKind;
 
@@ -385,9 +386,14 @@ impl HostIdentity {
 /// `call`, failing after [`TIMEOUT`] (a statement's own timeout does not
 /// cover a server that stopped answering).
 async fn timed<T>(what: &str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::time::timeout(TIMEOUT * 2, call)
+    let result = tokio::time::timeout(TIMEOUT * 2, call)
         .await
-        .map_err(|_| anyhow::anyhow!("coordination: {what} took over {:?}", TIMEOUT * 2))?
+        .map_err(|_| anyhow::anyhow!("coordination: {what} took over {:?}", TIMEOUT * 2))
+        .and_then(|result| result);
+    if result.is_err() {
+        metrics().backend_error("coordination", KIND.kind);
+    }
+    result
 }
 
 /// Claims as three arrays, for `unnest`.
@@ -533,6 +539,17 @@ impl Coordinator for PostgresCoordinator {
     async fn lock(&self, name: &str) -> Result<Option<Box<dyn Unlock>>> {
         // Dropped at the timeout, the guard closes its connection.
         timed("a lock", self.take_lock(name)).await
+    }
+
+    fn pools(&self) -> Vec<PoolUse> {
+        [
+            ("heartbeats", &self.beats),
+            ("offsets", &self.pool),
+            ("locks", &self.locks),
+        ]
+        .into_iter()
+        .map(|(name, pool)| pg::pool_use("coordination", name, pool))
+        .collect()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -34,6 +34,7 @@ use crate::bindings::messaging::Message;
 use crate::coordination::{
     subscriptions as subscriptions_of, Claim, Commit, Coordinator, HEARTBEAT,
 };
+use crate::metrics::DeliveryMetrics;
 use crate::plugins::{Durability, RetryPolicy};
 
 /// Hands a message to a component's `subscriber` export.
@@ -344,6 +345,7 @@ struct Consumer {
     claim: Claim,
     retry: RetryPolicy,
     stop: watch::Receiver<bool>,
+    metrics: DeliveryMetrics,
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
@@ -370,6 +372,7 @@ impl Consumer {
     fn start(shared: Arc<Shared>, claim: Claim, retry: RetryPolicy) -> Running {
         let (stop_sender, stop) = watch::channel(false);
         let consumer = Consumer {
+            metrics: DeliveryMetrics::new(&claim.subscriber, &claim.topic),
             shared,
             claim,
             retry,
@@ -542,13 +545,17 @@ impl Consumer {
                 return false;
             };
             match delivered {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.metrics.delivered.inc();
+                    return true;
+                }
                 Err(e) => {
                     tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery failed");
                     last_error = e;
                 }
             }
             if attempt < self.retry.max_attempts {
+                self.metrics.retried.inc();
                 if !pause(&mut self.stop, backoff).await {
                     return false;
                 }
@@ -572,12 +579,17 @@ impl Consumer {
         // Rare, and the offset moves past the event next: its only copy
         // must survive a machine crash first.
         let shared = self.shared.clone();
-        self.retried("dead-lettering", || {
-            shared
-                .broker
-                .append(std::slice::from_ref(&dead), Durability::MachineCrash)
-        })
-        .await
-        .is_some()
+        let stored = self
+            .retried("dead-lettering", || {
+                shared
+                    .broker
+                    .append(std::slice::from_ref(&dead), Durability::MachineCrash)
+            })
+            .await
+            .is_some();
+        if stored {
+            self.metrics.dead_lettered.inc();
+        }
+        stored
     }
 }

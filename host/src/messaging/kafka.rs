@@ -40,6 +40,7 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use super::{partition_of, Broker, Envelope, MessagingSettings};
+use crate::metrics::metrics;
 use crate::plugins::{BackendKind, Durability};
 
 pub const KIND: BackendKind<dyn MessagingSettings> = BackendKind {
@@ -172,10 +173,14 @@ impl KafkaBroker {
 
     /// `call`, failing after the request timeout.
     async fn timed<T>(&self, what: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
-        tokio::time::timeout(self.timeout(), call)
+        let result = tokio::time::timeout(self.timeout(), call)
             .await
-            .map_err(|_| anyhow!("Kafka: {what} took over {:?}", self.timeout()))?
-            .with_context(|| format!("Kafka: {what}"))
+            .map_err(|_| anyhow!("Kafka: {what} took over {:?}", self.timeout()))
+            .and_then(|result| result.with_context(|| format!("Kafka: {what}")));
+        if result.is_err() {
+            metrics().backend_error("messaging", KIND.kind);
+        }
+        result
     }
 
     async fn client(&self) -> Result<&Client> {

@@ -57,6 +57,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use crate::bindings::messaging::{self as wit, Error, OutgoingMessage};
 use crate::capability::{Capability, CapabilityView};
 use crate::coordination::{self, Claim, Coordinator};
+use crate::metrics::PoolUse;
 use crate::outbox;
 use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Durability, Grant, RetryPolicy};
 use crate::state::InstanceState;
@@ -318,6 +319,11 @@ impl MessagingCapability {
         Ok(())
     }
 
+    /// Coordination's connection pools' use, for the metrics.
+    pub fn pools(&self) -> Vec<PoolUse> {
+        self.coordinator.pools()
+    }
+
     /// Where a subscriber stands on each partition: (partition, next offset
     /// it will handle, end of the partition). Caught up when next >= end.
     pub async fn progress(&self, component: &str, topic: &str) -> Result<Vec<(u32, u64, u64)>> {
@@ -348,6 +354,39 @@ impl MessagingCapability {
             events.extend(read.into_iter().map(|(offset, e)| (partition, offset, e)));
         }
         Ok(events)
+    }
+
+    /// The last `max` events of each partition of a topic, as (partition,
+    /// offset, event).
+    pub async fn read_latest(&self, topic: &str, max: usize) -> Result<Vec<(u32, u64, Envelope)>> {
+        let mut events = Vec::new();
+        for partition in 0..self.broker.partitions(topic).await? {
+            let end = self.broker.end(topic, partition).await?;
+            let from = end.saturating_sub(max as u64);
+            let read = self
+                .broker
+                .fetch(topic, partition, from, max, false)
+                .await?;
+            events.extend(read.into_iter().map(|(offset, e)| (partition, offset, e)));
+        }
+        Ok(events)
+    }
+
+    /// The event at `offset` of a topic's `partition`, if there is one.
+    pub async fn read_event(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<Option<Envelope>> {
+        if partition >= self.broker.partitions(topic).await? {
+            return Ok(None);
+        }
+        let read = self
+            .broker
+            .fetch(topic, partition, offset, 1, false)
+            .await?;
+        Ok(read.into_iter().find(|(o, _)| *o == offset).map(|(_, e)| e))
     }
 }
 

@@ -53,6 +53,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
 use crate::capability::{Capability, CapabilityView};
+use crate::metrics::PoolUse;
 use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
@@ -96,6 +97,10 @@ pub trait StorageBackend: Send + Sync {
         statement_timeout: Duration,
     ) -> Result<Arc<dyn Database>, Error>;
     async fn ping(&self) -> Result<(), Error>;
+    /// Its connection pools' use, for the metrics (none in process).
+    fn pools(&self) -> Vec<PoolUse> {
+        Vec::new()
+    }
 }
 
 /// One component's database.
@@ -116,6 +121,8 @@ pub trait Database: Send + Sync {
     async fn rehearse_migrations(&self, migrations: &[Migration]) -> Result<(), Error>;
     /// Committed outbox rows with a `seq` above `after`, oldest first.
     async fn outbox_pending(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, Error>;
+    /// How many committed events wait in the outbox.
+    async fn outbox_depth(&self) -> Result<u64, Error>;
     /// Removes outbox rows that reached the broker (`relayed`), and moves
     /// those the relay refused (`rejected`, with the reason) to the host's
     /// table `_agora_outbox_rejected`, where an operator can inspect them.
@@ -195,6 +202,10 @@ impl StorageCapability {
         Ok(StorageCapability {
             backend: config.start(data_dir).await?,
         })
+    }
+
+    pub fn pools(&self) -> Vec<PoolUse> {
+        self.backend.pools()
     }
 }
 

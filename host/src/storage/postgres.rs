@@ -93,6 +93,7 @@ use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
 };
+use crate::metrics::{metrics, PoolUse};
 use crate::pg::{self, ident, literal, pool, redacted};
 use crate::plugins::BackendKind;
 
@@ -510,6 +511,17 @@ impl StorageBackend for PostgresBackend {
         conn.simple_query("SELECT 1").await.map_err(pg_error)?;
         Ok(())
     }
+
+    fn pools(&self) -> Vec<PoolUse> {
+        let components = self.pools.lock().unwrap();
+        std::iter::once(pg::pool_use("storage", "host", &self.host))
+            .chain(
+                components
+                    .iter()
+                    .map(|(component, pool)| pg::pool_use("storage", component, pool)),
+            )
+            .collect()
+    }
 }
 
 struct PostgresDatabase {
@@ -786,6 +798,17 @@ impl Database for PostgresDatabase {
                 }
             })
             .collect())
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, Error> {
+        let sql = format!(
+            "SELECT count(*) FROM {}.outbox WHERE component = $1",
+            self.ns
+        );
+        let row = self
+            .with_host(async |c| c.query_one(&sql, &[&self.component]).await)
+            .await?;
+        Ok(row.get::<_, i64>(0) as u64)
     }
 
     async fn outbox_settle(
@@ -1085,9 +1108,15 @@ async fn run_execute(
 fn pool_error(e: PoolError) -> Error {
     match e {
         PoolError::Backend(e) => pg_error(e),
-        PoolError::Timeout(_) => Error::Unavailable("PostgreSQL did not answer in time".into()),
-        e => Error::Unavailable(format!("PostgreSQL is unreachable: {e}")),
+        PoolError::Timeout(_) => unavailable("PostgreSQL did not answer in time".into()),
+        e => unavailable(format!("PostgreSQL is unreachable: {e}")),
     }
+}
+
+/// The server failed, not the statement: counted for the operator.
+fn unavailable(text: String) -> Error {
+    metrics().backend_error("storage", KIND.kind);
+    Error::Unavailable(text)
 }
 
 /// A PostgreSQL error as a component sees it: constraint violations and
@@ -1096,7 +1125,7 @@ fn pool_error(e: PoolError) -> Error {
 fn pg_error(e: tokio_postgres::Error) -> Error {
     let Some(db) = e.as_db_error() else {
         if e.is_closed() {
-            return Error::Unavailable("the connection to PostgreSQL was lost".into());
+            return unavailable("the connection to PostgreSQL was lost".into());
         }
         let cause = std::error::Error::source(&e)
             .map(|s| format!(": {s}"))
@@ -1105,7 +1134,7 @@ fn pg_error(e: tokio_postgres::Error) -> Error {
             m if m.contains("parameter") || m.contains("column") => {
                 Error::InvalidQuery(format!("{m}{cause}"))
             }
-            m => Error::Unavailable(format!("PostgreSQL: {m}{cause}")),
+            m => unavailable(format!("PostgreSQL: {m}{cause}")),
         };
     };
     let code = db.code().code();
@@ -1117,7 +1146,7 @@ fn pg_error(e: tokio_postgres::Error) -> Error {
         "23" => Error::ConstraintViolation(text),
         // Connection, resources, shutdown, and a statement cancelled by
         // its timeout: retrying later may work.
-        "08" | "53" | "57" | "58" => Error::Unavailable(text),
+        "08" | "53" | "57" | "58" => unavailable(text),
         "40" => Error::Unavailable(format!("{text}: retry the transaction")),
         _ => Error::InvalidQuery(text),
     }

@@ -474,6 +474,18 @@ impl Database for SqliteDatabase {
         .await
     }
 
+    async fn outbox_depth(&self) -> Result<u64, Error> {
+        self.with_reader(|c| {
+            c.host(|c| {
+                c.query_row("SELECT count(*) FROM _agora_outbox", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
     async fn outbox_settle(
         &self,
         relayed: &[i64],

@@ -1,0 +1,186 @@
+//! The developer loop: builds before serving (`agora up --build`) and on
+//! every change of a component's sources (`agora up --watch`).
+//!
+//! A build is the component's own `build` command, run from the plugins
+//! file's directory with its output passed through, so the developer sees
+//! cargo's progress and errors where the host logs. The loop does not swap
+//! anything itself: a successful build rewrites the component's binary, and
+//! the binary watcher ([`crate::watch`]) swaps it in like any other
+//! replaced file. A failed build writes no binary, so the serving version
+//! stays, and the log says which version that is and why.
+//!
+//! Sources are the component's `watch` paths, recursively, minus build
+//! output (`target/`) and editors' scratch files. Changes are debounced
+//! ([`QUIET`]) because an editor's save or a `git checkout` is several
+//! writes; builds run one at a time, and a change during a build makes one
+//! more build after it, not one per change.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::plugins::Plugins;
+use crate::runtime::Runtime;
+
+/// Quiet time after the last source change before building.
+const QUIET: Duration = Duration::from_millis(300);
+/// How often a running build says it is still running.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the build commands of `components` (each distinct command once), in
+/// order, passing their output through; fails at the first that fails.
+pub async fn build(plugins: &Plugins, components: &[String]) -> Result<()> {
+    let mut done = BTreeSet::new();
+    for name in components {
+        let Some(command) = plugins.components.get(name).and_then(|c| c.build.clone()) else {
+            continue;
+        };
+        if !done.insert(command.clone()) {
+            continue;
+        }
+        tracing::info!(component = %name, %command, "building");
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .current_dir(&plugins.base_dir)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("running the build of `{name}`"))?;
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status?,
+                _ = progress.tick() => tracing::info!(
+                    component = %name,
+                    "still building ({} s)",
+                    started.elapsed().as_secs()
+                ),
+            }
+        };
+        if !status.success() {
+            bail!("the build of component `{name}` failed ({status}): {command}");
+        }
+        tracing::info!(component = %name, seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "built");
+    }
+    Ok(())
+}
+
+/// Whether a changed path is a source, not build output or an editor's
+/// scratch file.
+fn is_source(path: &Path) -> bool {
+    let scratch = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| {
+        n.starts_with('.') || n.ends_with('~') || n.ends_with(".swp") || n.ends_with(".tmp")
+    });
+    !scratch && !path.components().any(|c| c.as_os_str() == "target")
+}
+
+/// The components whose `watch` paths hold `path`.
+fn owners(plugins: &Plugins, path: &Path) -> Vec<String> {
+    plugins
+        .components
+        .iter()
+        .filter(|(_, spec)| {
+            spec.build.is_some()
+                && spec
+                    .watch
+                    .iter()
+                    .filter_map(|w| std::path::absolute(plugins.resolve(w)).ok())
+                    .any(|w| path.starts_with(w))
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Rebuilds a component whenever its sources change, until the host stops.
+pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            if !matches!(event.kind, notify::EventKind::Access(_)) {
+                let _ = tx.send(event.paths);
+            }
+        }
+    })?;
+    tokio::spawn(async move {
+        let mut watched = BTreeSet::new();
+        loop {
+            let plugins = runtime.plugins();
+            for (name, spec) in &plugins.components {
+                for path in &spec.watch {
+                    let path = plugins.resolve(path);
+                    if watched.insert(path.clone()) {
+                        if let Err(e) = watcher.watch(&path, RecursiveMode::Recursive) {
+                            tracing::warn!(component = %name, path = %path.display(), error = %e, "cannot watch the sources");
+                            watched.remove(&path);
+                        }
+                    }
+                }
+            }
+            let Some(paths) = rx.recv().await else { return };
+            let mut changed: BTreeSet<String> = paths
+                .iter()
+                .filter(|p| is_source(p))
+                .flat_map(|p| owners(&plugins, p))
+                .collect();
+            if changed.is_empty() {
+                continue;
+            }
+            let mut quiet_until = tokio::time::Instant::now() + QUIET;
+            loop {
+                tokio::select! {
+                    event = rx.recv() => match event {
+                        Some(paths) => {
+                            let more: Vec<String> = paths
+                                .iter()
+                                .filter(|p| is_source(p))
+                                .flat_map(|p| owners(&plugins, p))
+                                .collect();
+                            if !more.is_empty() {
+                                changed.extend(more);
+                                quiet_until = tokio::time::Instant::now() + QUIET;
+                            }
+                        }
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(quiet_until) => break,
+                }
+            }
+            let changed: Vec<String> = changed.into_iter().collect();
+            tracing::info!(components = ?changed, "sources changed; rebuilding");
+            if let Err(e) = build(&plugins, &changed).await {
+                let registry = runtime.registry();
+                let serving: Vec<String> = changed
+                    .iter()
+                    .filter_map(|name| registry.components.get(name))
+                    .map(|c| format!("{} {}", c.name, c.version))
+                    .collect();
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    serving = ?serving,
+                    "the build failed (its output is above); the serving versions stay"
+                );
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_output_and_scratch_files_are_not_sources() {
+        assert!(is_source(Path::new("/p/components/notes/src/lib.rs")));
+        assert!(!is_source(Path::new("/p/components/notes/target/debug/x")));
+        assert!(!is_source(Path::new("/p/components/notes/src/.lib.rs.swp")));
+        assert!(!is_source(Path::new("/p/components/notes/src/lib.rs~")));
+    }
+}
