@@ -135,6 +135,9 @@ pub struct TestHost {
     /// `ulimit` options for the host (`-v KiB`: where the instance pool
     /// cannot fit; `-n N`: few file descriptors).
     ulimit: Option<String>,
+    /// More flags for `agora up`, and environment variables.
+    flags: Vec<String>,
+    env: Vec<(String, String)>,
     /// The PostgreSQL namespace of this host's storage, dropped with it.
     namespace: Option<String>,
 }
@@ -187,9 +190,35 @@ impl TestHost {
         TestHost::start_with_ulimit(config, Some(format!("-n {files}")))
     }
 
+    /// A host started with more `agora up` flags (`--watch`) and
+    /// environment variables.
+    pub fn start_with_flags(
+        config: impl FnOnce(&Ports, &Path) -> String,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestHost {
+        TestHost::launch(
+            config,
+            None,
+            flags.iter().map(|f| f.to_string()).collect(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     fn start_with_ulimit(
         config: impl FnOnce(&Ports, &Path) -> String,
         ulimit: Option<String>,
+    ) -> TestHost {
+        TestHost::launch(config, ulimit, Vec::new(), Vec::new())
+    }
+
+    fn launch(
+        config: impl FnOnce(&Ports, &Path) -> String,
+        ulimit: Option<String>,
+        flags: Vec<String>,
+        env: Vec<(String, String)>,
     ) -> TestHost {
         let dir = TempDir::new().unwrap();
         let ports = Ports {
@@ -222,6 +251,8 @@ impl TestHost {
             dir,
             ports,
             ulimit,
+            flags,
+            env,
             namespace,
         };
         host.spawn();
@@ -272,6 +303,8 @@ impl TestHost {
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.ports.admin)])
             .arg("--data")
             .arg(self.data_dir())
+            .args(&self.flags)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
@@ -283,7 +316,7 @@ impl TestHost {
     }
 
     fn wait_until_serving(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(300);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the host exited ({status}) while starting:\n{}", self.log());
@@ -295,7 +328,10 @@ impl TestHost {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the host did not start within 120 s:\n{}", self.log());
+        panic!(
+            "the host did not start within 300 s (a first build included):\n{}",
+            self.log()
+        );
     }
 
     /// Kills the host without warning, as a crash would.
