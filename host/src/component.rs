@@ -42,6 +42,7 @@ use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
 use crate::storage::{Database, Migration};
+use crate::telemetry;
 
 pub struct ComponentVersion {
     pub name: String,
@@ -478,6 +479,9 @@ impl ComponentVersion {
             Ok(slot) => slot,
             Err(failure) => return failure.response(&self.name),
         };
+        if let Some(trace) = request.extensions().get::<opentelemetry::Context>() {
+            store.data_mut().set_trace(trace.clone());
+        }
         let (sender, receiver) = oneshot::channel();
         let handles = {
             let mut http = store.data_mut().http();
@@ -543,6 +547,7 @@ impl ComponentVersion {
         function: &str,
         params: &[Val],
         results: &mut [Val],
+        trace: opentelemetry::Context,
     ) -> wasmtime::Result<()> {
         let Slot {
             permit: _permit,
@@ -552,6 +557,7 @@ impl ComponentVersion {
             Ok(slot) => slot,
             Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
+        store.data_mut().set_trace(trace);
         let run = async {
             let instance = self.instantiate(&mut store).await?;
             let func = instance
@@ -590,6 +596,9 @@ impl ComponentVersion {
             .claim_slot(false)
             .await
             .map_err(|f| f.message(&self.name))?;
+        store
+            .data_mut()
+            .set_trace(telemetry::from_pairs(&message.headers));
         let run = async {
             let instance = self.instantiate(&mut store).await?;
             indices

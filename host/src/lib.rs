@@ -28,6 +28,7 @@ pub mod secret;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod telemetry;
 #[cfg(test)]
 mod testing;
 pub mod tokens;

@@ -12,6 +12,8 @@
 use std::sync::Weak;
 
 use anyhow::{anyhow, Result};
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
@@ -19,6 +21,7 @@ use wasmtime::Engine;
 use crate::plugins::{ComponentSpec, SHOP_INTERFACES};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
+use crate::telemetry;
 
 /// The linker for `component`: the shared one, plus forwarders for its
 /// `agora:shop` imports if it has any.
@@ -62,12 +65,23 @@ pub fn linker_for(
                 import.to_owned(),
                 function.to_owned(),
             );
-            defined.func_new_async(function, move |_store, _ty, params, results| {
+            defined.func_new_async(function, move |store, _ty, params, results| {
                 let (runtime, target, interface, function_name) = (
                     runtime.clone(),
                     target.clone(),
                     interface.clone(),
                     function_name.clone(),
+                );
+                let trace = telemetry::child(
+                    &store.data().trace,
+                    format!("{target} {interface}#{function_name}"),
+                    SpanKind::Client,
+                    vec![
+                        KeyValue::new("rpc.system", "agora"),
+                        KeyValue::new("rpc.service", interface.clone()),
+                        KeyValue::new("rpc.method", function_name.clone()),
+                        KeyValue::new("agora.component", target.clone()),
+                    ],
                 );
                 Box::new(async move {
                     let runtime = runtime
@@ -83,9 +97,14 @@ pub fn linker_for(
                                 "`{interface}` is linked to `{target}`, which is not running"
                             )
                         })?;
-                    callee
-                        .call_export(&interface, &function_name, params, results)
-                        .await
+                    let called = callee
+                        .call_export(&interface, &function_name, params, results, trace.clone())
+                        .await;
+                    telemetry::end(
+                        &trace,
+                        called.as_ref().err().map(|e| e.to_string()).as_deref(),
+                    );
+                    called
                 })
             })?;
         }

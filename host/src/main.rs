@@ -12,7 +12,7 @@ use std::sync::Arc;
 use agora_host::admin::Admin;
 use agora_host::plugins::Plugins;
 use agora_host::runtime::Runtime;
-use agora_host::{admin, develop, scaffold, server, watch};
+use agora_host::{admin, develop, scaffold, server, telemetry, watch};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
@@ -308,6 +308,7 @@ async fn up(
         server::Limits::public(&plugins.host),
         server::Limits::admin(&plugins.host),
     );
+    let exporting = telemetry::init(&plugins.telemetry)?;
     let runtime = Runtime::start(plugins, plugins_path, data_dir).await?;
     let admin = Arc::new(Admin::new(runtime.clone(), token));
     watch::start(runtime.clone())?;
@@ -340,6 +341,7 @@ async fn up(
     stop.send_replace(true);
     let _ = tokio::join!(public, admin_server);
     runtime.capabilities.shutdown().await;
+    tokio::task::spawn_blocking(move || exporting.shutdown()).await?;
     Ok(())
 }
 

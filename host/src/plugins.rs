@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::registry::canonical_path;
+use crate::telemetry::TelemetrySettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginsError {
@@ -71,6 +72,9 @@ pub struct Plugins {
     pub backends: Backends,
     #[serde(default)]
     pub tokens: TokenSettings,
+    /// Traces (OpenTelemetry over OTLP); off unless an endpoint is set.
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     #[serde(default)]
     pub components: BTreeMap<String, ComponentSpec>,
     /// Directory of the plugins file; relative paths are resolved against it.

@@ -51,6 +51,8 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
+use opentelemetry::KeyValue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -60,6 +62,7 @@ use crate::gateway;
 use crate::plugins::HostSettings;
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
+use crate::telemetry;
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const GRACE: Duration = Duration::from_secs(10);
@@ -590,12 +593,35 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     let path = request.uri().path().to_owned();
     let id = request_id(&request);
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // The client's trace goes on in the host's span, which the component
+    // sees as its parent.
+    let trace = telemetry::child(
+        &telemetry::from_headers(request.headers()),
+        method.to_string(),
+        SpanKind::Server,
+        vec![
+            KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("url.path", path.clone()),
+        ],
+    );
+    telemetry::inject(&trace, request.headers_mut());
+    request.extensions_mut().insert(trace.clone());
     let (routed, mut response) = route(&runtime, request).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
+    let span = trace.span();
     if let Some((component, route)) = &routed {
         component.observe_request(*route, status, elapsed);
+        let route = &component.spec.routes[*route];
+        span.update_name(format!("{method} {route}"));
+        span.set_attribute(KeyValue::new("http.route", route.clone()));
+        span.set_attribute(KeyValue::new("agora.component", component.name.clone()));
     }
+    span.set_attribute(KeyValue::new(
+        "http.response.status_code",
+        i64::from(status),
+    ));
+    telemetry::end(&trace, (status >= 500).then_some("server error"));
     tracing::info!(
         target: "agora::request",
         %method,

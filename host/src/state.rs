@@ -22,6 +22,8 @@ pub struct InstanceState {
     pub limiter: MemoryLimiter,
     /// Transactions this instance has open (see the storage capability).
     pub open_transactions: u32,
+    /// The span this instance works in: its request's or its delivery's.
+    pub trace: opentelemetry::Context,
 }
 
 impl InstanceState {
@@ -46,7 +48,15 @@ impl InstanceState {
                 exhausted: false,
             },
             open_transactions: 0,
+            trace: opentelemetry::Context::new(),
         }
+    }
+
+    /// Makes the instance work in `trace`: its calls, outbound requests and
+    /// events continue that trace.
+    pub fn set_trace(&mut self, trace: opentelemetry::Context) {
+        self.outbound.trace = trace.clone();
+        self.trace = trace;
     }
 }
 

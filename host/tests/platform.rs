@@ -716,3 +716,47 @@ fn logs_can_be_written_as_json_lines() {
     }
     assert!(printed.contains("ok  hello"), "{printed}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_exporter_a_clients_trace_still_reaches_outbound_calls_and_events() {
+    let recorder = Recorder::start(json!({"ok": true})).await;
+    let port = recorder.port;
+    let host = TestHost::start(move |ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            &format!("outbound_hosts = [\"127.0.0.1:{}\"]", ports.public),
+            &format!("outbound_hosts = [\"127.0.0.1:{port}\"]"),
+        )
+    });
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
+    let url = host.url(&format!("/probe/fetch?url=http://127.0.0.1:{port}/x"));
+    let fetched = request("GET", &url, &[("traceparent", &traceparent)], Vec::new()).await;
+    assert_eq!(fetched.status, 200, "{}", fetched.text());
+    let sent = recorder.recorded()[0]
+        .traceparent
+        .clone()
+        .unwrap_or_default();
+    assert!(sent.contains(trace_id), "{sent}");
+
+    let published = request(
+        "POST",
+        &host.url("/probe/publish"),
+        &[
+            ("traceparent", &traceparent),
+            ("content-type", "application/json"),
+        ],
+        json!({"topic": "traced", "payload": "x"})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(published.status, 201, "{}", published.text());
+    let events = host
+        .admin("GET", "/topics/traced/events", Vec::new())
+        .await
+        .json();
+    let carried = events["events"][0]["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(carried.contains(trace_id), "{events}");
+}

@@ -793,3 +793,174 @@ async fn every_documented_operation_is_served() {
     }
     assert!(checked >= 19, "{checked} operations");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkout_is_one_trace_from_the_client_through_the_broker_to_the_email() {
+    let collector = Collector::start().await;
+    let provider = Recorder::start(json!({"status": "approved", "reference": "psp-1"})).await;
+    let mailer = Recorder::start(json!({"accepted": true})).await;
+    let (provider_port, mailer_port, collector_port) = (provider.port, mailer.port, collector.port);
+    let shop = Shop::start_with(move |config| {
+        let config = config
+            .replace(
+                "settings = { decline_above_cents = 500000 }",
+                &format!("settings = {{ provider_url = \"http://127.0.0.1:{provider_port}/charges\" }}\noutbound_hosts = [\"127.0.0.1:{provider_port}\"]"),
+            )
+            .replace(
+                "links = { \"agora:shop/users\" = \"identity\" }",
+                &format!("links = {{ \"agora:shop/users\" = \"identity\" }}\nsettings = {{ webhook_url = \"http://127.0.0.1:{mailer_port}/emails\" }}\noutbound_hosts = [\"127.0.0.1:{mailer_port}\"]"),
+            );
+        format!("[telemetry]\nendpoint = \"http://127.0.0.1:{collector_port}\"\nexport_interval_ms = 100\n\n{config}")
+    })
+    .await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("tracy@example.com").await;
+    let chair = shop.product(&admin, "Chair", 4000, 4).await;
+
+    // The client (a storefront, say) started the trace.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let bearer = format!("Bearer {customer}");
+    let body = json!({"items": [{"product_id": chair, "quantity": 1}]});
+    let order = request(
+        "POST",
+        &shop.host.url("/orders"),
+        &[
+            ("authorization", &bearer),
+            ("content-type", "application/json"),
+            ("traceparent", &traceparent),
+        ],
+        body.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(order.status, 201, "{}", order.text());
+    let order_id = order.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
+    shop.notification_kinds(&customer, 3).await;
+
+    // Each hop: (kind, name, the component it ran in, the hop it follows).
+    const SERVER: i32 = 2;
+    const CLIENT: i32 = 3;
+    const CONSUMER: i32 = 5;
+    let hops: [(i32, &str, &str, &str); 9] = [
+        (SERVER, "POST /orders", "orders", "client"),
+        (
+            CLIENT,
+            "catalog agora:shop/inventory",
+            "catalog",
+            "POST /orders",
+        ),
+        (
+            CONSUMER,
+            "order.created process",
+            "payments",
+            "POST /orders",
+        ),
+        (
+            CLIENT,
+            "POST 127.0.0.1",
+            "",
+            "order.created process payments",
+        ),
+        (
+            CONSUMER,
+            "payment.succeeded process",
+            "orders",
+            "order.created process payments",
+        ),
+        (
+            CONSUMER,
+            "order.created process",
+            "notifications",
+            "POST /orders",
+        ),
+        (
+            CLIENT,
+            "identity agora:shop/users",
+            "identity",
+            "order.created process notifications",
+        ),
+        (
+            CONSUMER,
+            "payment.succeeded process",
+            "notifications",
+            "order.created process payments",
+        ),
+        (CONSUMER, "order.created process", "catalog", "POST /orders"),
+    ];
+    let label = |s: &ReceivedSpan| {
+        let component = s
+            .attributes
+            .get("agora.component")
+            .cloned()
+            .unwrap_or_default();
+        match s.kind {
+            CONSUMER => format!("{} {component}", s.name),
+            _ => s.name.clone(),
+        }
+    };
+    let spans = eventually(
+        "every hop of the checkout's trace",
+        Duration::from_secs(30),
+        || async {
+            let spans = collector.trace(trace_id);
+            hops.iter()
+                .all(|(kind, name, component, _)| {
+                    spans.iter().any(|s| {
+                        s.kind == *kind
+                            && s.name.starts_with(name)
+                            && (component.is_empty()
+                                || s.attributes.get("agora.component").map(String::as_str)
+                                    == Some(component))
+                    })
+                })
+                .then_some(spans)
+        },
+    )
+    .await;
+    let matching = |kind: i32, name: &str, component: &str| -> Vec<&ReceivedSpan> {
+        spans
+            .iter()
+            .filter(|s| {
+                s.kind == kind
+                    && s.name.starts_with(name)
+                    && (component.is_empty()
+                        || s.attributes.get("agora.component").map(String::as_str)
+                            == Some(component))
+            })
+            .collect()
+    };
+    for (kind, name, component, follows) in hops {
+        let parent = if follows == "client" {
+            client_span.to_owned()
+        } else {
+            spans
+                .iter()
+                .find(|s| label(s) == follows || s.name == follows)
+                .unwrap_or_else(|| panic!("no span {follows}: {spans:#?}"))
+                .span_id
+                .clone()
+        };
+        assert!(
+            matching(kind, name, component)
+                .iter()
+                .any(|s| s.parent_span_id == parent),
+            "{name} ({component}) follows {follows}: {spans:#?}"
+        );
+    }
+
+    // Outbound HTTP carries the trace to the payment provider and the mailer.
+    let charge = &provider.recorded()[0];
+    assert!(
+        charge
+            .traceparent
+            .as_deref()
+            .is_some_and(|t| t.contains(trace_id)),
+        "{charge:?}"
+    );
+    assert!(mailer.recorded().iter().any(|e| e
+        .traceparent
+        .as_deref()
+        .is_some_and(|t| t.contains(trace_id))));
+}

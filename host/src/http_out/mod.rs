@@ -8,12 +8,15 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use async_trait::async_trait;
+use opentelemetry::trace::{SpanKind, TraceContextExt};
+use opentelemetry::KeyValue;
 use wasmtime::component::Linker;
 use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::capability::Capability;
 use crate::plugins::{ComponentSpec, Grant};
 use crate::state::InstanceState;
+use crate::telemetry;
 
 pub struct HttpOutCapability;
 
@@ -34,14 +37,19 @@ impl Capability for HttpOutCapability {
     }
 }
 
-/// The per-instance hooks: the allow-list of the component, if granted.
+/// The per-instance hooks: the allow-list of the component, if granted,
+/// and the trace its requests continue.
 pub struct OutboundHooks {
     allowed: Option<Arc<Vec<String>>>,
+    pub trace: opentelemetry::Context,
 }
 
 impl OutboundHooks {
     pub fn new(allowed: Option<Arc<Vec<String>>>) -> Self {
-        OutboundHooks { allowed }
+        OutboundHooks {
+            allowed,
+            trace: opentelemetry::Context::new(),
+        }
     }
 
     fn permits(&self, authority: &http::uri::Authority) -> bool {
@@ -66,7 +74,7 @@ type SendFuture = Box<
 impl WasiHttpHooks for OutboundHooks {
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: Box<dyn std::future::Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
     ) -> SendFuture {
@@ -75,9 +83,38 @@ impl WasiHttpHooks for OutboundHooks {
             tracing::warn!(uri = %request.uri(), "outbound request to a host not granted");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let span = telemetry::child(
+            &self.trace,
+            format!(
+                "{} {}",
+                request.method(),
+                request.uri().host().unwrap_or("")
+            ),
+            SpanKind::Client,
+            vec![
+                KeyValue::new("http.request.method", request.method().to_string()),
+                KeyValue::new("url.full", request.uri().to_string()),
+            ],
+        );
+        // Unless the component passes on a context of its own.
+        if !request.headers().contains_key("traceparent") {
+            telemetry::inject(&span, request.headers_mut());
+        }
         Box::new(async move {
             use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            let sent = wasmtime_wasi_http::default_send_request(request, options).await;
+            match &sent {
+                Ok((response, _)) => {
+                    let status = response.status().as_u16();
+                    span.span().set_attribute(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    ));
+                    telemetry::end(&span, (status >= 500).then_some("server error"));
+                }
+                Err(e) => telemetry::end(&span, Some(&e.to_string())),
+            }
+            let (response, io) = sent?;
             Ok((
                 response.map(BodyExt::boxed_unsync),
                 Box::new(io) as Box<dyn std::future::Future<Output = _> + Send>,

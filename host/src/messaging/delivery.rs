@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -36,6 +38,7 @@ use crate::coordination::{
 };
 use crate::metrics::DeliveryMetrics;
 use crate::plugins::{Durability, RetryPolicy};
+use crate::telemetry;
 
 /// Hands a message to a component's `subscriber` export.
 #[async_trait]
@@ -511,13 +514,39 @@ impl Consumer {
         let mut backoff = Duration::from_millis(self.retry.backoff_ms);
         let mut last_error = String::new();
         let component = self.claim.subscriber.clone();
+        let published_in = telemetry::from_pairs(&event.headers);
         for attempt in 1..=self.retry.max_attempts {
+            // Each attempt a span, a child of the publisher's; the
+            // subscriber sees it as its parent.
+            let trace = telemetry::child(
+                &published_in,
+                format!("{} process", event.topic),
+                SpanKind::Consumer,
+                vec![
+                    KeyValue::new("messaging.operation.type", "process"),
+                    KeyValue::new("messaging.destination.name", event.topic.clone()),
+                    KeyValue::new(
+                        "messaging.destination.partition.id",
+                        self.claim.partition.to_string(),
+                    ),
+                    KeyValue::new("messaging.message.id", event.id.clone()),
+                    KeyValue::new("agora.component", component.clone()),
+                    KeyValue::new("agora.attempt", i64::from(attempt)),
+                ],
+            );
+            let mut headers: Vec<(String, String)> = event
+                .headers
+                .iter()
+                .filter(|(name, _)| name != "traceparent" && name != "tracestate")
+                .cloned()
+                .collect();
+            telemetry::inject_pairs(&trace, &mut headers);
             let message = Message {
                 id: event.id.clone(),
                 topic: event.topic.clone(),
                 key: event.key.clone(),
                 payload: event.payload.clone(),
-                headers: event.headers.clone(),
+                headers,
                 published_at: event.published_at,
                 attempt,
             };
@@ -542,8 +571,10 @@ impl Consumer {
             };
             let Some(delivered) = delivered else {
                 tracing::warn!(%component, topic = %event.topic, event = %event.id, "delivery cut short: this host's lease lapsed, or it was told to stop");
+                telemetry::end(&trace, Some("cut short"));
                 return false;
             };
+            telemetry::end(&trace, delivered.as_ref().err().map(String::as_str));
             match delivered {
                 Ok(()) => {
                     self.metrics.delivered.inc();

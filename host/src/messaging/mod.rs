@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
 use async_trait::async_trait;
+use opentelemetry::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
@@ -62,6 +63,7 @@ use crate::outbox;
 use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Durability, Grant, RetryPolicy};
 use crate::state::InstanceState;
 use crate::storage::{Database, TransactionHandle};
+use crate::telemetry;
 
 pub use delivery::Deliver;
 pub use embedded::{EmbeddedConfig, EmbeddedLog};
@@ -412,6 +414,7 @@ impl Capability for MessagingCapability {
                 ),
                 db: caps.storage.as_ref(),
                 table: &mut s.table,
+                trace: &s.trace,
             }
         })?)
     }
@@ -440,7 +443,9 @@ impl Capability for MessagingCapability {
 }
 
 impl Publisher {
-    fn envelope(&self, message: OutgoingMessage) -> Result<Envelope, Error> {
+    /// The event to store for `message`, checked against the grants and
+    /// limits, continuing the publisher's `trace`.
+    fn envelope(&self, message: OutgoingMessage, trace: &Context) -> Result<Envelope, Error> {
         if message.topic.is_empty() {
             return Err(Error::Invalid("the topic is empty".into()));
         }
@@ -463,12 +468,14 @@ impl Publisher {
                 "the event is {size} bytes; at most {MAX_EVENT_BYTES} (payload, key and headers)"
             )));
         }
+        let mut headers = message.headers;
+        telemetry::inject_pairs(trace, &mut headers);
         Ok(Envelope {
             id: uuid::Uuid::new_v4().to_string(),
             topic: message.topic,
             key: message.key,
             payload: message.payload,
-            headers: message.headers,
+            headers,
             published_at: crate::now_millis(),
         })
     }
@@ -504,6 +511,8 @@ pub struct MessagingView<'a> {
     publisher: CapabilityView<'a, Publisher>,
     db: Option<&'a Arc<dyn Database>>,
     table: &'a mut ResourceTable,
+    /// The instance's span, which its events carry on.
+    trace: &'a Context,
 }
 
 /// The [`HasData`] of a [`MessagingView`].
@@ -519,7 +528,7 @@ impl wit::Host for MessagingView<'_> {
         message: OutgoingMessage,
     ) -> wasmtime::Result<Result<String, Error>> {
         let publisher = self.publisher.granted()?;
-        let event = match publisher.envelope(message) {
+        let event = match publisher.envelope(message, self.trace) {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
@@ -559,7 +568,7 @@ impl wit::Host for MessagingView<'_> {
         tx: Resource<TransactionHandle>,
         message: OutgoingMessage,
     ) -> wasmtime::Result<Result<String, Error>> {
-        let event = match self.publisher.granted()?.envelope(message) {
+        let event = match self.publisher.granted()?.envelope(message, self.trace) {
             Ok(event) => event,
             Err(e) => return Ok(Err(e)),
         };
@@ -708,9 +717,9 @@ mod tests {
             headers: vec![(header.into(), "v".into())],
         };
         assert!(publisher
-            .envelope(message("t", 1000, "traceparent"))
+            .envelope(message("t", 1000, "traceparent"), &Context::new())
             .is_ok());
-        let refused = |m| format!("{:?}", publisher.envelope(m).unwrap_err());
+        let refused = |m| format!("{:?}", publisher.envelope(m, &Context::new()).unwrap_err());
         assert!(refused(message("other", 10, "h")).contains("TopicNotGranted"));
         assert!(refused(message("t", 10, "agora-id")).contains("are the platform's"));
         let too_large = refused(message("t", MAX_EVENT_BYTES, "h"));

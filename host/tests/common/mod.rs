@@ -581,6 +581,7 @@ pub struct Recorder {
 pub struct Recorded {
     pub path: String,
     pub idempotency_key: Option<String>,
+    pub traceparent: Option<String>,
     pub body: serde_json::Value,
 }
 
@@ -602,15 +603,19 @@ impl Recorder {
                             let (log, reply) = (log.clone(), reply.clone());
                             async move {
                                 let path = req.uri().path().to_owned();
-                                let key = req
-                                    .headers()
-                                    .get("idempotency-key")
-                                    .and_then(|v| v.to_str().ok())
-                                    .map(str::to_owned);
+                                let header = |name: &str| {
+                                    req.headers()
+                                        .get(name)
+                                        .and_then(|v| v.to_str().ok())
+                                        .map(str::to_owned)
+                                };
+                                let key = header("idempotency-key");
+                                let traceparent = header("traceparent");
                                 let body = req.into_body().collect().await.unwrap().to_bytes();
                                 log.lock().unwrap().push(Recorded {
                                     path,
                                     idempotency_key: key,
+                                    traceparent,
                                     body: serde_json::from_slice(&body).unwrap_or_default(),
                                 });
                                 Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
@@ -630,6 +635,102 @@ impl Recorder {
 
     pub fn recorded(&self) -> Vec<Recorded> {
         self.requests.lock().unwrap().clone()
+    }
+}
+
+/// A span as an OTLP collector receives it.
+#[derive(Debug, Clone)]
+pub struct ReceivedSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP's: 2 server, 3 client, 5 consumer.
+    pub kind: i32,
+    pub attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// A small OTLP/HTTP collector: takes `POST /v1/traces` (protobuf) and
+/// keeps the spans.
+pub struct Collector {
+    pub port: u16,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Collector {
+    pub async fn start() -> Collector {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = spans.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let kept = kept.clone();
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let export = ExportTraceServiceRequest::decode(body).unwrap();
+                                let mut kept = kept.lock().unwrap();
+                                for resource in export.resource_spans {
+                                    for scope in resource.scope_spans {
+                                        for span in scope.spans {
+                                            let attributes = span
+                                                .attributes
+                                                .iter()
+                                                .map(|kv| {
+                                                    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                                                    let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                                        Some(Value::StringValue(s)) => s.clone(),
+                                                        Some(Value::IntValue(i)) => i.to_string(),
+                                                        other => format!("{other:?}"),
+                                                    };
+                                                    (kv.key.clone(), value)
+                                                })
+                                                .collect();
+                                            kept.push(ReceivedSpan {
+                                                trace_id: hex(&span.trace_id),
+                                                span_id: hex(&span.span_id),
+                                                parent_span_id: hex(&span.parent_span_id),
+                                                name: span.name,
+                                                kind: span.kind,
+                                                attributes,
+                                            });
+                                        }
+                                    }
+                                }
+                                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                    Bytes::new(),
+                                )))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Collector { port, spans }
+    }
+
+    /// The spans of one trace received so far.
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        let spans = self.spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
     }
 }
 

@@ -1,0 +1,237 @@
+//! Traces: OpenTelemetry spans exported over OTLP/HTTP (protobuf), off
+//! unless `[telemetry] endpoint` names a collector.
+//!
+//! One trace follows work across everything the host connects: a request's
+//! span (`SERVER`), the service-to-service calls it makes (`CLIENT`, the
+//! callee's instance runs in the child's context), its outbound HTTP
+//! (`CLIENT`, with a `traceparent` header), the events it publishes (a
+//! `traceparent` event header, through the outbox and the broker) and each
+//! delivery of them (`CONSUMER`, a child of the publisher's span). W3C trace
+//! context is the format throughout: a client's `traceparent` is honoured,
+//! and each component sees its own span's in its request or message.
+//!
+//! The context is carried by hand, not by `tracing`'s span scopes (no
+//! tracing-opentelemetry bridge): a trace crosses a wasm boundary (an
+//! instance's state holds it), a link call, a socket and a broker, and none
+//! of those is a scope on one task. Log lines stay log lines.
+//!
+//! Without an endpoint the tracer is OpenTelemetry's no-op one: spans cost
+//! almost nothing and are not recorded, but a client's context still
+//! passes through to components, their calls and their events, so a trace
+//! that a gateway in front started does not break at Agora.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use opentelemetry::global::{self, BoxedTracer};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpClient, HttpError};
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use serde::Deserialize;
+
+/// `[telemetry]` in plugins.toml.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// The OTLP/HTTP collector's base URL (`http://collector:4318`, as
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`); spans go to `<endpoint>/v1/traces`.
+    /// None (the default): no spans are exported.
+    pub endpoint: Option<String>,
+    /// `service.name` of the spans: `agora`, or one per deployment.
+    pub service_name: String,
+    /// How often finished spans are sent. 5 s is OpenTelemetry's default:
+    /// one request per interval however busy the host is.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            endpoint: None,
+            service_name: "agora".into(),
+            export_interval_ms: 5000,
+        }
+    }
+}
+
+/// How long one export may take: a collector that hangs must not hold the
+/// exporter's thread for long.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The exporter's running state; [`Exporting::shutdown`] sends what is left.
+pub struct Exporting(Option<SdkTracerProvider>);
+
+impl Exporting {
+    pub fn shutdown(self) {
+        if let Some(provider) = self.0 {
+            if let Err(e) = provider.shutdown() {
+                tracing::warn!(error = %e, "traces: the last spans were not all sent");
+            }
+        }
+    }
+}
+
+/// Installs W3C trace context and, if an endpoint is set, the OTLP
+/// exporter. Call once, from within the tokio runtime.
+pub fn init(settings: &TelemetrySettings) -> Result<Exporting> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let Some(endpoint) = &settings.endpoint else {
+        return Ok(Exporting(None));
+    };
+    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(TokioClient(tokio::runtime::Handle::current()))
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(url.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .with_context(|| format!("[telemetry] endpoint `{endpoint}`"))?;
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_scheduled_delay(Duration::from_millis(settings.export_interval_ms))
+                .build(),
+        )
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(settings.service_name.clone())
+                .build(),
+        )
+        .build();
+    global::set_tracer_provider(provider.clone());
+    EXPORTING.store(true, Ordering::Relaxed);
+    tracing::info!(%url, "exporting traces");
+    Ok(Exporting(Some(provider)))
+}
+
+/// Whether spans are exported (an endpoint is set).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// The host's tracer, made at its first use, which is after [`init`].
+static TRACER: LazyLock<BoxedTracer> = LazyLock::new(|| global::tracer("agora"));
+
+/// The trace context a request's headers carry (a client's `traceparent`).
+pub fn from_headers(headers: &http::HeaderMap) -> Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+}
+
+/// The trace context an event's headers carry.
+pub fn from_pairs(headers: &[(String, String)]) -> Context {
+    let map: std::collections::HashMap<String, String> = headers
+        .iter()
+        .filter(|(name, _)| name == "traceparent" || name == "tracestate")
+        .cloned()
+        .collect();
+    TraceContextPropagator::new().extract(&map)
+}
+
+/// Writes `cx`'s `traceparent` (and `tracestate`) into request headers.
+pub fn inject(cx: &Context, headers: &mut http::HeaderMap) {
+    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+}
+
+/// Sets `cx`'s `traceparent` (and `tracestate`) in event headers, unless
+/// the component set its own.
+pub fn inject_pairs(cx: &Context, headers: &mut Vec<(String, String)>) {
+    if headers.iter().any(|(name, _)| name == "traceparent") {
+        return;
+    }
+    let mut map = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(cx, &mut map);
+    let mut pairs: Vec<(String, String)> = map.into_iter().collect();
+    pairs.sort();
+    headers.extend(pairs);
+}
+
+/// A context with a new span, a child of `parent`'s. Without an exporter
+/// and without a parent there is nothing to record or pass on, and the
+/// (empty) parent is returned as it is: the request path pays nothing.
+pub fn child(
+    parent: &Context,
+    name: impl Into<std::borrow::Cow<'static, str>>,
+    kind: SpanKind,
+    attributes: Vec<KeyValue>,
+) -> Context {
+    if !EXPORTING.load(Ordering::Relaxed) && !parent.span().span_context().is_valid() {
+        return parent.clone();
+    }
+    let span = TRACER
+        .span_builder(name)
+        .with_kind(kind)
+        .with_attributes(attributes)
+        .start_with_context(&*TRACER, parent);
+    parent.with_span(span)
+}
+
+/// Ends the span of `cx`, as failed with `error` if there is one.
+pub fn end(cx: &Context, error: Option<&str>) {
+    let span = cx.span();
+    if let Some(error) = error {
+        span.set_status(opentelemetry::trace::Status::error(error.to_owned()));
+    }
+    span.end();
+}
+
+/// OTLP exports over hyper on the host's runtime. The batch processor
+/// exports from a thread of its own, outside tokio; the request runs on
+/// the runtime and the thread waits for it.
+#[derive(Debug)]
+struct TokioClient(tokio::runtime::Handle);
+
+#[async_trait::async_trait]
+impl HttpClient for TokioClient {
+    async fn send_bytes(
+        &self,
+        request: http::Request<Bytes>,
+    ) -> Result<http::Response<Bytes>, HttpError> {
+        let send = async move {
+            let authority = request
+                .uri()
+                .authority()
+                .ok_or("the OTLP endpoint has no host")?
+                .clone();
+            let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let (mut parts, body) = request.into_parts();
+            parts.headers.insert(
+                http::header::HOST,
+                http::HeaderValue::from_str(authority.as_str())?,
+            );
+            parts.uri = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse()?;
+            let response = sender
+                .send_request(http::Request::from_parts(parts, Full::new(body)))
+                .await?;
+            let (parts, body) = response.into_parts();
+            let body = body.collect().await?.to_bytes();
+            Ok::<_, HttpError>(http::Response::from_parts(parts, body))
+        };
+        // Timed on the runtime too: the exporter's thread has no timer.
+        self.0
+            .spawn(async move {
+                tokio::time::timeout(EXPORT_TIMEOUT, send)
+                    .await
+                    .map_err(|_| HttpError::from("the OTLP collector did not answer in time"))?
+            })
+            .await?
+    }
+}
