@@ -224,16 +224,22 @@ async fn run(cli: Cli) -> Result<()> {
                 plugins.backends = Default::default();
             }
             let scratch = tempdir()?;
-            let runtime = Runtime::start(plugins, &plugins_path, &scratch).await;
-            let _ = std::fs::remove_dir_all(&scratch);
-            let runtime = runtime?;
+            let runtime = match Runtime::start(plugins, &plugins_path, &scratch).await {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&scratch);
+                    return Err(e);
+                }
+            };
             for (name, c) in &runtime.registry().components {
                 println!(
                     "ok  {name}  version {}  routes {:?}",
                     c.version, c.spec.routes
                 );
             }
+            // The relays and consumers use the scratch directory until then.
             runtime.capabilities.shutdown().await;
+            let _ = std::fs::remove_dir_all(&scratch);
             Ok(())
         }
         Command::Deploy { name, file, admin } => {
