@@ -760,3 +760,32 @@ async fn without_an_exporter_a_clients_trace_still_reaches_outbound_calls_and_ev
         .unwrap_or_default();
     assert!(carried.contains(trace_id), "{events}");
 }
+
+/// wstd's HTTP proxy example, built unmodified (host/tests/wstd-proxy): a
+/// standard wasi:http component that reads its target from `TARGET_URL`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_standard_wasi_http_proxy_reads_its_target_from_env_and_runs_unmodified() {
+    let upstream = Recorder::start(json!({"from": "upstream"})).await;
+    let port = upstream.port;
+    let host = TestHost::start(move |_, _| {
+        format!(
+            r#"
+[components.proxy]
+wasm = "{wasm}"
+routes = ["/proxy"]
+grants = ["http-out"]
+outbound_hosts = ["127.0.0.1:{port}"]
+env = {{ TARGET_URL = "http://127.0.0.1:{port}/" }}
+"#,
+            wasm = component("wstd-proxy").display()
+        )
+    });
+    let proxied = get(&host.url("/proxy/catalog/items?page=2")).await;
+    assert_eq!(proxied.status, 200, "{}", proxied.text());
+    assert_eq!(proxied.json(), json!({"from": "upstream"}));
+    let seen = upstream.recorded();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/catalog/items");
+    // Anything but /proxy/ is the example's own 404.
+    assert_eq!(get(&host.url("/proxy")).await.status, 404);
+}
