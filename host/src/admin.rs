@@ -42,7 +42,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::console::{self, Console};
-use crate::metrics::{self, metrics};
+use crate::metrics;
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::server::{read_body, LocalAddr};
@@ -228,8 +228,7 @@ pub async fn handle(admin: Arc<Admin>, request: Request<Incoming>) -> Response<B
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, ["metrics"]) => {
-            runtime.observe().await;
-            let mut response = Response::new(response::full(metrics().encode()));
+            let mut response = Response::new(response::full(runtime.scrape().await));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(metrics::CONTENT_TYPE),

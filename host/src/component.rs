@@ -509,7 +509,8 @@ impl ComponentVersion {
                     .await
             };
             let result = run.await;
-            result.map_err(|e| Failure::classify(e, store.data().limiter.exhausted))
+            // Counted here, whether or not the response head was out.
+            result.map_err(|e| this.failed(Failure::classify(e, store.data().limiter.exhausted)))
         });
         match timeout_at(deadline, receiver).await {
             Ok(Ok(Ok(response))) => response,
@@ -517,13 +518,18 @@ impl ComponentVersion {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
             }
             Ok(Err(_)) => match task.await {
-                Ok(Err(failure)) => self.failed(failure).response(&self.name),
+                Ok(Err(failure)) => failure.response(&self.name),
                 Ok(Ok(())) => Failure::NoResponse.response(&self.name),
                 Err(e) => Failure::Internal(e.to_string()).response(&self.name),
             },
             Err(_) => {
                 task.abort();
-                self.failed(Failure::Timeout).response(&self.name)
+                // Counted here only if the guest did not finish (and count
+                // its own failure) first.
+                if task.await.is_err() {
+                    self.failed(Failure::Timeout);
+                }
+                Failure::Timeout.response(&self.name)
             }
         }
     }

@@ -27,7 +27,7 @@
 //! meant to be idempotent per event id (the shop's are), because delivery
 //! is at least once anyway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -46,11 +46,17 @@ use crate::server::read_body;
 
 /// How long a console session lasts: a working day.
 const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// The session cookie's name.
-const COOKIE: &str = "agora_console";
+/// The session cookie's name. The public listener removes it from requests
+/// before a component sees them ([`crate::gateway::strip_console_cookie`]).
+pub const COOKIE: &str = "agora_console";
 /// Dead letters listed per partition of a subscriber's dead-letter topic:
 /// the latest, newest first.
-const DEAD_LETTERS_SHOWN: usize = 50;
+const DEAD_LETTERS_SHOWN: usize = 20;
+/// How long the page waits for the broker and coordination, per section:
+/// in an outage the page (and its rollback buttons) must still load.
+const SECTION_TIMEOUT: Duration = Duration::from_secs(3);
+/// Notices kept for the page after a redirect.
+const KEPT_NOTICES: usize = 32;
 /// The largest form the console accepts (a token, a few fields).
 const MAX_FORM_BYTES: usize = 4096;
 /// Every console response: no framing, no script or style from elsewhere,
@@ -81,6 +87,9 @@ pub struct Console {
     /// Dead letters replayed from this host: (subscriber, partition,
     /// offset) and what the replay gave.
     replays: Mutex<BTreeMap<Letter, Result<(), String>>>,
+    /// What the last actions said, by a random id the redirect carries: the
+    /// page shows only what the host wrote, never text from a link.
+    notices: Mutex<VecDeque<(u64, String)>>,
 }
 
 impl Console {
@@ -104,6 +113,28 @@ impl Console {
             .get(&key)
             .is_some_and(|expires| *expires > Instant::now())
             .then_some(key)
+    }
+}
+
+impl Console {
+    fn keep_notice(&self, text: String) -> u64 {
+        let id = crate::secret::random_bytes(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .unwrap_or_default();
+        let mut notices = self.notices.lock().unwrap();
+        if notices.len() == KEPT_NOTICES {
+            notices.pop_front();
+        }
+        notices.push_back((id, text));
+        id
+    }
+
+    fn notice(&self, id: u64) -> Option<String> {
+        let notices = self.notices.lock().unwrap();
+        notices
+            .iter()
+            .find(|(n, _)| *n == id)
+            .map(|(_, t)| t.clone())
     }
 }
 
@@ -165,7 +196,11 @@ pub async fn handle(
         (&Method::POST, ["login"], _) => login(console, token, request).await,
         (_, _, None) => page("Sign in", &login_form(None)),
         (&Method::GET, [] | [""], Some(_)) => {
-            let notice = request.uri().query().and_then(notice_of);
+            let notice = request
+                .uri()
+                .query()
+                .and_then(notice_of)
+                .and_then(|id| console.notice(id));
             overview(console, runtime, notice.as_deref()).await
         }
         (&Method::GET, ["rates"], Some(_)) => rates(runtime),
@@ -181,10 +216,11 @@ pub async fn handle(
             response
         }
         (&Method::POST, ["components", name, "rollback"], Some(_)) => {
-            match runtime.rollback(name).await {
-                Ok(v) => notice_redirect(&format!("Rolled {name} back to version {}", v.version)),
-                Err(e) => notice_redirect(&format!("Rollback of {name} refused: {e:#}")),
-            }
+            let notice = match runtime.rollback(name).await {
+                Ok(v) => format!("Rolled {name} back to version {}", v.version),
+                Err(e) => format!("Rollback of {name} refused: {e:#}"),
+            };
+            notice_redirect(console, &notice)
         }
         (&Method::POST, ["dead-letters", component, partition, offset, "replay"], Some(_)) => {
             match (partition.parse(), offset.parse()) {
@@ -234,17 +270,15 @@ fn see_other(location: &str) -> Response<Body> {
 }
 
 /// Back to the overview, with a line saying what happened.
-fn notice_redirect(notice: &str) -> Response<Body> {
-    let query: String = form_urlencoded::Serializer::new(String::new())
-        .append_pair("notice", notice)
-        .finish();
-    see_other(&format!("/console?{query}"))
+fn notice_redirect(console: &Console, notice: &str) -> Response<Body> {
+    let id = console.keep_notice(notice.to_owned());
+    see_other(&format!("/console?notice={id}"))
 }
 
-fn notice_of(query: &str) -> Option<String> {
+fn notice_of(query: &str) -> Option<u64> {
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "notice")
-        .map(|(_, v)| v.into_owned())
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 async fn login(console: &Console, token: &str, request: Request<Incoming>) -> Response<Body> {
@@ -386,8 +420,15 @@ async fn overview(console: &Console, runtime: &Runtime, notice: Option<&str>) ->
     components_section(runtime, &mut html);
     rates_section(runtime, &mut html);
     history_section(runtime, &mut html);
-    subscribers_section(runtime, &mut html).await;
-    dead_letters_section(console, runtime, &mut html).await;
+    let subscribers = timed(subscribers_section(runtime), "Subscribers", "subscribers");
+    let dead_letters = timed(
+        dead_letters_section(console, runtime),
+        "Dead letters",
+        "dead-letters",
+    );
+    let (subscribers, dead_letters) = tokio::join!(subscribers, dead_letters);
+    html.push_str(&subscribers);
+    html.push_str(&dead_letters);
     page("Overview", &html)
 }
 
@@ -486,7 +527,24 @@ fn history_section(runtime: &Runtime, html: &mut String) {
     html.push_str("</tbody></table></section>");
 }
 
-async fn subscribers_section(runtime: &Runtime, html: &mut String) {
+/// A section that needs the backends, or a note that they did not answer
+/// within [`SECTION_TIMEOUT`].
+async fn timed(
+    section: impl std::future::Future<Output = String>,
+    title: &str,
+    id: &str,
+) -> String {
+    match tokio::time::timeout(SECTION_TIMEOUT, section).await {
+        Ok(html) => html,
+        Err(_) => format!(
+            r#"<section><h2>{title}</h2><p class="error" id="{id}">The broker or coordination did not answer within {} s; reload to try again.</p></section>"#,
+            SECTION_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+async fn subscribers_section(runtime: &Runtime) -> String {
+    let mut html = String::new();
     html.push_str(
         r#"<section><h2>Subscribers</h2><table id="subscribers"><thead><tr><th>Subscriber</th><th>Topic</th><th>Partition</th><th>Next offset</th><th>End</th><th>Lag</th></tr></thead><tbody>"#,
     );
@@ -524,6 +582,7 @@ async fn subscribers_section(runtime: &Runtime, html: &mut String) {
         }
     }
     html.push_str("</tbody></table></section>");
+    html
 }
 
 /// A dead letter's header.
@@ -534,7 +593,8 @@ fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-async fn dead_letters_section(console: &Console, runtime: &Runtime, html: &mut String) {
+async fn dead_letters_section(console: &Console, runtime: &Runtime) -> String {
+    let mut html = String::new();
     html.push_str(
         r#"<section><h2>Dead letters</h2><table id="dead-letters"><thead><tr><th>Subscriber</th><th>Event</th><th>Topic</th><th>Attempts</th><th>Error</th><th>Payload</th><th></th></tr></thead><tbody>"#,
     );
@@ -598,6 +658,7 @@ async fn dead_letters_section(console: &Console, runtime: &Runtime, html: &mut S
         html.push_str(r#"<tr><td colspan="7">No dead letters.</td></tr>"#);
     }
     html.push_str("</tbody></table></section>");
+    html
 }
 
 /// Delivers one dead letter to its subscriber's serving version again.
@@ -616,14 +677,31 @@ async fn replay(
         .await
     {
         Ok(letter) => letter,
-        Err(e) => return notice_redirect(&format!("Cannot read {topic}: {e:#}")),
+        Err(e) => return notice_redirect(console, &format!("Cannot read {topic}: {e:#}")),
     };
     let Some(letter) = letter else {
-        return notice_redirect(&format!(
-            "{topic} has no event at partition {partition}, offset {offset}"
-        ));
+        return notice_redirect(
+            console,
+            &format!("{topic} has no event at partition {partition}, offset {offset}"),
+        );
     };
+    // Only the platform writes dead letters (no grant reaches a
+    // `dead-letter.` topic), and only of a topic the subscriber takes.
     let original = header_of(&letter.headers, "agora-original-topic").to_owned();
+    let subscribed = runtime
+        .registry()
+        .components
+        .get(component)
+        .is_some_and(|c| c.spec.subscribes.contains(&original));
+    if !subscribed {
+        return notice_redirect(
+            console,
+            &format!(
+                "Event {} is not a dead letter of a topic {component} subscribes to ({original:?}): not replayed",
+                letter.id
+            ),
+        );
+    }
     let message = Message {
         id: letter.id.clone(),
         topic: original.clone(),
@@ -651,7 +729,7 @@ async fn replay(
         .lock()
         .unwrap()
         .insert((component.to_owned(), partition, offset), result);
-    notice_redirect(&notice)
+    notice_redirect(console, &notice)
 }
 
 #[cfg(test)]

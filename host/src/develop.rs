@@ -15,7 +15,8 @@
 //! writes; builds run one at a time, and a change during a build makes one
 //! more build after it, not one per change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,33 +73,64 @@ pub async fn build(plugins: &Plugins, components: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Whether a changed path is a source, not build output or an editor's
-/// scratch file.
-fn is_source(path: &Path) -> bool {
-    let scratch = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| {
-        n.starts_with('.') || n.ends_with('~') || n.ends_with(".swp") || n.ends_with(".tmp")
-    });
-    !scratch && !path.components().any(|c| c.as_os_str() == "target")
+/// Whether a changed path, relative to the watched directory that holds
+/// it, is a source: not build output (`target/`) or an editor's scratch
+/// file.
+fn is_source(relative: &Path) -> bool {
+    let scratch = relative
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| {
+            n.starts_with('.') || n.ends_with('~') || n.ends_with(".swp") || n.ends_with(".tmp")
+        });
+    !scratch && !relative.components().any(|c| c.as_os_str() == "target")
 }
 
-/// The components whose `watch` paths hold `path`.
+/// The components with a build whose `watch` paths hold the source `path`.
 fn owners(plugins: &Plugins, path: &Path) -> Vec<String> {
     plugins
         .components
         .iter()
         .filter(|(_, spec)| {
             spec.build.is_some()
-                && spec
-                    .watch
-                    .iter()
-                    .filter_map(|w| std::path::absolute(plugins.resolve(w)).ok())
-                    .any(|w| path.starts_with(w))
+                && spec.watch.iter().any(|root| {
+                    let root = plugins.resolve(root);
+                    path.strip_prefix(&root)
+                        .is_ok_and(|relative| path == root || is_source(relative))
+                })
         })
         .map(|(name, _)| name.clone())
         .collect()
 }
 
+/// What each source file held when last seen: a build that writes into its
+/// own sources (generated bindings, a lock file) would otherwise wake the
+/// next build, and that one the next, for ever. A file is a change when
+/// its content is, not when it is touched.
+#[derive(Default)]
+struct Seen(HashMap<PathBuf, Option<u64>>);
+
+impl Seen {
+    fn changed(&mut self, path: &Path) -> bool {
+        if path.is_dir() {
+            return false;
+        }
+        let content = std::fs::read(path).ok().map(|bytes| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut hasher);
+            hasher.finish()
+        });
+        self.0.insert(path.to_owned(), content) != Some(content)
+    }
+}
+
+/// How often the watch list follows plugins.toml, and components added
+/// without a binary are built.
+const REFRESH: Duration = Duration::from_secs(1);
+
 /// Rebuilds a component whenever its sources change, until the host stops.
+/// Components that plugins.toml gains while the host runs (`agora new`) are
+/// watched within [`REFRESH`], and built at once if their binary is missing.
 pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -110,8 +142,17 @@ pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
     })?;
     tokio::spawn(async move {
         let mut watched = BTreeSet::new();
+        let mut known: BTreeSet<String> = runtime.plugins().components.keys().cloned().collect();
+        let mut plugins = runtime.plugins();
+        let mut seen = Seen::default();
+        let mut refresh = tokio::time::interval(REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let plugins = runtime.plugins();
+            // The file as it is now, not what the host serves: a component
+            // added without a binary is refused by the host until it is built.
+            if let Ok(current) = Plugins::load(runtime.plugins_path()) {
+                plugins = current;
+            }
             for (name, spec) in &plugins.components {
                 for path in &spec.watch {
                     let path = plugins.resolve(path);
@@ -123,33 +164,55 @@ pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
                     }
                 }
             }
-            let Some(paths) = rx.recv().await else { return };
-            let mut changed: BTreeSet<String> = paths
+            // New since the last look, without a binary: build it now.
+            let added: Vec<String> = plugins
+                .components
                 .iter()
-                .filter(|p| is_source(p))
-                .flat_map(|p| owners(&plugins, p))
+                .filter(|(name, spec)| {
+                    !known.contains(*name)
+                        && spec.build.is_some()
+                        && !plugins.resolve(&spec.wasm).exists()
+                })
+                .map(|(name, _)| name.clone())
                 .collect();
+            known = plugins.components.keys().cloned().collect();
+            let mut changed: BTreeSet<String> = added.into_iter().collect();
             if changed.is_empty() {
-                continue;
-            }
-            let mut quiet_until = tokio::time::Instant::now() + QUIET;
-            loop {
-                tokio::select! {
-                    event = rx.recv() => match event {
-                        Some(paths) => {
-                            let more: Vec<String> = paths
-                                .iter()
-                                .filter(|p| is_source(p))
-                                .flat_map(|p| owners(&plugins, p))
-                                .collect();
-                            if !more.is_empty() {
-                                changed.extend(more);
-                                quiet_until = tokio::time::Instant::now() + QUIET;
-                            }
-                        }
+                let paths = tokio::select! {
+                    paths = rx.recv() => match paths {
+                        Some(paths) => paths,
                         None => return,
                     },
-                    _ = tokio::time::sleep_until(quiet_until) => break,
+                    _ = refresh.tick() => continue,
+                };
+                changed.extend(
+                    paths
+                        .iter()
+                        .filter(|p| seen.changed(p))
+                        .flat_map(|p| owners(&plugins, p)),
+                );
+                if changed.is_empty() {
+                    continue;
+                }
+                let mut quiet_until = tokio::time::Instant::now() + QUIET;
+                loop {
+                    tokio::select! {
+                        event = rx.recv() => match event {
+                            Some(paths) => {
+                                let more: Vec<String> = paths
+                                    .iter()
+                                    .filter(|p| seen.changed(p))
+                                    .flat_map(|p| owners(&plugins, p))
+                                    .collect();
+                                if !more.is_empty() {
+                                    changed.extend(more);
+                                    quiet_until = tokio::time::Instant::now() + QUIET;
+                                }
+                            }
+                            None => return,
+                        },
+                        _ = tokio::time::sleep_until(quiet_until) => break,
+                    }
                 }
             }
             let changed: Vec<String> = changed.into_iter().collect();
@@ -178,9 +241,24 @@ mod tests {
 
     #[test]
     fn build_output_and_scratch_files_are_not_sources() {
-        assert!(is_source(Path::new("/p/components/notes/src/lib.rs")));
-        assert!(!is_source(Path::new("/p/components/notes/target/debug/x")));
-        assert!(!is_source(Path::new("/p/components/notes/src/.lib.rs.swp")));
-        assert!(!is_source(Path::new("/p/components/notes/src/lib.rs~")));
+        assert!(is_source(Path::new("src/lib.rs")));
+        assert!(!is_source(Path::new("target/debug/x")));
+        assert!(!is_source(Path::new("src/.lib.rs.swp")));
+        assert!(!is_source(Path::new("src/lib.rs~")));
+    }
+
+    #[test]
+    fn a_file_is_a_change_when_its_content_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lib.rs");
+        let mut seen = Seen::default();
+        std::fs::write(&file, "a").unwrap();
+        assert!(seen.changed(&file));
+        std::fs::write(&file, "a").unwrap();
+        assert!(!seen.changed(&file), "rewritten with the same content");
+        std::fs::write(&file, "b").unwrap();
+        assert!(seen.changed(&file));
+        std::fs::remove_file(&file).unwrap();
+        assert!(seen.changed(&file), "removed");
     }
 }

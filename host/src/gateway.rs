@@ -22,6 +22,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 
 use crate::bindings::tokens::{Claims, Error as TokenError};
 use crate::cache::CacheBackend;
+use crate::console::COOKIE as CONSOLE_COOKIE;
 use crate::plugins::{ComponentSpec, RateLimit, RateLimitPer};
 use crate::registry::{canonical_path, prefix_matches};
 use crate::response::{self, Body};
@@ -103,6 +104,38 @@ pub fn normalize<B>(request: &mut Request<B>) -> Result<(), Refusal> {
     *request.uri_mut() = Uri::from_parts(parts)
         .map_err(|e| Refusal::InvalidPath(format!("the path cannot be normalized: {e}")))?;
     Ok(())
+}
+
+/// Removes the console's session cookie from a request for a component.
+/// Browsers send a cookie to every port of its host (RFC 6265 ignores
+/// ports), so an operator signed in to the console on the admin port sends
+/// it to the public listener too, where a component would read it.
+pub fn strip_console_cookie(headers: &mut http::HeaderMap) {
+    let holds_it = |v: &http::HeaderValue| {
+        v.as_bytes()
+            .windows(CONSOLE_COOKIE.len())
+            .any(|w| w == CONSOLE_COOKIE.as_bytes())
+    };
+    if !headers.get_all(http::header::COOKIE).iter().any(holds_it) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|pair| {
+            !pair.is_empty() && pair.split('=').next().map(str::trim) != Some(CONSOLE_COOKIE)
+        })
+        .map(str::to_owned)
+        .collect();
+    headers.remove(http::header::COOKIE);
+    if let Ok(value) = http::HeaderValue::from_str(&kept.join("; ")) {
+        if !kept.is_empty() {
+            headers.insert(http::header::COOKIE, value);
+        }
+    }
 }
 
 /// Applies the component's auth rules to `request`; on success the request
@@ -256,6 +289,23 @@ pub async fn admit<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_component_never_sees_the_console_session() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(
+            "cookie",
+            "theme=dark; agora_console=secret".parse().unwrap(),
+        );
+        headers.append("cookie", "agora_console=other".parse().unwrap());
+        strip_console_cookie(&mut headers);
+        let left: Vec<_> = headers.get_all("cookie").iter().collect();
+        assert_eq!(left, ["theme=dark"]);
+        let mut only = http::HeaderMap::new();
+        only.insert("cookie", "agora_console=secret".parse().unwrap());
+        strip_console_cookie(&mut only);
+        assert!(only.get("cookie").is_none());
+    }
 
     #[test]
     fn an_ipv6_client_counts_as_its_64() {

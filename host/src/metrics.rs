@@ -12,14 +12,14 @@
 //! - *Read at scrape time*, because they are state rather than events:
 //!   instance slots, consumer lag, outbox depth, pool use. Reading them on
 //!   every change would tax the hot path for a number read every 15 s; the
-//!   scrape asks the runtime and the backends instead ([`Runtime::observe`]),
+//!   scrape asks the runtime and the backends instead ([`Runtime::scrape`]),
 //!   and clears those families first so a removed component's series go.
 //!
 //! The families live in one process-wide set ([`metrics`]), like
 //! prometheus' default registry: the capabilities count their own errors
 //! without reaching each other's state, and tests run hosts as processes.
 //!
-//! [`Runtime::observe`]: crate::runtime::Runtime::observe
+//! [`Runtime::scrape`]: crate::runtime::Runtime::scrape
 
 use std::sync::LazyLock;
 
@@ -224,7 +224,7 @@ impl Metrics {
         );
         r.register(
             "backend_errors",
-            "Calls to a backend that failed for the backend's sake (unreachable, timed out)",
+            "Calls to a backend that failed for the backend's sake (unreachable, timed out, refused), not the caller's",
             metrics.backend_errors.clone(),
         );
         r.register(

@@ -216,10 +216,18 @@ impl Relay {
         Ok(count)
     }
 
-    fn count_published(&self, events: &[Envelope]) {
+    /// Counts events handed to the broker, by topic where the grant names
+    /// it and as `*` where only a wildcard grant lets it through: a
+    /// component choosing topics must not grow the metrics without bound.
+    pub(crate) fn count_published(&self, events: &[Envelope]) {
+        let grants = self.grants.lock().unwrap().clone();
         let mut per_topic = BTreeMap::<&str, u64>::new();
         for event in events {
-            *per_topic.entry(&event.topic).or_default() += 1;
+            let label = match grants.contains(&event.topic) {
+                true => event.topic.as_str(),
+                false => "*",
+            };
+            *per_topic.entry(label).or_default() += 1;
         }
         for (topic, count) in per_topic {
             metrics()

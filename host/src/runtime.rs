@@ -84,9 +84,9 @@ impl Change {
     }
 }
 
-/// How long a scrape waits for one component's outbox depth and lag: under
-/// Prometheus' default scrape timeout (10 s) with the rest of the scrape.
-const OBSERVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a scrape waits for the components' outbox depths and lags:
+/// well under Prometheus' default scrape timeout (10 s).
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Runtime {
     engine: Engine,
@@ -102,6 +102,8 @@ pub struct Runtime {
     max_waiting: usize,
     control: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<Change>>,
+    /// Held by a metrics scrape.
+    scraping: tokio::sync::Mutex<()>,
     /// Consumers reach the runtime weakly, so it is not kept alive by them.
     this: Weak<Runtime>,
 }
@@ -133,6 +135,7 @@ impl Runtime {
             max_waiting: plugins.host.max_waiting_requests as usize,
             control: tokio::sync::Mutex::new(()),
             history: Mutex::default(),
+            scraping: tokio::sync::Mutex::new(()),
         });
         let components = runtime.load_all(&plugins, &Registry::default()).await?;
         let registry = Registry::new(components);
@@ -395,62 +398,62 @@ impl Runtime {
         self.history.lock().unwrap().iter().cloned().collect()
     }
 
-    /// Reads what the metrics show as state rather than count (slots, lag,
-    /// outbox depth, pools), at scrape time; see [`crate::metrics`]. Each
-    /// component gets [`OBSERVE_TIMEOUT`]: a backend that does not answer
-    /// leaves its series out of this scrape rather than stalling it.
-    pub async fn observe(&self) {
+    /// Every metric, in the OpenMetrics text format: first reads what the
+    /// metrics show as state rather than count (slots, lag, outbox depth,
+    /// pools); see [`crate::metrics`]. Scrapes take turns, so one never
+    /// encodes what another has just cleared. The components' backends are
+    /// asked all at once and given [`OBSERVE_TIMEOUT`] together: a backend
+    /// that does not answer leaves its series out of this scrape rather than
+    /// stalling it.
+    pub async fn scrape(&self) -> String {
+        let _turn = self.scraping.lock().await;
         let m = metrics();
         let registry = self.registry_snapshot();
         m.clear_observed();
-        for component in registry.components.values() {
+        let backlogs = registry.components.values().map(|component| async move {
             let labels = ComponentLabels {
                 component: component.name.clone(),
             };
             let (in_use, waiting) = component.slots();
             m.slots_in_use.get_or_create(&labels).set(in_use as i64);
             m.slots_waiting.get_or_create(&labels).set(waiting as i64);
-            let backlog = async {
-                if let Some(db) = component.outbox() {
-                    match db.outbox_depth().await {
-                        Ok(depth) => {
-                            m.outbox_depth.get_or_create(&labels).set(depth as i64);
-                        }
-                        Err(e) => {
-                            tracing::debug!(component = %component.name, error = %e, "outbox depth unknown")
-                        }
+            if let Some(db) = component.outbox() {
+                match db.outbox_depth().await {
+                    Ok(depth) => {
+                        m.outbox_depth.get_or_create(&labels).set(depth as i64);
                     }
+                    Err(e) => tracing::debug!(component = %component.name, error = %e, "outbox depth unknown"),
                 }
-                for topic in &component.spec.subscribes {
-                    let messaging = &self.capabilities.messaging;
-                    match messaging.progress(&component.name, topic).await {
-                        Ok(partitions) => {
-                            for (partition, next, end) in partitions {
-                                m.consumer_lag
-                                    .get_or_create(&PartitionLabels {
-                                        subscriber: component.name.clone(),
-                                        topic: topic.clone(),
-                                        partition: partition.to_string(),
-                                    })
-                                    .set(end.saturating_sub(next) as i64);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::debug!(component = %component.name, %topic, error = %format!("{e:#}"), "consumer lag unknown")
-                        }
-                    }
-                }
-            };
-            if tokio::time::timeout(OBSERVE_TIMEOUT, backlog)
-                .await
-                .is_err()
-            {
-                tracing::warn!(component = %component.name, "metrics: the backends took over {OBSERVE_TIMEOUT:?} to say its outbox depth and lag");
             }
+            for topic in &component.spec.subscribes {
+                let messaging = &self.capabilities.messaging;
+                match messaging.progress(&component.name, topic).await {
+                    Ok(partitions) => {
+                        for (partition, next, end) in partitions {
+                            m.consumer_lag
+                                .get_or_create(&PartitionLabels {
+                                    subscriber: component.name.clone(),
+                                    topic: topic.clone(),
+                                    partition: partition.to_string(),
+                                })
+                                .set(end.saturating_sub(next) as i64);
+                        }
+                    }
+                    Err(e) => tracing::debug!(component = %component.name, %topic, error = %format!("{e:#}"), "consumer lag unknown"),
+                }
+            }
+        });
+        let observed = futures_util::future::join_all(backlogs);
+        if tokio::time::timeout(OBSERVE_TIMEOUT, observed)
+            .await
+            .is_err()
+        {
+            tracing::warn!("metrics: the backends took over {OBSERVE_TIMEOUT:?} to say outbox depths and lags; this scrape shows what they said");
         }
         for pool in self.capabilities.pools() {
             m.observe_pool(&pool);
         }
+        m.encode()
     }
 
     /// Previous versions of a component, newest last.

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::plugins::Plugins;
+
 const CARGO_TOML: &str = include_str!("scaffold/Cargo.toml.in");
 const LIB_RS: &str = include_str!("scaffold/lib.rs.in");
 const MIGRATION: &str = include_str!("scaffold/0001_notes.sql.in");
@@ -87,6 +89,23 @@ fn relative(path: &Path, base: &Path) -> PathBuf {
     out
 }
 
+/// `path` as a TOML string (quoted, escaped).
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.to_string_lossy().into_owned()).to_string()
+}
+
+/// `word` as one word of a `sh -c` command line.
+fn shell_word(word: &str) -> String {
+    if word
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
 fn render(template: &str, values: &[(&str, &str)]) -> String {
     values
         .iter()
@@ -135,7 +154,7 @@ pub fn create(new: &NewComponent) -> Result<Made> {
     let sdk_path = relative(&sdk, &crate_dir);
     let mut manifest = render(
         CARGO_TOML,
-        &[("name", name), ("sdk", &sdk_path.to_string_lossy())],
+        &[("name", name), ("sdk", &toml_string(&sdk_path))],
     );
     if !in_workspace {
         // A workspace of its own, with the profile components build with.
@@ -143,14 +162,9 @@ pub fn create(new: &NewComponent) -> Result<Made> {
             "\n[workspace]\n\n[profile.component]\ninherits = \"release\"\nopt-level = \"s\"\nlto = true\nstrip = true\ncodegen-units = 1\n",
         );
     }
-    std::fs::create_dir_all(crate_dir.join("src"))?;
-    std::fs::create_dir_all(crate_dir.join("migrations"))?;
-    std::fs::write(crate_dir.join("Cargo.toml"), manifest)?;
-    std::fs::write(
-        crate_dir.join("src/lib.rs"),
-        render(LIB_RS, &[("name", name), ("type", &type_name)]),
-    )?;
-    std::fs::write(crate_dir.join("migrations/0001_notes.sql"), MIGRATION)?;
+    manifest
+        .parse::<toml::Table>()
+        .context("the crate's Cargo.toml would not parse")?;
 
     let target = match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => std::path::absolute(PathBuf::from(dir))?,
@@ -165,35 +179,48 @@ pub fn create(new: &NewComponent) -> Result<Made> {
     } else {
         wasm
     };
-    let mut table = render(
+    let crate_path = relative(&crate_dir, &base);
+    let build = match in_workspace {
+        true => format!("cargo build --target wasm32-wasip2 --profile component -p {name}"),
+        false => format!(
+            "cargo build --manifest-path {} --target wasm32-wasip2 --profile component",
+            shell_word(&crate_path.join("Cargo.toml").to_string_lossy())
+        ),
+    };
+    let table = render(
         PLUGINS_TABLE,
         &[
             ("name", name),
-            ("wasm", &wasm.to_string_lossy()),
-            ("dir", &relative(&crate_dir, &base).to_string_lossy()),
+            ("wasm", &toml_string(&wasm)),
+            ("build", &toml::Value::String(build).to_string()),
+            ("dir", &toml_string(&crate_path)),
         ],
     );
-    if !in_workspace {
-        table = table.replace(
-            "cargo build --target",
-            &format!(
-                "cargo build --manifest-path {}/Cargo.toml --target",
-                relative(&crate_dir, &base).display()
-            ),
-        );
-    }
     let mut updated = plugins_text;
     if !updated.ends_with('\n') {
         updated.push('\n');
     }
     updated.push_str(&table);
-    // Checked before it is written: a broken plugins.toml would stop the
-    // host's next reload.
-    updated
-        .parse::<toml::Table>()
-        .context("the new table would break plugins.toml")?;
-    std::fs::write(new.plugins, updated)
-        .with_context(|| format!("writing {}", new.plugins.display()))?;
+    // Checked as the host will check it, before anything is written: a
+    // plugins.toml the host refuses would stop its next reload.
+    Plugins::parse(&updated, new.plugins)
+        .map_err(|e| anyhow::anyhow!("the new component's table would not load: {e}"))?;
+
+    let written = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(crate_dir.join("src"))?;
+        std::fs::create_dir_all(crate_dir.join("migrations"))?;
+        std::fs::write(crate_dir.join("Cargo.toml"), &manifest)?;
+        std::fs::write(
+            crate_dir.join("src/lib.rs"),
+            render(LIB_RS, &[("name", name), ("type", &type_name)]),
+        )?;
+        std::fs::write(crate_dir.join("migrations/0001_notes.sql"), MIGRATION)?;
+        std::fs::write(new.plugins, &updated)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&crate_dir);
+        return Err(anyhow::Error::new(e).context(format!("writing {}", crate_dir.display())));
+    }
     Ok(Made {
         crate_dir,
         in_workspace,
@@ -266,5 +293,27 @@ mod tests {
             err.contains("already has a component `gift-cards`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_component_the_host_would_refuse_is_not_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugins = dir.path().join("plugins.toml");
+        let before = "[components.old]\nwasm = \"old.wasm\"\nroutes = [\"/notes\"]\n";
+        std::fs::write(&plugins, before).unwrap();
+        std::fs::create_dir_all(dir.path().join("components/sdk")).unwrap();
+        std::fs::write(dir.path().join("components/sdk/Cargo.toml"), "").unwrap();
+        for (name, why) in [("notes", "/notes"), ("healthz", "/healthz")] {
+            let new = NewComponent {
+                name,
+                plugins: &plugins,
+                dir: Path::new("components"),
+                sdk: None,
+            };
+            let err = format!("{:#}", create(&new).unwrap_err());
+            assert!(err.contains("would not load") && err.contains(why), "{err}");
+            assert!(!dir.path().join("components").join(name).exists());
+        }
+        assert_eq!(std::fs::read_to_string(&plugins).unwrap(), before);
     }
 }

@@ -597,7 +597,7 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     // sees as its parent.
     let trace = telemetry::child(
         &telemetry::from_headers(request.headers()),
-        method.to_string(),
+        telemetry::method_name(&method),
         SpanKind::Server,
         vec![
             KeyValue::new("http.request.method", method.to_string()),
@@ -613,7 +613,7 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     if let Some((component, route)) = &routed {
         component.observe_request(*route, status, elapsed);
         let route = &component.spec.routes[*route];
-        span.update_name(format!("{method} {route}"));
+        span.update_name(format!("{} {route}", telemetry::method_name(&method)));
         span.set_attribute(KeyValue::new("http.route", route.clone()));
         span.set_attribute(KeyValue::new("agora.component", component.name.clone()));
     }
@@ -664,6 +664,7 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
     };
     let routed = (component.clone(), component.route_index(prefix));
     drop(registry);
+    gateway::strip_console_cookie(request.headers_mut());
     let component = routed.0.clone();
     let signer = runtime.capabilities.tokens.signer();
     if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {

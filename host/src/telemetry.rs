@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -88,7 +88,10 @@ pub fn init(settings: &TelemetrySettings) -> Result<Exporting> {
     let Some(endpoint) = &settings.endpoint else {
         return Ok(Exporting(None));
     };
-    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let url = traces_url(endpoint)?;
+    if settings.export_interval_ms < 10 {
+        bail!("[telemetry] export_interval_ms must be at least 10");
+    }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(TokioClient(tokio::runtime::Handle::current()))
@@ -121,6 +124,27 @@ pub fn init(settings: &TelemetrySettings) -> Result<Exporting> {
 /// Whether spans are exported (an endpoint is set).
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// `<endpoint>/v1/traces`, for a plain-HTTP collector (port 4318 if none
+/// is given). TLS is not spoken: run the collector (or an agent) beside the
+/// host, on a trusted network.
+fn traces_url(endpoint: &str) -> Result<String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .with_context(|| format!("[telemetry] endpoint `{endpoint}` is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!(
+            "[telemetry] endpoint `{endpoint}`: only http:// collectors are supported (no TLS); \
+             run the collector or an agent beside the host"
+        );
+    }
+    let host = uri
+        .host()
+        .with_context(|| format!("[telemetry] endpoint `{endpoint}` has no host"))?;
+    let port = uri.port_u16().unwrap_or(4318);
+    let path = uri.path().trim_end_matches('/');
+    Ok(format!("http://{host}:{port}{path}/v1/traces"))
+}
+
 /// The host's tracer, made at its first use, which is after [`init`].
 static TRACER: LazyLock<BoxedTracer> = LazyLock::new(|| global::tracer("agora"));
 
@@ -145,9 +169,12 @@ pub fn inject(cx: &Context, headers: &mut http::HeaderMap) {
 }
 
 /// Sets `cx`'s `traceparent` (and `tracestate`) in event headers, unless
-/// the component set its own.
+/// the component set trace context of its own.
 pub fn inject_pairs(cx: &Context, headers: &mut Vec<(String, String)>) {
-    if headers.iter().any(|(name, _)| name == "traceparent") {
+    if headers
+        .iter()
+        .any(|(name, _)| name == "traceparent" || name == "tracestate")
+    {
         return;
     }
     let mut map = std::collections::HashMap::new();
@@ -184,6 +211,23 @@ pub fn end(cx: &Context, error: Option<&str>) {
         span.set_status(opentelemetry::trace::Status::error(error.to_owned()));
     }
     span.end();
+}
+
+/// A request method as a span name: the standard ones, else `_OTHER`
+/// (a client's invented methods must not make span names without bound).
+pub fn method_name(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
 }
 
 /// OTLP exports over hyper on the host's runtime. The batch processor
@@ -233,5 +277,42 @@ impl HttpClient for TokioClient {
                     .map_err(|_| HttpError::from("the OTLP collector did not answer in time"))?
             })
             .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collectors_are_named_by_base_url_and_spoken_to_in_plain_http() {
+        assert_eq!(
+            traces_url("http://collector").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://127.0.0.1:4000/otlp/").unwrap(),
+            "http://127.0.0.1:4000/otlp/v1/traces"
+        );
+        let refused = traces_url("https://collector:4318")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("only http://"), "{refused}");
+        assert!(traces_url("collector:4318").is_err());
+    }
+
+    #[test]
+    fn trace_context_travels_in_event_headers_unless_the_component_set_its_own() {
+        let parent = from_pairs(&[(
+            "traceparent".into(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        )]);
+        let mut headers = vec![("k".to_owned(), "v".to_owned())];
+        inject_pairs(&parent, &mut headers);
+        assert!(headers.iter().any(|(n, v)| n == "traceparent"
+            && v == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let mut own = vec![("tracestate".to_owned(), "mine=1".to_owned())];
+        inject_pairs(&parent, &mut own);
+        assert_eq!(own.len(), 1, "{own:?}");
     }
 }

@@ -20,13 +20,17 @@ use anyhow::Result;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
+use crate::plugins::Plugins;
 use crate::runtime::Runtime;
 
 /// Quiet time after the last change before reconciling.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// plugins.toml and the binaries it names: as the file is now where it
+/// parses (a component just added is refused until its binary exists, and
+/// that binary's arrival must be seen), else as the host serves it.
 fn watched_files(runtime: &Runtime) -> BTreeSet<PathBuf> {
-    let plugins = runtime.plugins();
+    let plugins = Plugins::load(runtime.plugins_path()).unwrap_or_else(|_| runtime.plugins());
     let mut files: BTreeSet<PathBuf> = plugins
         .components
         .values()

@@ -57,6 +57,10 @@ fn new_project(dir: &Path) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_component_serves_at_once_and_watch_swaps_in_each_good_build() {
     let target = shared_target();
+    // Binaries of an earlier run would be served before any build.
+    for stale in ["notes", "journal"] {
+        let _ = std::fs::remove_file(format!("{target}/wasm32-wasip2/component/{stale}.wasm"));
+    }
     let host = TestHost::start_with_flags(
         |_, dir| new_project(dir),
         &["--watch"],
@@ -125,4 +129,27 @@ async fn a_new_component_serves_at_once_and_watch_swaps_in_each_good_build() {
     let list = get(&notes).await;
     assert_eq!(list.status, 200);
     assert_eq!(list.json()["notes"][0]["text"], "first");
+
+    // A component added while the host watches is built and served.
+    let plugins = host.plugins_path();
+    let sdk = std::path::absolute(repository().join("components/sdk")).unwrap();
+    let made = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["new", "journal", "--config"])
+        .arg(&plugins)
+        .arg("--sdk")
+        .arg(&sdk)
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let journal = host.url("/journal");
+    eventually(
+        "the new component to serve",
+        Duration::from_secs(240),
+        || async {
+            let created = post_json(&journal, &json!({"text": "day one"})).await;
+            (created.status == 201).then_some(())
+        },
+    )
+    .await;
 }

@@ -112,7 +112,9 @@ async fn metrics_count_requests_failures_events_lag_and_deploys() {
         1.0,
     );
     expect(
-        r#"agora_events_published_total{component="probe",topic="test.events"}"#,
+        // A wildcard grant counts as `*`: a component choosing topics
+        // cannot grow the metrics without bound.
+        r#"agora_events_published_total{component="probe",topic="*"}"#,
         2.0,
     );
     expect(
@@ -387,6 +389,13 @@ impl Drop for Browser {
 #[tokio::test(flavor = "multi_thread")]
 async fn in_a_browser_the_console_lists_components_replays_a_dead_letter_and_rolls_back() {
     let host = TestHost::standard();
+    // No grant lets a component forge a dead letter, not even `*`.
+    let forged = post_json(
+        &host.url("/probe/publish"),
+        &json!({"topic": "dead-letter.probe", "key": "k", "payload": "forged"}),
+    )
+    .await;
+    assert_ne!(forged.status, 201, "{}", forged.text());
     // v1 of the probe cannot handle this payload: it is dead-lettered.
     let published = post_json(
         &host.url("/probe/publish"),

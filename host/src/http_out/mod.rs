@@ -87,13 +87,22 @@ impl WasiHttpHooks for OutboundHooks {
             &self.trace,
             format!(
                 "{} {}",
-                request.method(),
+                telemetry::method_name(request.method()),
                 request.uri().host().unwrap_or("")
             ),
             SpanKind::Client,
             vec![
                 KeyValue::new("http.request.method", request.method().to_string()),
-                KeyValue::new("url.full", request.uri().to_string()),
+                // No query or credentials: they may hold secrets.
+                KeyValue::new(
+                    "url.full",
+                    format!(
+                        "{}://{}{}",
+                        request.uri().scheme_str().unwrap_or("http"),
+                        request.uri().host().unwrap_or(""),
+                        request.uri().path()
+                    ),
+                ),
             ],
         );
         // Unless the component passes on a context of its own.

@@ -393,8 +393,36 @@ impl MessagingCapability {
 }
 
 /// Whether `grants` (a component's `publishes`) let it publish to `topic`.
+/// Dead-letter topics are the platform's: no grant, not even `*`, lets a
+/// component write one (a forged dead letter could be replayed to its
+/// subscriber from the console).
 pub fn may_publish(grants: &[String], topic: &str) -> bool {
-    grants.iter().any(|t| t == "*" || t == topic)
+    !topic.starts_with(DEAD_LETTER_PREFIX) && grants.iter().any(|t| t == "*" || t == topic)
+}
+
+/// The longest topic name: Kafka's limit.
+const MAX_TOPIC_CHARS: usize = 249;
+
+/// Whether `topic` is a name every broker takes: Kafka's rule, 1 to 249 of
+/// ASCII letters, digits, `.`, `_` and `-`.
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic is empty".into());
+    }
+    if topic.len() > MAX_TOPIC_CHARS {
+        return Err(format!(
+            "the topic is longer than {MAX_TOPIC_CHARS} characters"
+        ));
+    }
+    if let Some(bad) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "the topic has {bad:?}: topics are ASCII letters, digits, `.`, `_` and `-`"
+        ));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -446,9 +474,7 @@ impl Publisher {
     /// The event to store for `message`, checked against the grants and
     /// limits, continuing the publisher's `trace`.
     fn envelope(&self, message: OutgoingMessage, trace: &Context) -> Result<Envelope, Error> {
-        if message.topic.is_empty() {
-            return Err(Error::Invalid("the topic is empty".into()));
-        }
+        check_topic(&message.topic).map_err(Error::Invalid)?;
         if !may_publish(&self.publishes, &message.topic) {
             return Err(Error::TopicNotGranted(format!(
                 "publishing to `{}` is not granted (see `publishes` in plugins.toml)",
@@ -456,10 +482,13 @@ impl Publisher {
             )));
         }
         check_headers(&message.headers).map_err(Error::Invalid)?;
+        // The trace context counts towards the size: a client chooses its
+        // `tracestate`.
+        let mut headers = message.headers;
+        telemetry::inject_pairs(trace, &mut headers);
         let size = message.payload.len()
             + message.key.as_ref().map_or(0, String::len)
-            + message
-                .headers
+            + headers
                 .iter()
                 .map(|(n, v)| n.len() + v.len())
                 .sum::<usize>();
@@ -468,8 +497,6 @@ impl Publisher {
                 "the event is {size} bytes; at most {MAX_EVENT_BYTES} (payload, key and headers)"
             )));
         }
-        let mut headers = message.headers;
-        telemetry::inject_pairs(trace, &mut headers);
         Ok(Envelope {
             id: uuid::Uuid::new_v4().to_string(),
             topic: message.topic,
@@ -551,10 +578,15 @@ impl wit::Host for MessagingView<'_> {
                     }
                 }),
             None => {
-                publisher
+                let event = std::slice::from_ref(&event);
+                let appended = publisher
                     .broker
-                    .append(std::slice::from_ref(&event), Durability::ProcessCrash)
-                    .await
+                    .append(event, Durability::ProcessCrash)
+                    .await;
+                if appended.is_ok() {
+                    publisher.relay.count_published(event);
+                }
+                appended
             }
         };
         if let Err(e) = appended {
@@ -590,6 +622,22 @@ mod tests {
     use super::*;
     use crate::storage::{SqliteBackend, SqliteSettings, StorageBackend};
     use std::time::Duration;
+
+    #[test]
+    fn topics_are_names_every_broker_takes_and_dead_letters_are_the_platforms() {
+        check_topic("order.created").unwrap();
+        check_topic("a_b-c.9").unwrap();
+        for bad in ["", "a b", "a/b", "\u{e9}t\u{e9}", &"x".repeat(250)] {
+            assert!(check_topic(bad).is_err(), "{bad:?}");
+        }
+        let all = ["*".to_owned()];
+        assert!(may_publish(&all, "order.created"));
+        assert!(!may_publish(&all, "dead-letter.payments"));
+        assert!(!may_publish(
+            &["dead-letter.payments".to_owned()],
+            "dead-letter.payments"
+        ));
+    }
 
     fn event(topic: &str) -> Envelope {
         Envelope {
