@@ -140,10 +140,25 @@ pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
             }
         }
     })?;
+    let mut watched = BTreeSet::new();
+    let mut watch_sources_of = move |plugins: &Plugins| {
+        for (name, spec) in &plugins.components {
+            for path in &spec.watch {
+                let path = plugins.resolve(path);
+                if watched.insert(path.clone()) {
+                    if let Err(e) = watcher.watch(&path, RecursiveMode::Recursive) {
+                        tracing::warn!(component = %name, path = %path.display(), error = %e, "cannot watch the sources");
+                        watched.remove(&path);
+                    }
+                }
+            }
+        }
+    };
+    // Watching before the host says it serves, so no early edit is missed.
+    let mut plugins = runtime.plugins();
+    watch_sources_of(&plugins);
     tokio::spawn(async move {
-        let mut watched = BTreeSet::new();
-        let mut known: BTreeSet<String> = runtime.plugins().components.keys().cloned().collect();
-        let mut plugins = runtime.plugins();
+        let mut known: BTreeSet<String> = plugins.components.keys().cloned().collect();
         let mut seen = Seen::default();
         let mut refresh = tokio::time::interval(REFRESH);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -153,17 +168,7 @@ pub fn watch_sources(runtime: Arc<Runtime>) -> Result<()> {
             if let Ok(current) = Plugins::load(runtime.plugins_path()) {
                 plugins = current;
             }
-            for (name, spec) in &plugins.components {
-                for path in &spec.watch {
-                    let path = plugins.resolve(path);
-                    if watched.insert(path.clone()) {
-                        if let Err(e) = watcher.watch(&path, RecursiveMode::Recursive) {
-                            tracing::warn!(component = %name, path = %path.display(), error = %e, "cannot watch the sources");
-                            watched.remove(&path);
-                        }
-                    }
-                }
-            }
+            watch_sources_of(&plugins);
             // New since the last look, without a binary: build it now.
             let added: Vec<String> = plugins
                 .components

@@ -52,18 +52,23 @@ pub fn start(runtime: Arc<Runtime>) -> Result<()> {
             }
         }
     })?;
-    tokio::spawn(async move {
-        let mut watched_dirs = BTreeSet::new();
-        loop {
-            let files = watched_files(&runtime);
-            for dir in files.iter().filter_map(|f| f.parent()) {
-                if watched_dirs.insert(dir.to_owned()) {
-                    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch for changes");
-                        watched_dirs.remove(dir);
-                    }
+    let mut watched_dirs = BTreeSet::new();
+    let mut watch_dirs_of = move |files: &BTreeSet<PathBuf>| {
+        for dir in files.iter().filter_map(|f| f.parent()) {
+            if watched_dirs.insert(dir.to_owned()) {
+                if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch for changes");
+                    watched_dirs.remove(dir);
                 }
             }
+        }
+    };
+    // Watching before the host says it serves: a change made as soon as it
+    // does must not be missed.
+    let mut files = watched_files(&runtime);
+    watch_dirs_of(&files);
+    tokio::spawn(async move {
+        loop {
             let relevant = |paths: &[PathBuf]| paths.iter().any(|p| files.contains(p));
             let Some(paths) = rx.recv().await else { return };
             if !relevant(&paths) {
@@ -86,6 +91,8 @@ pub fn start(runtime: Arc<Runtime>) -> Result<()> {
             if let Err(e) = runtime.reconcile().await {
                 tracing::error!(error = %format!("{e:#}"), "hot swap refused");
             }
+            files = watched_files(&runtime);
+            watch_dirs_of(&files);
         }
     });
     Ok(())
