@@ -72,17 +72,17 @@ pub fn linker_for(
                     interface.clone(),
                     function_name.clone(),
                 );
-                let trace = telemetry::child(
-                    &store.data().trace,
-                    format!("{target} {interface}#{function_name}"),
-                    SpanKind::Client,
-                    vec![
-                        KeyValue::new("rpc.system", "agora"),
-                        KeyValue::new("rpc.service", interface.clone()),
-                        KeyValue::new("rpc.method", function_name.clone()),
-                        KeyValue::new("agora.component", target.clone()),
-                    ],
-                );
+                let trace = telemetry::child(&store.data().trace, SpanKind::Client, || {
+                    (
+                        format!("{target} {interface}#{function_name}"),
+                        vec![
+                            KeyValue::new("rpc.system", "agora"),
+                            KeyValue::new("rpc.service", interface.clone()),
+                            KeyValue::new("rpc.method", function_name.clone()),
+                            KeyValue::new("agora.component", target.clone()),
+                        ],
+                    )
+                });
                 Box::new(async move {
                     let runtime = runtime
                         .upgrade()

@@ -597,30 +597,41 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     // sees as its parent.
     let trace = telemetry::child(
         &telemetry::from_headers(request.headers()),
-        telemetry::method_name(&method),
         SpanKind::Server,
-        vec![
-            KeyValue::new("http.request.method", method.to_string()),
-            KeyValue::new("url.path", path.clone()),
-        ],
+        || {
+            (
+                telemetry::method_name(&method),
+                vec![
+                    KeyValue::new("http.request.method", method.to_string()),
+                    KeyValue::new("url.path", path.clone()),
+                ],
+            )
+        },
     );
-    telemetry::inject(&trace, request.headers_mut());
-    request.extensions_mut().insert(trace.clone());
+    let traced = trace.span().span_context().is_valid();
+    if traced {
+        telemetry::inject(&trace, request.headers_mut());
+        request.extensions_mut().insert(trace.clone());
+    }
     let (routed, mut response) = route(&runtime, request).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    let span = trace.span();
     if let Some((component, route)) = &routed {
         component.observe_request(*route, status, elapsed);
-        let route = &component.spec.routes[*route];
-        span.update_name(format!("{} {route}", telemetry::method_name(&method)));
-        span.set_attribute(KeyValue::new("http.route", route.clone()));
-        span.set_attribute(KeyValue::new("agora.component", component.name.clone()));
     }
-    span.set_attribute(KeyValue::new(
-        "http.response.status_code",
-        i64::from(status),
-    ));
+    let span = trace.span();
+    if span.is_recording() {
+        if let Some((component, route)) = &routed {
+            let route = &component.spec.routes[*route];
+            span.update_name(format!("{} {route}", telemetry::method_name(&method)));
+            span.set_attribute(KeyValue::new("http.route", route.clone()));
+            span.set_attribute(KeyValue::new("agora.component", component.name.clone()));
+        }
+        span.set_attribute(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status),
+        ));
+    }
     telemetry::end(&trace, (status >= 500).then_some("server error"));
     tracing::info!(
         target: "agora::request",

@@ -150,7 +150,10 @@ static TRACER: LazyLock<BoxedTracer> = LazyLock::new(|| global::tracer("agora"))
 
 /// The trace context a request's headers carry (a client's `traceparent`).
 pub fn from_headers(headers: &http::HeaderMap) -> Context {
-    TraceContextPropagator::new().extract(&HeaderExtractor(headers))
+    if !headers.contains_key("traceparent") {
+        return Context::new();
+    }
+    TraceContextPropagator::new().extract_with_context(&Context::new(), &HeaderExtractor(headers))
 }
 
 /// The trace context an event's headers carry.
@@ -160,7 +163,7 @@ pub fn from_pairs(headers: &[(String, String)]) -> Context {
         .filter(|(name, _)| name == "traceparent" || name == "tracestate")
         .cloned()
         .collect();
-    TraceContextPropagator::new().extract(&map)
+    TraceContextPropagator::new().extract_with_context(&Context::new(), &map)
 }
 
 /// Writes `cx`'s `traceparent` (and `tracestate`) into request headers.
@@ -187,15 +190,17 @@ pub fn inject_pairs(cx: &Context, headers: &mut Vec<(String, String)>) {
 /// A context with a new span, a child of `parent`'s. Without an exporter
 /// and without a parent there is nothing to record or pass on, and the
 /// (empty) parent is returned as it is: the request path pays nothing.
-pub fn child(
+/// `describe` gives the span's name and attributes; it is only called when
+/// there is a span to make, so an untraced request allocates nothing.
+pub fn child<N: Into<std::borrow::Cow<'static, str>>>(
     parent: &Context,
-    name: impl Into<std::borrow::Cow<'static, str>>,
     kind: SpanKind,
-    attributes: Vec<KeyValue>,
+    describe: impl FnOnce() -> (N, Vec<KeyValue>),
 ) -> Context {
     if !EXPORTING.load(Ordering::Relaxed) && !parent.span().span_context().is_valid() {
         return parent.clone();
     }
+    let (name, attributes) = describe();
     let span = TRACER
         .span_builder(name)
         .with_kind(kind)

@@ -83,28 +83,28 @@ impl WasiHttpHooks for OutboundHooks {
             tracing::warn!(uri = %request.uri(), "outbound request to a host not granted");
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
-        let span = telemetry::child(
-            &self.trace,
-            format!(
-                "{} {}",
-                telemetry::method_name(request.method()),
-                request.uri().host().unwrap_or("")
-            ),
-            SpanKind::Client,
-            vec![
-                KeyValue::new("http.request.method", request.method().to_string()),
-                // No query or credentials: they may hold secrets.
-                KeyValue::new(
-                    "url.full",
-                    format!(
-                        "{}://{}{}",
-                        request.uri().scheme_str().unwrap_or("http"),
-                        request.uri().host().unwrap_or(""),
-                        request.uri().path()
-                    ),
+        let span = telemetry::child(&self.trace, SpanKind::Client, || {
+            (
+                format!(
+                    "{} {}",
+                    telemetry::method_name(request.method()),
+                    request.uri().host().unwrap_or("")
                 ),
-            ],
-        );
+                vec![
+                    KeyValue::new("http.request.method", request.method().to_string()),
+                    // No query or credentials: they may hold secrets.
+                    KeyValue::new(
+                        "url.full",
+                        format!(
+                            "{}://{}{}",
+                            request.uri().scheme_str().unwrap_or("http"),
+                            request.uri().host().unwrap_or(""),
+                            request.uri().path()
+                        ),
+                    ),
+                ],
+            )
+        });
         // Unless the component passes on a context of its own.
         if !request.headers().contains_key("traceparent") {
             telemetry::inject(&span, request.headers_mut());

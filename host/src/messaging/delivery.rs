@@ -518,22 +518,22 @@ impl Consumer {
         for attempt in 1..=self.retry.max_attempts {
             // Each attempt a span, a child of the publisher's; the
             // subscriber sees it as its parent.
-            let trace = telemetry::child(
-                &published_in,
-                format!("{} process", event.topic),
-                SpanKind::Consumer,
-                vec![
-                    KeyValue::new("messaging.operation.type", "process"),
-                    KeyValue::new("messaging.destination.name", event.topic.clone()),
-                    KeyValue::new(
-                        "messaging.destination.partition.id",
-                        self.claim.partition.to_string(),
-                    ),
-                    KeyValue::new("messaging.message.id", event.id.clone()),
-                    KeyValue::new("agora.component", component.clone()),
-                    KeyValue::new("agora.attempt", i64::from(attempt)),
-                ],
-            );
+            let trace = telemetry::child(&published_in, SpanKind::Consumer, || {
+                (
+                    format!("{} process", event.topic),
+                    vec![
+                        KeyValue::new("messaging.operation.type", "process"),
+                        KeyValue::new("messaging.destination.name", event.topic.clone()),
+                        KeyValue::new(
+                            "messaging.destination.partition.id",
+                            self.claim.partition.to_string(),
+                        ),
+                        KeyValue::new("messaging.message.id", event.id.clone()),
+                        KeyValue::new("agora.component", component.clone()),
+                        KeyValue::new("agora.attempt", i64::from(attempt)),
+                    ],
+                )
+            });
             let mut headers: Vec<(String, String)> = event
                 .headers
                 .iter()
