@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use ipnet::IpNet;
 
 use crate::bindings::tokens::{Claims, Error as TokenError};
 use crate::cache::CacheBackend;
@@ -34,6 +35,119 @@ pub const USER_ROLES_HEADER: &str = "x-agora-user-roles";
 /// The peer address of the connection a request came on.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// A proxy or load balancer the host trusts to say who the client is: an
+/// address (`10.0.0.5`) or a network (`10.0.0.0/8`) in `trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TrustedNet(IpNet);
+
+impl TryFrom<String> for TrustedNet {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from))
+            .map(TrustedNet)
+            .map_err(|_| format!("`{text}` is neither an address nor a network (`10.0.0.0/8`)"))
+    }
+}
+
+/// The header trusted proxies name the client in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddressHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (HAProxy's `option
+    /// forwardfor`, nginx, most balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239's `Forwarded: for=client, for=proxy1`.
+    Forwarded,
+}
+
+impl ClientAddressHeader {
+    fn name(self) -> header::HeaderName {
+        match self {
+            ClientAddressHeader::XForwardedFor => {
+                header::HeaderName::from_static("x-forwarded-for")
+            }
+            ClientAddressHeader::Forwarded => header::FORWARDED,
+        }
+    }
+}
+
+/// Who the client of a request is, given the proxies in front of the host.
+#[derive(Debug, Clone, Default)]
+pub struct Proxies {
+    trusted: Vec<TrustedNet>,
+    header: ClientAddressHeader,
+}
+
+impl Proxies {
+    pub fn new(trusted: Vec<TrustedNet>, header: ClientAddressHeader) -> Proxies {
+        Proxies { trusted, header }
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.0.contains(&ip))
+    }
+
+    /// The client's address: the connection's peer, unless that is a
+    /// trusted proxy; then the nearest address in the proxies' header that
+    /// is not one. Each proxy appends the address it was reached from, so
+    /// the header is read from its end; whatever lies beyond the last
+    /// trusted hop was written by the client and is not believed. An entry
+    /// that is not an address (`unknown`, an obfuscated name) stops the
+    /// walk at the hop that wrote it.
+    pub fn client(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if self.trusted.is_empty() || !self.trusts(peer) {
+            return peer;
+        }
+        let entries: Vec<&str> = headers
+            .get_all(self.header.name())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .collect();
+        let mut client = peer;
+        for entry in entries.iter().rev() {
+            if !self.trusts(client) {
+                break;
+            }
+            let address = match self.header {
+                ClientAddressHeader::XForwardedFor => Some(entry.trim()),
+                ClientAddressHeader::Forwarded => forwarded_for(entry),
+            };
+            match address.and_then(parse_node) {
+                Some(ip) => client = ip,
+                None => break,
+            }
+        }
+        client
+    }
+}
+
+/// The `for=` of one `Forwarded` element (`for=192.0.2.1;proto=https`).
+fn forwarded_for(element: &str) -> Option<&str> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| value.trim().trim_matches('"'))
+    })
+}
+
+/// An address as proxies write it: `192.0.2.1`, `192.0.2.1:4711`,
+/// `2001:db8::1`, `[2001:db8::1]` or `[2001:db8::1]:4711`.
+fn parse_node(node: &str) -> Option<IpAddr> {
+    if let Ok(ip) = node.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = node.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    node.parse::<SocketAddr>().ok().map(|s| s.ip())
+}
 
 /// Why the gateway refused a request.
 #[derive(Debug)]
@@ -289,6 +403,54 @@ pub async fn admit<B>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_the_nearest_untrusted_hop_and_only_proxies_are_believed() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let nets = |list: &[&str]| {
+            list.iter()
+                .map(|s| TrustedNet::try_from(s.to_string()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let headers = |name: &str, values: &[&str]| {
+            let mut headers = http::HeaderMap::new();
+            for v in values {
+                headers.append(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            headers
+        };
+        let xff = Proxies::new(
+            nets(&["10.0.0.0/8", "127.0.0.1"]),
+            ClientAddressHeader::XForwardedFor,
+        );
+        // A client's own "X-Forwarded-For" is ignored.
+        let forged = headers("x-forwarded-for", &["6.6.6.6"]);
+        assert_eq!(xff.client(ip("203.0.113.9"), &forged), ip("203.0.113.9"));
+        // Through two trusted proxies: the address the first one saw; what the
+        // client wrote before that is not believed.
+        let chain = headers("x-forwarded-for", &["6.6.6.6, 198.51.100.7", "10.1.2.3"]);
+        assert_eq!(xff.client(ip("127.0.0.1"), &chain), ip("198.51.100.7"));
+        // Unparsable: the proxy that wrote it is the client.
+        let junk = headers("x-forwarded-for", &["unknown"]);
+        assert_eq!(xff.client(ip("10.9.9.9"), &junk), ip("10.9.9.9"));
+        // No trusted proxies: nothing is believed.
+        let none = Proxies::default();
+        assert_eq!(none.client(ip("127.0.0.1"), &chain), ip("127.0.0.1"));
+
+        let rfc = Proxies::new(nets(&["10.0.0.0/8"]), ClientAddressHeader::Forwarded);
+        let forwarded = headers(
+            "forwarded",
+            &[r#"for=6.6.6.6, for="[2001:db8:cafe::17]:4711";proto=https, for=10.0.0.2"#],
+        );
+        assert_eq!(
+            rfc.client(ip("10.0.0.1"), &forwarded),
+            ip("2001:db8:cafe::17")
+        );
+        assert!(TrustedNet::try_from("not an address".to_owned()).is_err());
+    }
 
     #[test]
     fn a_component_never_sees_the_console_session() {

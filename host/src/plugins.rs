@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::gateway::{ClientAddressHeader, TrustedNet};
 use crate::registry::canonical_path;
 use crate::telemetry::TelemetrySettings;
 
@@ -142,6 +143,16 @@ pub struct HostSettings {
     /// per component; 128 rides out a burst of twice the default
     /// concurrency. 0 refuses whatever finds every slot busy.
     pub max_waiting_requests: u32,
+    /// The proxies and load balancers in front of the host: addresses
+    /// (`10.0.0.5`) or networks (`10.0.0.0/8`). A request that comes from
+    /// one of them is taken to come from the client they name in
+    /// `client_address_header`, for rate limits and the request log; from
+    /// anyone else that header is ignored, since any client can write it.
+    /// Empty (the default): the connection's peer is the client.
+    pub trusted_proxies: Vec<TrustedNet>,
+    /// The header the trusted proxies name the client in:
+    /// `x-forwarded-for` (the default) or `forwarded` (RFC 7239).
+    pub client_address_header: ClientAddressHeader,
 }
 
 impl Default for HostSettings {
@@ -158,6 +169,8 @@ impl Default for HostSettings {
             max_connections: 1024,
             http2_max_concurrent_streams: 32,
             max_waiting_requests: 128,
+            trusted_proxies: Vec::new(),
+            client_address_header: ClientAddressHeader::default(),
         }
     }
 }

@@ -37,6 +37,7 @@ use crate::bindings::messaging::Message;
 use crate::capability::Capabilities;
 use crate::component::{version_of, ComponentVersion};
 use crate::engine;
+use crate::gateway::Proxies;
 use crate::messaging::Deliver;
 use crate::metrics::{metrics, ComponentLabels, PartitionLabels};
 use crate::plugins::{ComponentSpec, Plugins};
@@ -100,6 +101,8 @@ pub struct Runtime {
     data_dir: PathBuf,
     /// `host.max_waiting_requests`, read at start like the rest of `[host]`.
     max_waiting: usize,
+    /// Who a request's client is: `host.trusted_proxies`, read at start.
+    pub proxies: Proxies,
     control: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<Change>>,
     /// Held by a metrics scrape.
@@ -133,6 +136,10 @@ impl Runtime {
             plugins: Mutex::new(plugins.clone()),
             data_dir: data_dir.to_owned(),
             max_waiting: plugins.host.max_waiting_requests as usize,
+            proxies: Proxies::new(
+                plugins.host.trusted_proxies.clone(),
+                plugins.host.client_address_header,
+            ),
             control: tokio::sync::Mutex::new(()),
             history: Mutex::default(),
             scraping: tokio::sync::Mutex::new(()),

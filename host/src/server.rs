@@ -593,6 +593,17 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
     let path = request.uri().path().to_owned();
     let id = request_id(&request);
     request.headers_mut().insert(REQUEST_ID, id.clone());
+    // Behind a trusted proxy, the client is who the proxy says it is.
+    let peer = request
+        .extensions()
+        .get::<gateway::ClientAddr>()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+    let client = runtime.proxies.client(peer.ip(), request.headers());
+    if client != peer.ip() {
+        request
+            .extensions_mut()
+            .insert(gateway::ClientAddr(SocketAddr::new(client, 0)));
+    }
     // The client's trace goes on in the host's span, which the component
     // sees as its parent.
     let trace = telemetry::child(
@@ -638,6 +649,7 @@ pub async fn handle(runtime: Arc<Runtime>, mut request: Request<Incoming>) -> Re
         %method,
         %path,
         component = routed.as_ref().map_or("-", |(c, _)| c.name.as_str()),
+        %client,
         status,
         duration_ms = format!("{:.2}", elapsed.as_secs_f64() * 1000.0),
         request_id = id.to_str().unwrap_or_default(),

@@ -551,3 +551,47 @@ fn a_component_importing_the_issuer_without_its_grant_is_refused_at_load() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_trusted_proxy_limits_count_the_client_it_names_and_only_that() {
+    let host = TestHost::start(shop_config(|c| {
+        c.replace(
+            "requests = 20, window_seconds = 60, per = \"address\"",
+            &format!("requests = 20, window_seconds = {ONE_WINDOW}, per = \"address\""),
+        )
+        .replace("[host]\n", "[host]\ntrusted_proxies = [\"127.0.0.1\"]\n")
+    }));
+    let url = host.url("/auth/login");
+    // Each on an account of its own, so no per-account limit is reached.
+    let accounts = std::sync::atomic::AtomicUsize::new(0);
+    let attempt = |forwarded_for: &'static str| {
+        let url = url.clone();
+        let n = accounts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            let body = json!({"email": format!("nobody{n}@example.com"), "password": "x"});
+            request(
+                "POST",
+                &url,
+                &[
+                    ("content-type", "application/json"),
+                    ("x-forwarded-for", forwarded_for),
+                ],
+                body.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+    for _ in 0..20 {
+        assert_error(&attempt("198.51.100.1").await, 401, "invalid_credentials");
+    }
+    assert_error(&attempt("198.51.100.1").await, 429, "rate_limited");
+    // What a client writes before the proxy's entry changes nothing.
+    assert_error(
+        &attempt("203.0.113.50, 198.51.100.1").await,
+        429,
+        "rate_limited",
+    );
+    // Another client behind the same proxy has its own count.
+    assert_error(&attempt("198.51.100.2").await, 401, "invalid_credentials");
+    assert!(host.log().contains("client=198.51.100.1"), "{}", host.log());
+}
