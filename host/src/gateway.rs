@@ -88,7 +88,10 @@ impl Proxies {
         Proxies { trusted, header }
     }
 
+    /// Whether `ip` is a trusted proxy; an IPv4 peer of a dual-stack
+    /// listener (`::ffff:10.0.0.5`) counts as its IPv4 address.
     fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.trusted.iter().any(|net| net.0.contains(&ip))
     }
 
@@ -119,7 +122,7 @@ impl Proxies {
                 ClientAddressHeader::Forwarded => forwarded_for(entry),
             };
             match address.and_then(parse_node) {
-                Some(ip) => client = ip,
+                Some(ip) => client = ip.to_canonical(),
                 None => break,
             }
         }
@@ -450,6 +453,12 @@ mod tests {
             ip("2001:db8:cafe::17")
         );
         assert!(TrustedNet::try_from("not an address".to_owned()).is_err());
+        // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+        let mapped = headers("x-forwarded-for", &["198.51.100.7"]);
+        assert_eq!(
+            xff.client(ip("::ffff:127.0.0.1"), &mapped),
+            ip("198.51.100.7")
+        );
     }
 
     #[test]
