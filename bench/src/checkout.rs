@@ -86,6 +86,71 @@ pub async fn checkouts(scratch: &Path, duration: Duration, connections: usize) -
     Ok(())
 }
 
+/// Serves the shop of plugins.toml (with `edit` applied and `backends`
+/// appended) from `dir` on `hosts` hosts sharing one token key, and waits
+/// until each is ready. The hosts stop when the servers are dropped.
+pub async fn start_shop(
+    dir: &Path,
+    backends: &str,
+    hosts: usize,
+    edit: impl FnOnce(String) -> String,
+) -> Result<(Vec<Server>, Vec<SocketAddr>)> {
+    std::fs::create_dir_all(dir)?;
+    let text = std::fs::read_to_string(root().join("plugins.toml"))?;
+    let components = root().join("target/wasm32-wasip2/component");
+    let config = edit(
+        text.replace(
+            "\"target/wasm32-wasip2/component/",
+            &format!("\"{}/", components.display()),
+        )
+        .replace("\"docs/", &format!("\"{}/docs/", root().display()))
+        // The hosts sign and accept the same tokens.
+        .replace(
+            "[tokens]\n",
+            &format!(
+                "[tokens]\nkey_file = \"{}\"\n",
+                dir.join("tokens.key").display()
+            ),
+        )
+        // The bench logs every buyer in from one address.
+        .replace(
+            "requests = 20, window_seconds = 60",
+            "requests = 100000, window_seconds = 60",
+        ),
+    ) + backends;
+    let config_path = dir.join("plugins.toml");
+    std::fs::write(&config_path, config)?;
+    let mut servers = Vec::new();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for host in 0..hosts {
+        let (public, admin) = (free_port(), free_port());
+        let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
+        servers.push(Server(
+            Command::new(root().join("target/release/agora"))
+                .arg("up")
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--listen", &addr.to_string()])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .arg("--data")
+                .arg(dir.join(format!("data{host}")))
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ));
+        let started = Instant::now();
+        while !matches!(call(addr, "GET", "/readyz", None, None).await, Ok((200, _))) {
+            if started.elapsed() > Duration::from_secs(120) {
+                bail!("agora did not become ready in {}", dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        addrs.push(addr);
+    }
+    Ok((servers, addrs))
+}
+
 /// One backend set's run.
 struct Run<'a> {
     label: &'a str,
@@ -111,58 +176,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
         label.split(' ').next().unwrap_or("x"),
         run.hosts
     ));
-    std::fs::create_dir_all(&dir)?;
-    let text = std::fs::read_to_string(root().join("plugins.toml"))?;
-    let components = root().join("target/wasm32-wasip2/component");
-    let config =
-        text.replace(
-            "\"target/wasm32-wasip2/component/",
-            &format!("\"{}/", components.display()),
-        )
-        .replace("\"docs/", &format!("\"{}/docs/", root().display()))
-        // The hosts sign and accept the same tokens.
-        .replace(
-            "[tokens]\n",
-            &format!(
-                "[tokens]\nkey_file = \"{}\"\n",
-                dir.join("tokens.key").display()
-            ),
-        )
-        // The bench logs every buyer in from one address.
-        .replace(
-            "requests = 20, window_seconds = 60",
-            "requests = 100000, window_seconds = 60",
-        ) + &run.backends;
-    let config_path = dir.join("plugins.toml");
-    std::fs::write(&config_path, config)?;
-    let mut servers = Vec::new();
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for host in 0..run.hosts {
-        let (public, admin) = (free_port(), free_port());
-        let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
-        servers.push(Server(
-            Command::new(root().join("target/release/agora"))
-                .arg("up")
-                .arg("--config")
-                .arg(&config_path)
-                .args(["--listen", &addr.to_string()])
-                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-                .arg("--data")
-                .arg(dir.join(format!("data{host}")))
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        ));
-        let started = Instant::now();
-        while !matches!(call(addr, "GET", "/readyz", None, None).await, Ok((200, _))) {
-            if started.elapsed() > Duration::from_secs(120) {
-                bail!("{label}: agora did not become ready");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        addrs.push(addr);
-    }
+    let (servers, addrs) = start_shop(&dir, &run.backends, run.hosts, |c| c).await?;
     let addr = addrs[0];
     if run.hosts > 1 {
         // Each host has taken its share of the partitions.
@@ -373,7 +387,7 @@ fn paid_notifications(run: &Run, dir: &Path) -> Result<HashMap<String, u64>> {
 }
 
 /// Registers a user and logs in; returns the token.
-async fn sign_up(addr: SocketAddr, email: &str, password: &str) -> Result<String> {
+pub async fn sign_up(addr: SocketAddr, email: &str, password: &str) -> Result<String> {
     let user = json!({"email": email, "name": "Bench", "password": password});
     let (status, body) = call(addr, "POST", "/users", None, Some(user)).await?;
     if status != 201 {
@@ -388,7 +402,7 @@ async fn sign_up(addr: SocketAddr, email: &str, password: &str) -> Result<String
 }
 
 /// One request on a connection of its own; the body as JSON (null if none).
-async fn call(
+pub async fn call(
     addr: SocketAddr,
     method: &str,
     path: &str,

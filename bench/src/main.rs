@@ -10,14 +10,18 @@
 //! 3. A hot swap of an already compiled version through the admin API.
 //! 4. Storage commits per second on the embedded backend at each
 //!    `durability` setting: what an fsync per commit costs.
-//! 5. Checkouts per second through the shop, and the time until the saga
+//! 5. `GET /products/{id}` and `GET /products` with and without the
+//!    gateway's response cache (`products.rs`).
+//! 6. Checkouts per second through the shop, and the time until the saga
 //!    has paid every order, on the embedded backends and on PostgreSQL +
 //!    Redis (`checkout.rs`).
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32);
-//! `agora-bench checkout [seconds] [buyers]` runs section 5 alone.
+//! `agora-bench checkout [seconds] [buyers]` runs section 6 alone, and
+//! `agora-bench products [seconds] [connections]` section 5.
 
 mod checkout;
+mod products;
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener};
@@ -61,15 +65,24 @@ fn main() -> Result<()> {
     if args.get(1).map(String::as_str) == Some("native-server") {
         return native_server(args[2].parse()?);
     }
-    let only_checkout = args.get(1).map(String::as_str) == Some("checkout");
-    let args = &args[usize::from(only_checkout)..];
+    let only = args
+        .get(1)
+        .map(String::as_str)
+        .filter(|a| matches!(*a, "checkout" | "products"))
+        .map(str::to_owned);
+    let args = &args[usize::from(only.is_some())..];
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let connections: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
     let rt = tokio::runtime::Runtime::new()?;
     let duration = Duration::from_secs(seconds);
-    if only_checkout {
+    if let Some(only) = only {
         let scratch = std::env::temp_dir().join(format!("agora-bench-{}", std::process::id()));
-        let result = rt.block_on(checkout::checkouts(&scratch, duration, connections));
+        let result = rt.block_on(async {
+            match only.as_str() {
+                "checkout" => checkout::checkouts(&scratch, duration, connections).await,
+                _ => products::products(&scratch, duration, connections).await,
+            }
+        });
         let _ = std::fs::remove_dir_all(&scratch);
         return result;
     }
@@ -136,6 +149,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 
     swap(&config, &scratch.join("swap")).await?;
     durability(&scratch.join("durability")).await?;
+    products::products(&scratch, duration, connections).await?;
     checkout::checkouts(&scratch, duration, connections).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
@@ -241,10 +255,10 @@ async fn serve_and_load(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (count, failures) = load(addr, duration, connections).await;
+    let (count, failures) = load(addr, "/", duration, connections).await;
     let rps = count as f64 / duration.as_secs_f64();
     println!("{name:<22} {rps:>9.0} req/s  ({count} ok, {failures} failed; in-process client)");
-    match wrk(addr, duration, connections) {
+    match wrk(addr, "/", duration, connections) {
         Ok(summary) => println!("{name:<22} {summary} (wrk)"),
         Err(e) => println!("{name:<22} wrk skipped: {e:#}"),
     }
@@ -252,12 +266,12 @@ async fn serve_and_load(
 }
 
 /// The same load from wrk: requests per second and latency percentiles.
-fn wrk(addr: SocketAddr, duration: Duration, connections: usize) -> Result<String> {
+fn wrk(addr: SocketAddr, path: &str, duration: Duration, connections: usize) -> Result<String> {
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}")])
         .arg(format!("-d{}s", duration.as_secs()))
         .arg("--latency")
-        .arg(format!("http://{addr}/"))
+        .arg(format!("http://{addr}{path}"))
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -295,13 +309,13 @@ async fn get(addr: SocketAddr) -> Result<Bytes> {
 }
 
 /// Keep-alive connections sending requests back to back for `duration`.
-async fn load(addr: SocketAddr, duration: Duration, connections: usize) -> (u64, u64) {
+async fn load(addr: SocketAddr, path: &str, duration: Duration, connections: usize) -> (u64, u64) {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + duration;
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
-            let (ok, failed) = (ok.clone(), failed.clone());
+            let (ok, failed, path) = (ok.clone(), failed.clone(), path.to_owned());
             tokio::spawn(async move {
                 let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
                     return;
@@ -314,7 +328,7 @@ async fn load(addr: SocketAddr, duration: Duration, connections: usize) -> (u64,
                 };
                 tokio::spawn(conn);
                 while Instant::now() < end {
-                    let request = http::Request::get("/")
+                    let request = http::Request::get(&path)
                         .header("host", "bench")
                         .body(Empty::<Bytes>::new())
                         .unwrap();

@@ -15,14 +15,18 @@
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::timeout_at;
@@ -36,8 +40,9 @@ use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
 use crate::links;
-use crate::metrics::{InstanceMetrics, RouteMetrics};
+use crate::metrics::{CacheResult, InstanceMetrics, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
+use crate::registry::prefix_matches;
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
@@ -254,7 +259,12 @@ impl ComponentVersion {
             route_metrics: spec
                 .routes
                 .iter()
-                .map(|route| RouteMetrics::new(name, route))
+                .map(|route| {
+                    let cached = spec.response_cache.iter().any(|rule| {
+                        prefix_matches(route, &rule.prefix) || prefix_matches(&rule.prefix, route)
+                    });
+                    RouteMetrics::new(name, route, cached)
+                })
                 .collect(),
             instance_metrics: InstanceMetrics::new(name),
         };
@@ -282,6 +292,13 @@ impl ComponentVersion {
     /// Counts a request answered on the route of `route_index`.
     pub fn observe_request(&self, route_index: usize, status: u16, elapsed: Duration) {
         self.route_metrics[route_index].observe(status, elapsed.as_secs_f64());
+    }
+
+    /// Counts what the response cache did with a GET on the route of `route_index`.
+    pub fn observe_cache(&self, route_index: usize, result: CacheResult) {
+        if let Some(counters) = &self.route_metrics[route_index].response_cache {
+            counters[result as usize].inc();
+        }
     }
 
     /// Requests answered so far on each route, as (route, count); the
@@ -493,6 +510,7 @@ impl ComponentVersion {
             Err(e) => return Failure::Internal(format!("{e:#}")).response(&self.name),
         };
         let this = self.clone();
+        let (finished, outcome) = oneshot::channel();
         let task = tokio::spawn(async move {
             // Held until the guest is done, response body included.
             let _permit = permit;
@@ -509,11 +527,20 @@ impl ComponentVersion {
                     .await
             };
             let result = run.await;
+            // Said before the store, and with it the body's stream, is
+            // dropped: the body then knows how its end came about.
+            let _ = finished.send(result.is_ok());
             // Counted here, whether or not the response head was out.
             result.map_err(|e| this.failed(Failure::classify(e, store.data().limiter.exhausted)))
         });
         match timeout_at(deadline, receiver).await {
-            Ok(Ok(Ok(response))) => response,
+            Ok(Ok(Ok(response))) => response.map(|body| {
+                CompletedBody {
+                    body,
+                    outcome: Some(outcome),
+                }
+                .boxed_unsync()
+            }),
             Ok(Ok(Err(code))) => {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
             }
@@ -619,5 +646,54 @@ impl ComponentVersion {
                 .message(&self.name)),
             Err(_) => Err(self.failed(Failure::Timeout).message(&self.name)),
         }
+    }
+}
+
+/// A component's response body that ends only once the guest returned. A
+/// guest that traps or runs out of time drops its half-written body, which
+/// would otherwise end like a whole one: a client (and the response cache)
+/// would take a fragment for the response. Such an end becomes an error, so
+/// the connection is cut instead (HTTP/1.1 sends no last chunk, HTTP/2
+/// resets the stream).
+struct CompletedBody {
+    body: Body,
+    /// Whether the guest returned normally; taken once the body ends.
+    outcome: Option<oneshot::Receiver<bool>>,
+}
+
+impl hyper::body::Body for CompletedBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(None) => {}
+            other => return other,
+        }
+        let Some(outcome) = this.outcome.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let returned = match Pin::new(outcome).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(returned) => returned.unwrap_or(false),
+        };
+        this.outcome = None;
+        if returned {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.outcome.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

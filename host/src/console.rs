@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::bindings::messaging::Message;
-use crate::messaging::DEAD_LETTER_PREFIX;
+use crate::messaging::{ATTEMPTS_HEADER, DEAD_LETTER_PREFIX, ERROR_HEADER, ORIGINAL_TOPIC_HEADER};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::server::read_body;
@@ -647,9 +647,9 @@ async fn dead_letters_section(console: &Console, runtime: &Runtime) -> String {
                 r#"<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{action}</td></tr>"#,
                 escape(&c.name),
                 escape(&letter.id),
-                escape(header_of(&letter.headers, "agora-original-topic")),
-                escape(header_of(&letter.headers, "agora-attempts")),
-                escape(header_of(&letter.headers, "agora-error")),
+                escape(header_of(&letter.headers, ORIGINAL_TOPIC_HEADER)),
+                escape(header_of(&letter.headers, ATTEMPTS_HEADER)),
+                escape(header_of(&letter.headers, ERROR_HEADER)),
                 escape(&payload.chars().take(200).collect::<String>()),
             );
         }
@@ -687,7 +687,7 @@ async fn replay(
     };
     // Only the platform writes dead letters (no grant reaches a
     // `dead-letter.` topic), and only of a topic the subscriber takes.
-    let original = header_of(&letter.headers, "agora-original-topic").to_owned();
+    let original = header_of(&letter.headers, ORIGINAL_TOPIC_HEADER).to_owned();
     let subscribed = runtime
         .registry()
         .components

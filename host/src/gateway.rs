@@ -21,13 +21,13 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use ipnet::IpNet;
 
-use crate::bindings::tokens::{Claims, Error as TokenError};
+use crate::bindings::tokens::Claims;
 use crate::cache::CacheBackend;
 use crate::console::COOKIE as CONSOLE_COOKIE;
 use crate::plugins::{ComponentSpec, RateLimit, RateLimitPer};
 use crate::registry::{canonical_path, prefix_matches};
 use crate::response::{self, Body};
-use crate::tokens::Signer;
+use crate::tokens::{Authenticator, ExternalUser, Rejection, Verified};
 
 pub const USER_ID_HEADER: &str = "x-agora-user-id";
 pub const USER_ROLES_HEADER: &str = "x-agora-user-roles";
@@ -156,9 +156,20 @@ fn parse_node(node: &str) -> Option<IpAddr> {
 #[derive(Debug)]
 pub enum Refusal {
     InvalidPath(String),
-    Unauthorized { code: &'static str, message: String },
+    InvalidHost,
+    Unauthorized {
+        code: &'static str,
+        message: String,
+    },
     Forbidden(String),
-    RateLimited { retry_after_seconds: u64 },
+    RateLimited {
+        retry_after_seconds: u64,
+    },
+    /// The token's provider, or the accounts component, cannot be reached.
+    Unavailable {
+        code: &'static str,
+        message: String,
+    },
 }
 
 impl Refusal {
@@ -167,6 +178,11 @@ impl Refusal {
             Refusal::InvalidPath(message) => {
                 response::error(StatusCode::BAD_REQUEST, "invalid_path", message.clone())
             }
+            Refusal::InvalidHost => response::error(
+                StatusCode::BAD_REQUEST,
+                "invalid_host",
+                "the Host header is not a host[:port]",
+            ),
             Refusal::Unauthorized { code, message } => {
                 let mut response = response::error(StatusCode::UNAUTHORIZED, code, message.clone());
                 response
@@ -176,6 +192,9 @@ impl Refusal {
             }
             Refusal::Forbidden(message) => {
                 response::error(StatusCode::FORBIDDEN, "forbidden", message.clone())
+            }
+            Refusal::Unavailable { code, message } => {
+                response::error(StatusCode::SERVICE_UNAVAILABLE, code, message.clone())
             }
             Refusal::RateLimited {
                 retry_after_seconds,
@@ -202,8 +221,19 @@ fn unauthorized(code: &'static str, message: impl Into<String>) -> Refusal {
 }
 
 /// Replaces the request's path with its canonical form (the query is kept
-/// as sent), or refuses a path that has none with 400 `invalid_path`.
+/// as sent), or refuses a path that has none with 400 `invalid_path`, and a
+/// `Host` that is not `host[:port]` with 400 `invalid_host` (hyper lets
+/// spaces and more through; components and the response cache read it).
 pub fn normalize<B>(request: &mut Request<B>) -> Result<(), Refusal> {
+    if let Some(host) = request.headers().get(header::HOST) {
+        let authority = host
+            .to_str()
+            .ok()
+            .and_then(|h| h.parse::<http::uri::Authority>().ok());
+        if authority.is_none_or(|a| a.as_str().contains('@')) {
+            return Err(Refusal::InvalidHost);
+        }
+    }
     let uri = request.uri();
     let canonical = canonical_path(uri.path()).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     if canonical == uri.path() {
@@ -256,12 +286,13 @@ pub fn strip_console_cookie(headers: &mut http::HeaderMap) {
 }
 
 /// Applies the component's auth rules to `request`; on success the request
-/// carries the verified user, if any.
-pub fn authorize<B>(
+/// carries the verified user, if any, and a user of a trusted provider is
+/// returned for provisioning.
+pub async fn authorize<B>(
     spec: &ComponentSpec,
-    signer: &Signer,
+    authenticator: &Authenticator,
     request: &mut Request<B>,
-) -> Result<(), Refusal> {
+) -> Result<Option<ExternalUser>, Refusal> {
     let headers = request.headers_mut();
     headers.remove(USER_ID_HEADER);
     headers.remove(USER_ROLES_HEADER);
@@ -277,9 +308,12 @@ pub fn authorize<B>(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim());
-    let claims = token.map(|t| signer.verify(t));
-    let user = match (rule, claims) {
-        (None, Some(Ok(claims))) => Some(claims),
+    let verified = match token {
+        Some(token) => Some(authenticator.verify(token).await),
+        None => None,
+    };
+    let user = match (rule, verified) {
+        (None, Some(Ok(verified))) => Some(verified),
         (None, _) => None,
         (Some(_), None) => {
             return Err(unauthorized(
@@ -287,39 +321,51 @@ pub fn authorize<B>(
                 "this request needs a bearer token",
             ));
         }
-        (Some(_), Some(Err(TokenError::Expired))) => {
+        (Some(_), Some(Err(Rejection::Expired))) => {
             return Err(unauthorized(
                 "token_expired",
                 "the bearer token has expired",
             ));
         }
-        (Some(_), Some(Err(TokenError::Invalid(reason)))) => {
+        (Some(_), Some(Err(Rejection::Invalid(reason)))) => {
             return Err(unauthorized(
                 "invalid_token",
                 format!("the bearer token is invalid: {reason}"),
             ));
         }
-        (Some(rule), Some(Ok(claims))) => {
-            if !rule.roles.is_empty() && !claims.roles.iter().any(|r| rule.roles.contains(r)) {
+        (Some(_), Some(Err(Rejection::Unavailable(message)))) => {
+            return Err(Refusal::Unavailable {
+                code: "issuer_unavailable",
+                message,
+            });
+        }
+        (Some(rule), Some(Ok(verified))) => {
+            let roles = &verified.claims.roles;
+            if !rule.roles.is_empty() && !roles.iter().any(|r| rule.roles.contains(r)) {
                 return Err(Refusal::Forbidden(format!(
                     "this request needs the role {}",
                     rule.roles.join(" or ")
                 )));
             }
-            Some(claims)
+            Some(verified)
         }
     };
-    if let Some(Claims { subject, roles, .. }) = user {
-        let headers = request.headers_mut();
-        if let (Ok(id), Ok(roles)) = (
-            HeaderValue::from_str(&subject),
-            HeaderValue::from_str(&roles.join(",")),
-        ) {
-            headers.insert(USER_ID_HEADER, id);
-            headers.insert(USER_ROLES_HEADER, roles);
-        }
+    let Some(Verified {
+        claims: Claims { subject, roles, .. },
+        external,
+    }) = user
+    else {
+        return Ok(None);
+    };
+    let headers = request.headers_mut();
+    if let (Ok(id), Ok(roles)) = (
+        HeaderValue::from_str(&subject),
+        HeaderValue::from_str(&roles.join(",")),
+    ) {
+        headers.insert(USER_ID_HEADER, id);
+        headers.insert(USER_ROLES_HEADER, roles);
     }
-    Ok(())
+    Ok(external)
 }
 
 fn rule_applies(prefix: &str, methods: &[String], path: &str, method: &str) -> bool {

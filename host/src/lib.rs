@@ -2,10 +2,12 @@
 //! them capabilities, routes HTTP requests and events to them, and replaces
 //! them while it runs. See `DESIGN.md`-level docs in each module.
 
+pub mod accounts;
 pub mod admin;
 pub mod bindings;
 pub mod cache;
 pub mod capability;
+pub mod client;
 pub mod component;
 pub mod config;
 pub mod console;
@@ -22,6 +24,7 @@ pub mod pg;
 pub mod plugins;
 pub mod registry;
 pub mod response;
+pub mod response_cache;
 pub mod runtime;
 pub mod scaffold;
 pub mod secret;

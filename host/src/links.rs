@@ -18,6 +18,7 @@ use wasmtime::component::types::ComponentItem;
 use wasmtime::component::{Component, Linker};
 use wasmtime::Engine;
 
+use crate::metrics::{metrics, LinkLabels};
 use crate::plugins::{ComponentSpec, SHOP_INTERFACES};
 use crate::runtime::Runtime;
 use crate::state::InstanceState;
@@ -65,6 +66,15 @@ pub fn linker_for(
                 import.to_owned(),
                 function.to_owned(),
             );
+            // One series per linked function, looked up once per version.
+            let calls = metrics()
+                .link_calls
+                .get_or_create(&LinkLabels {
+                    caller: name.to_owned(),
+                    callee: target.clone(),
+                    function: format!("{unversioned}#{function}"),
+                })
+                .clone();
             defined.func_new_async(function, move |store, _ty, params, results| {
                 let (runtime, target, interface, function_name) = (
                     runtime.clone(),
@@ -83,6 +93,7 @@ pub fn linker_for(
                         ],
                     )
                 });
+                calls.inc();
                 Box::new(async move {
                     let runtime = runtime
                         .upgrade()

@@ -12,13 +12,11 @@ use std::sync::Arc;
 use agora_host::admin::Admin;
 use agora_host::plugins::Plugins;
 use agora_host::runtime::Runtime;
-use agora_host::{admin, develop, scaffold, server, telemetry, watch};
+use agora_host::{admin, client, develop, scaffold, server, telemetry, watch};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
 #[command(
@@ -427,6 +425,10 @@ fn read_token_file(path: &Path) -> Result<String> {
     admin::read_token(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The admin API's largest reply: a topic's events, each at most 256 KiB,
+/// a page at a time.
+const ADMIN_REPLY_LIMIT: usize = 256 * 1024 * 1024;
+
 /// One request to a running host's admin API.
 async fn admin_call(
     admin: AdminArgs,
@@ -435,30 +437,21 @@ async fn admin_call(
     body: Vec<u8>,
 ) -> Result<serde_json::Value> {
     let AdminApi { base, token } = admin.resolve()?;
-    let uri: http::Uri = base
+    let uri: http::Uri = format!("{}{path}", base.trim_end_matches('/'))
         .parse()
         .with_context(|| format!("`{base}` is not a URL"))?;
-    let authority = uri
-        .authority()
-        .with_context(|| format!("`{base}` has no host:port"))?
-        .clone();
-    let stream = tokio::net::TcpStream::connect(authority.as_str())
+    let request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Bytes::from(body))?;
+    let response = client::send(request, ADMIN_REPLY_LIMIT)
         .await
         .with_context(|| {
             format!("cannot reach the admin API at {base} (is `agora up` running?)")
         })?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, authority.as_str())
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Full::new(Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
     let status = response.status();
-    let bytes = response.into_body().collect().await?.to_bytes();
+    let bytes = response.into_body();
     let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });

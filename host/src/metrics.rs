@@ -98,6 +98,26 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LinkLabels {
+    /// The component whose import made the call.
+    pub caller: String,
+    /// The component plugins.toml links that import to.
+    pub callee: String,
+    /// `agora:shop/inventory#lookup`: names from `wit/`, so bounded.
+    pub function: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseCacheLabels {
+    pub component: String,
+    pub route: String,
+    /// `hit`, `miss` (answered by the component, then kept) or `uncached`
+    /// (answered by the component, and not kept: no-store, private, not a
+    /// 200, too large).
+    pub result: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Latencies from 0.25 ms to about 8 s: a cached GET to a component's
@@ -131,6 +151,8 @@ pub struct Metrics {
     pub pool_connections: Family<PoolLabels, Gauge>,
     pub pool_in_use: Family<PoolLabels, Gauge>,
     pub pool_waiting: Family<PoolLabels, Gauge>,
+    pub link_calls: Family<LinkLabels, Counter>,
+    pub response_cache: Family<ResponseCacheLabels, Counter>,
 }
 
 impl Metrics {
@@ -154,6 +176,8 @@ impl Metrics {
             pool_connections: Family::default(),
             pool_in_use: Family::default(),
             pool_waiting: Family::default(),
+            link_calls: Family::default(),
+            response_cache: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -241,6 +265,16 @@ impl Metrics {
             "pool_waiting",
             "Callers waiting for a connection of a backend pool",
             metrics.pool_waiting.clone(),
+        );
+        r.register(
+            "link_calls",
+            "Calls from a component's agora:shop import to the component linked to it",
+            metrics.link_calls.clone(),
+        );
+        r.register(
+            "response_cache_lookups",
+            "GET requests on routes with a response cache, by whether the cache answered",
+            metrics.response_cache.clone(),
         );
         Metrics {
             registry,
@@ -330,10 +364,27 @@ pub struct RouteMetrics {
     /// By status class: 1xx to 5xx.
     pub by_class: [Counter; 5],
     pub duration: Histogram,
+    /// Hits, misses and uncached answers, on routes with a response cache.
+    pub response_cache: Option<[Counter; 3]>,
+}
+
+/// What the response cache did with a GET, as [`RouteMetrics::response_cache`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit = 0,
+    Miss = 1,
+    Uncached = 2,
+}
+
+impl CacheResult {
+    pub fn name(self) -> &'static str {
+        ["hit", "miss", "uncached"][self as usize]
+    }
 }
 
 impl RouteMetrics {
-    pub fn new(component: &str, route: &str) -> RouteMetrics {
+    /// `cached`: whether a response cache rule covers part of the route.
+    pub fn new(component: &str, route: &str, cached: bool) -> RouteMetrics {
         let m = metrics();
         let counter = |status: &str| {
             m.requests
@@ -353,6 +404,17 @@ impl RouteMetrics {
                     route: route.to_owned(),
                 })
                 .clone(),
+            response_cache: cached.then(|| {
+                [CacheResult::Hit, CacheResult::Miss, CacheResult::Uncached].map(|result| {
+                    m.response_cache
+                        .get_or_create(&ResponseCacheLabels {
+                            component: component.to_owned(),
+                            route: route.to_owned(),
+                            result: result.name().to_owned(),
+                        })
+                        .clone()
+                })
+            }),
         }
     }
 
@@ -432,10 +494,10 @@ mod tests {
 
     #[test]
     fn a_kept_handle_and_a_later_lookup_count_one_series() {
-        let route = RouteMetrics::new("metrics-test", "/things");
+        let route = RouteMetrics::new("metrics-test", "/things", false);
         route.observe(201, 0.002);
         route.observe(404, 0.001);
-        RouteMetrics::new("metrics-test", "/things").observe(200, 0.003);
+        RouteMetrics::new("metrics-test", "/things", false).observe(200, 0.003);
         assert_eq!(route.total(), 3);
         let text = metrics().encode();
         assert!(

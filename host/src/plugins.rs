@@ -338,6 +338,15 @@ pub struct TokenSettings {
     /// HS256 key file. Created with 32 random bytes when missing, so tokens
     /// survive restarts; several hosts must share it. Default: `<data_dir>/tokens.key`.
     pub key_file: Option<PathBuf>,
+    /// OpenID Connect providers whose tokens the gateway accepts beside the
+    /// host's own, by a name of the operator's choosing (`[tokens.trusted_issuers.auth0]`).
+    /// A user signed in there is `<name>:<subject>` to every component, so
+    /// no provider can speak for a user of the host's or of another provider.
+    pub trusted_issuers: BTreeMap<String, TrustedIssuerSettings>,
+    /// The component that keeps user records: the host calls its
+    /// `agora:platform/accounts` export the first time it sees a user of a
+    /// trusted issuer, before the user's request reaches any component.
+    pub accounts: Option<String>,
 }
 
 impl Default for TokenSettings {
@@ -346,8 +355,52 @@ impl Default for TokenSettings {
             issuer: "agora".into(),
             ttl_seconds: 3600,
             key_file: None,
+            trusted_issuers: BTreeMap::new(),
+            accounts: None,
         }
     }
+}
+
+/// An OpenID Connect provider whose access or ID tokens (RS256 or ES256)
+/// the gateway accepts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuerSettings {
+    /// The tokens' `iss`, exactly (`https://example.eu.auth0.com/`).
+    pub issuer: String,
+    /// What `aud` must contain: the API's identifier at the provider.
+    pub audience: String,
+    /// Where the provider publishes its signing keys
+    /// (`https://example.eu.auth0.com/.well-known/jwks.json`).
+    pub jwks_url: String,
+    /// The claim that identifies the user; `sub` by default, as OIDC says.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// The claim that carries roles (a list of strings, or one string of
+    /// space-separated names), e.g. Auth0's namespaced
+    /// `"https://shop.example.com/roles"`. None by default.
+    #[serde(default)]
+    pub roles_claim: Option<String>,
+    /// The roles of `roles_claim` that are believed; others are dropped, so
+    /// a provider's admin is not the shop's unless listed here.
+    #[serde(default)]
+    pub allowed_roles: Vec<String>,
+    /// Roles every user of this provider has (e.g. `["customer"]`).
+    #[serde(default)]
+    pub default_roles: Vec<String>,
+    /// How long fetched keys are used before they are fetched again. An
+    /// hour: providers publish a new key well before they sign with it,
+    /// and a token naming a key not yet seen fetches the set at once.
+    #[serde(default = "default_jwks_cache_seconds")]
+    pub jwks_cache_seconds: u64,
+}
+
+fn default_user_claim() -> String {
+    "sub".into()
+}
+
+fn default_jwks_cache_seconds() -> u64 {
+    3600
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -390,6 +443,10 @@ pub struct ComponentSpec {
     /// Counted in the cache backend, so on Redis the limit holds across hosts.
     #[serde(default)]
     pub rate_limits: Vec<RateLimit>,
+    /// GET responses the gateway keeps in the cache backend and answers
+    /// itself until they expire, or the component invalidates them.
+    #[serde(default)]
+    pub response_cache: Vec<ResponseCacheRule>,
     /// The roles it may put in the tokens it issues. Needs the `tokens-issue`
     /// grant; without this list it can issue only tokens without roles.
     /// A token is a credential the gateway trusts, so a component that may
@@ -438,6 +495,29 @@ pub struct RateLimit {
     /// Whom the requests are counted for; see [`RateLimitPer`].
     #[serde(default)]
     pub per: RateLimitPer,
+}
+
+/// A route's GET responses, kept by the gateway. The key is the path and
+/// query, and the user when the request carries one, so no user is ever
+/// answered with another's response. Only a `200` without `Set-Cookie` or
+/// `Vary` is kept, and not when the component says `Cache-Control:
+/// no-store`, `no-cache` or `private`; its `max-age` shortens the TTL.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseCacheRule {
+    /// Path prefix, matched on whole segments like routes.
+    pub prefix: String,
+    /// How long a response is answered from the cache.
+    pub ttl_seconds: u64,
+    /// The largest body kept; larger responses pass through uncached.
+    /// 256 KiB holds any product page while one response cannot take a
+    /// large share of the cache.
+    #[serde(default = "default_max_response_kib")]
+    pub max_body_kib: u32,
+}
+
+fn default_max_response_kib() -> u32 {
+    256
 }
 
 /// Whose requests a rate limit counts together.
@@ -596,6 +676,8 @@ impl Plugins {
                 return Err(invalid(key.into(), "must be above 0".into()));
             }
         }
+        self.validate_tokens()
+            .map_err(|(key, message)| invalid(key, message))?;
         let mut route_owner: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, spec) in &self.components {
             let key = |field: &str| format!("components.{name}.{field}");
@@ -658,11 +740,7 @@ impl Plugins {
                 "issues_roles",
                 Grant::TokensIssue,
             )?;
-            if let Some(role) = spec.issues_roles.iter().find(|r| {
-                r.is_empty()
-                    || r.chars()
-                        .any(|c| c == ',' || c.is_whitespace() || c.is_control())
-            }) {
+            if let Some(role) = spec.issues_roles.iter().find(|r| !is_role_name(r)) {
                 return Err(invalid(
                     key("issues_roles"),
                     format!("{role:?} is not a role name (no spaces or commas)"),
@@ -713,6 +791,16 @@ impl Plugins {
                     ));
                 }
             }
+            for (i, rule) in spec.response_cache.iter().enumerate() {
+                let key = format!("{}[{i}]", key("response_cache"));
+                check_canonical(&rule.prefix).map_err(|m| invalid(format!("{key}.prefix"), m))?;
+                if rule.ttl_seconds == 0 || rule.max_body_kib == 0 {
+                    return Err(invalid(
+                        key,
+                        "`ttl_seconds` and `max_body_kib` must be above 0".into(),
+                    ));
+                }
+            }
             let limits = &spec.limits;
             if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
                 return Err(invalid(
@@ -735,6 +823,103 @@ impl Plugins {
         }
         Ok(())
     }
+}
+
+impl Plugins {
+    /// `[tokens]`: trusted issuers that can be told from the host's own
+    /// tokens and from each other, and an `accounts` component that exists.
+    fn validate_tokens(&self) -> Result<(), (String, String)> {
+        let tokens = &self.tokens;
+        if let Some(accounts) = &tokens.accounts {
+            if !self.components.contains_key(accounts) {
+                return Err((
+                    "tokens.accounts".into(),
+                    format!("`{accounts}` is not a component of this file"),
+                ));
+            }
+        }
+        let mut issuers = BTreeMap::new();
+        for (name, trusted) in &tokens.trusted_issuers {
+            let key = |field: &str| format!("tokens.trusted_issuers.{name}.{field}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err((
+                    format!("tokens.trusted_issuers.{name}"),
+                    "issuer names use a-z, A-Z, 0-9, '-' and '_' only (they prefix user ids)"
+                        .into(),
+                ));
+            }
+            if trusted.issuer.is_empty() || trusted.issuer == tokens.issuer {
+                return Err((
+                    key("issuer"),
+                    "must be the provider's `iss`, and not the host's own `tokens.issuer`".into(),
+                ));
+            }
+            if let Some(other) = issuers.insert(&trusted.issuer, name) {
+                return Err((
+                    key("issuer"),
+                    format!("`{}` is trusted already as `{other}`", trusted.issuer),
+                ));
+            }
+            if trusted.audience.is_empty() {
+                return Err((key("audience"), "must not be empty".into()));
+            }
+            // Keys decide who signs in: they come over TLS, but from this
+            // machine (a test provider, a local proxy).
+            let url: Result<http::Uri, _> = trusted.jwks_url.parse();
+            let acceptable = url
+                .as_ref()
+                .is_ok_and(|u| match (u.scheme_str(), u.host()) {
+                    (Some("https"), Some(_)) => true,
+                    (Some("http"), Some(host)) => {
+                        host == "localhost"
+                            || host
+                                .trim_matches(['[', ']'])
+                                .parse::<std::net::IpAddr>()
+                                .is_ok_and(|ip| ip.is_loopback())
+                    }
+                    _ => false,
+                });
+            if !acceptable {
+                return Err((
+                    key("jwks_url"),
+                    format!(
+                        "`{}` is not an https:// URL (http:// only to this machine)",
+                        trusted.jwks_url
+                    ),
+                ));
+            }
+            if trusted.user_claim.is_empty() {
+                return Err((key("user_claim"), "must name a claim".into()));
+            }
+            if trusted.jwks_cache_seconds == 0 {
+                return Err((key("jwks_cache_seconds"), "must be above 0".into()));
+            }
+            if let Some(role) = trusted
+                .allowed_roles
+                .iter()
+                .chain(&trusted.default_roles)
+                .find(|r| !is_role_name(r))
+            {
+                return Err((
+                    key("allowed_roles"),
+                    format!("{role:?} is not a role name (no spaces or commas)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Roles travel to components comma-separated in a header.
+pub fn is_role_name(role: &str) -> bool {
+    !role.is_empty()
+        && !role
+            .chars()
+            .any(|c| c == ',' || c.is_whitespace() || c.is_control())
 }
 
 /// Substitutes every string value of a table, recursively; an error names
@@ -993,6 +1178,56 @@ mod tests {
             .map(|r| r.per)
             .collect();
         assert_eq!(per, [RateLimitPer::User, RateLimitPer::Address]);
+    }
+
+    #[test]
+    fn trusted_issuers_are_told_apart_and_fetch_their_keys_over_tls() {
+        let table = |name: &str, issuer: &str, jwks: &str| {
+            format!(
+                "[tokens.trusted_issuers.{name}]\nissuer = \"{issuer}\"\naudience = \"api\"\n\
+                 jwks_url = \"{jwks}\"\n"
+            )
+        };
+        let ok = table(
+            "auth0",
+            "https://id.example/",
+            "https://id.example/jwks.json",
+        ) + &table("local", "https://other.example/", "http://127.0.0.1:9/jwks")
+            + &table("v6", "https://v6.example/", "http://[::1]:9/jwks");
+        let p = parse(&ok).unwrap();
+        assert_eq!(p.tokens.trusted_issuers["auth0"].user_claim, "sub");
+        assert_eq!(p.tokens.trusted_issuers["local"].jwks_cache_seconds, 3600);
+        for (bad, key, says) in [
+            (
+                table("a", "https://id.example/", "http://id.example/jwks.json"),
+                "tokens.trusted_issuers.a.jwks_url",
+                "https://",
+            ),
+            (
+                table("a", "agora", "https://id.example/jwks.json"),
+                "tokens.trusted_issuers.a.issuer",
+                "host's own",
+            ),
+            (
+                table("a", "https://id.example/", "https://x/j")
+                    + &table("b", "https://id.example/", "https://x/j"),
+                "tokens.trusted_issuers.b.issuer",
+                "trusted already as `a`",
+            ),
+            (
+                table("a:b", "https://id.example/", "https://x/j").replace("a:b", "\"a:b\""),
+                "tokens.trusted_issuers.a:b",
+                "prefix user ids",
+            ),
+            (
+                "[tokens]\naccounts = \"nobody\"\n".to_owned(),
+                "tokens.accounts",
+                "not a component",
+            ),
+        ] {
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

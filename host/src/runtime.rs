@@ -33,6 +33,7 @@ use async_trait::async_trait;
 use wasmtime::component::Linker;
 use wasmtime::Engine;
 
+use crate::accounts::Accounts;
 use crate::bindings::messaging::Message;
 use crate::capability::Capabilities;
 use crate::component::{version_of, ComponentVersion};
@@ -103,6 +104,8 @@ pub struct Runtime {
     max_waiting: usize,
     /// Who a request's client is: `host.trusted_proxies`, read at start.
     pub proxies: Proxies,
+    /// Provisions the users of trusted providers: `[tokens] accounts`.
+    pub accounts: Accounts,
     control: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<Change>>,
     /// Held by a metrics scrape.
@@ -140,6 +143,7 @@ impl Runtime {
                 plugins.host.trusted_proxies.clone(),
                 plugins.host.client_address_header,
             ),
+            accounts: Accounts::new(plugins.tokens.accounts.clone()),
             control: tokio::sync::Mutex::new(()),
             history: Mutex::default(),
             scraping: tokio::sync::Mutex::new(()),

@@ -59,8 +59,10 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::component::ComponentVersion;
 use crate::gateway;
+use crate::metrics::CacheResult;
 use crate::plugins::HostSettings;
 use crate::response::{self, Body};
+use crate::response_cache;
 use crate::runtime::Runtime;
 use crate::telemetry;
 
@@ -689,19 +691,55 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
     drop(registry);
     gateway::strip_console_cookie(request.headers_mut());
     let component = routed.0.clone();
-    let signer = runtime.capabilities.tokens.signer();
-    if let Err(refused) = gateway::authorize(&component.spec, &signer, &mut request) {
-        return (Some(routed), refused.response());
+    let authenticator = runtime.capabilities.tokens.authenticator();
+    let external = match gateway::authorize(&component.spec, &authenticator, &mut request).await {
+        Ok(external) => external,
+        Err(refused) => return (Some(routed), refused.response()),
+    };
+    if let Some(user) = external {
+        let trace = request
+            .extensions()
+            .get::<opentelemetry::Context>()
+            .cloned()
+            .unwrap_or_default();
+        let provisioned = runtime
+            .accounts
+            .provision(&runtime.registry_snapshot(), &user, trace)
+            .await;
+        if let Err(reason) = provisioned {
+            tracing::warn!(user = %user.id, %reason, "a trusted issuer's user could not be provisioned");
+            let refused = gateway::Refusal::Unavailable {
+                code: "accounts_unavailable",
+                message: "your account could not be set up; try again later".into(),
+            };
+            return (Some(routed), refused.response());
+        }
     }
     let cache = runtime.capabilities.cache.backend();
     if let Err(refused) = gateway::admit(&component.name, &component.spec, &*cache, &request).await
     {
         return (Some(routed), refused.response());
     }
+    let cached = response_cache::rule_for(&component.spec, &request)
+        .map(|rule| (rule, response_cache::key(&component.name, &request)));
+    if let Some((_, key)) = &cached {
+        if let Some(hit) = response_cache::lookup(&*cache, key).await {
+            component.observe_cache(routed.1, CacheResult::Hit);
+            return (Some(routed), hit);
+        }
+    }
     let limit = component.spec.limits.max_body_kib as usize * 1024;
     let response = match read_body(request, limit).await {
-        Ok(request) => component.handle_http(request).await,
+        Ok(request) => component.clone().handle_http(request).await,
         Err(response) => response,
+    };
+    let response = match cached {
+        Some((rule, key)) => {
+            let (response, result) = response_cache::keep(&*cache, key, rule, response).await;
+            component.observe_cache(routed.1, result);
+            response
+        }
+        None => response,
     };
     (Some(routed), response)
 }

@@ -26,8 +26,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use opentelemetry::global::{self, BoxedTracer};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
@@ -67,6 +65,9 @@ impl Default for TelemetrySettings {
 /// How long one export may take: a collector that hangs must not hold the
 /// exporter's thread for long.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A collector answers an export with a small status message; more than
+/// this is not one.
+const COLLECTOR_REPLY_LIMIT: usize = 64 * 1024;
 
 /// The exporter's running state; [`Exporting::shutdown`] sends what is left.
 pub struct Exporting(Option<SdkTracerProvider>);
@@ -247,39 +248,14 @@ impl HttpClient for TokioClient {
         &self,
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, HttpError> {
-        let send = async move {
-            let authority = request
-                .uri()
-                .authority()
-                .ok_or("the OTLP endpoint has no host")?
-                .clone();
-            let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-            tokio::spawn(connection);
-            let (mut parts, body) = request.into_parts();
-            parts.headers.insert(
-                http::header::HOST,
-                http::HeaderValue::from_str(authority.as_str())?,
-            );
-            parts.uri = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .parse()?;
-            let response = sender
-                .send_request(http::Request::from_parts(parts, Full::new(body)))
-                .await?;
-            let (parts, body) = response.into_parts();
-            let body = body.collect().await?.to_bytes();
-            Ok::<_, HttpError>(http::Response::from_parts(parts, body))
-        };
+        let send = crate::client::send(request, COLLECTOR_REPLY_LIMIT);
         // Timed on the runtime too: the exporter's thread has no timer.
         self.0
             .spawn(async move {
-                tokio::time::timeout(EXPORT_TIMEOUT, send)
-                    .await
-                    .map_err(|_| HttpError::from("the OTLP collector did not answer in time"))?
+                match tokio::time::timeout(EXPORT_TIMEOUT, send).await {
+                    Ok(sent) => sent.map_err(HttpError::from),
+                    Err(_) => Err(HttpError::from("the OTLP collector did not answer in time")),
+                }
             })
             .await?
     }

@@ -25,6 +25,22 @@ fn shared_target() -> String {
         .to_string()
 }
 
+/// `agora new NAME` beside `plugins`, on the repository's SDK, with the
+/// shared `target/`.
+fn agora_new(name: &str, plugins: &Path) -> std::process::Output {
+    let sdk = std::path::absolute(repository().join("components/sdk")).unwrap();
+    let made = Command::new(env!("CARGO_BIN_EXE_agora"))
+        .args(["new", name, "--config"])
+        .arg(plugins)
+        .arg("--sdk")
+        .arg(&sdk)
+        .env("CARGO_TARGET_DIR", shared_target())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    made
+}
+
 /// A Cargo workspace like a developer's Agora project, with a component
 /// made by `agora new`; returns its plugins.toml.
 fn new_project(dir: &Path) -> String {
@@ -39,16 +55,7 @@ fn new_project(dir: &Path) -> String {
     std::fs::copy(repository().join("Cargo.lock"), dir.join("Cargo.lock")).unwrap();
     let plugins = dir.join("plugins.toml");
     std::fs::write(&plugins, "# A developer's project.\n").unwrap();
-    let sdk = std::path::absolute(repository().join("components/sdk")).unwrap();
-    let made = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args(["new", "notes", "--config"])
-        .arg(&plugins)
-        .arg("--sdk")
-        .arg(&sdk)
-        .env("CARGO_TARGET_DIR", shared_target())
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", stderr(&made));
+    let made = agora_new("notes", &plugins);
     let said = String::from_utf8_lossy(&made.stdout);
     assert!(said.contains("added [components.notes]"), "{said}");
     std::fs::read_to_string(&plugins).unwrap()
@@ -132,16 +139,7 @@ async fn a_new_component_serves_at_once_and_watch_swaps_in_each_good_build() {
 
     // A component added while the host watches is built and served.
     let plugins = host.plugins_path();
-    let sdk = std::path::absolute(repository().join("components/sdk")).unwrap();
-    let made = Command::new(env!("CARGO_BIN_EXE_agora"))
-        .args(["new", "journal", "--config"])
-        .arg(&plugins)
-        .arg("--sdk")
-        .arg(&sdk)
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", stderr(&made));
+    agora_new("journal", &plugins);
     let journal = host.url("/journal");
     eventually(
         "the new component to serve",

@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -13,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// One window for a whole test: at this length no window boundary can fall
 /// inside it (the next is in 2033), so counts never reset halfway.
 const ONE_WINDOW: &str = "1000000000";
+
+/// The response header that says what the gateway's cache did.
+const CACHE_HEADER: &str = "x-agora-cache";
 
 /// Sends one request exactly as written (the target is not parsed or
 /// cleaned up by any client library) from the loopback address `from`.
@@ -594,4 +598,514 @@ async fn behind_a_trusted_proxy_limits_count_the_client_it_names_and_only_that()
     // Another client behind the same proxy has its own count.
     assert_error(&attempt("198.51.100.2").await, 401, "invalid_credentials");
     assert!(host.log().contains("client=198.51.100.1"), "{}", host.log());
+}
+
+/// A pretend OpenID Connect provider: serves its JWKS (the keys of
+/// `tests/fixtures/oidc` under the ids the test chooses), counts the
+/// fetches, and signs tokens.
+struct Provider {
+    port: u16,
+    /// The published key set: (kid, "rsa" | "ec").
+    published: std::sync::Arc<std::sync::Mutex<Vec<(String, &'static str)>>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+const PROVIDER_ISSUER: &str = "https://id.example.test/";
+const AUDIENCE: &str = "https://shop.example.test/api";
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/oidc")
+            .join(name),
+    )
+    .unwrap()
+}
+
+impl Provider {
+    async fn start(keys: &[(&str, &'static str)]) -> Provider {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let published = std::sync::Arc::new(std::sync::Mutex::new(
+            keys.iter()
+                .map(|(k, t)| (k.to_string(), *t))
+                .collect::<Vec<_>>(),
+        ));
+        let fetches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let public: Value = serde_json::from_slice(&fixture("public-keys.json")).unwrap();
+        let (served, counted) = (published.clone(), fetches.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (served, counted, public) = (served.clone(), counted.clone(), public.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req| {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let keys: Vec<Value> = served
+                            .lock()
+                            .unwrap()
+                            .iter()
+                            .map(|(kid, kind)| {
+                                let mut key = public[*kind].clone();
+                                key["kid"] = json!(kid);
+                                key
+                            })
+                            .collect();
+                        let body = json!({ "keys": keys }).to_string();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Provider {
+            port,
+            published,
+            fetches,
+        }
+    }
+
+    fn fetched(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn publish(&self, kid: &str, kind: &'static str) {
+        self.published.lock().unwrap().push((kid.to_owned(), kind));
+    }
+
+    /// plugins.toml's table for this provider, as `pretend`.
+    fn table(&self) -> String {
+        format!(
+            r#"
+[tokens.trusted_issuers.pretend]
+issuer = "{PROVIDER_ISSUER}"
+audience = "{AUDIENCE}"
+jwks_url = "http://127.0.0.1:{}/.well-known/jwks.json"
+roles_claim = "https://shop.example.test/roles"
+allowed_roles = ["admin"]
+default_roles = ["customer"]
+"#,
+            self.port
+        )
+    }
+}
+
+/// A token signed with the fixture key `kind` ("rsa": RS256, "ec": ES256)
+/// under the key id `kid`, with `claims` over the defaults.
+fn provider_token(kind: &str, kid: &str, claims: Value) -> String {
+    let (algorithm, key) = match kind {
+        "rsa" => (
+            jsonwebtoken::Algorithm::RS256,
+            jsonwebtoken::EncodingKey::from_rsa_pem(&fixture("rsa.pem")).unwrap(),
+        ),
+        _ => (
+            jsonwebtoken::Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_pem(&fixture("ec.pem")).unwrap(),
+        ),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut all = json!({
+        "iss": PROVIDER_ISSUER,
+        "aud": AUDIENCE,
+        "sub": "google-oauth2|1001",
+        "iat": now,
+        "exp": now + 600,
+    });
+    for (name, value) in claims.as_object().unwrap() {
+        all[name] = value.clone();
+    }
+    let mut header = jsonwebtoken::Header::new(algorithm);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, &all, &key).unwrap()
+}
+
+async fn get_as(url: &str, token: &str) -> Reply {
+    request(
+        "GET",
+        url,
+        &[("authorization", &format!("Bearer {token}"))],
+        Vec::new(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trusted_providers_users_sign_in_get_a_record_and_only_the_roles_allowed() {
+    let provider = Provider::start(&[("rsa-1", "rsa"), ("ec-1", "ec")]).await;
+    let table = provider.table();
+    let host = TestHost::start(shop_config(move |c| c + &table));
+    let me = host.url("/users/me");
+
+    // RS256: the user is `pretend:<sub>` with a record made on first use.
+    let alice = provider_token(
+        "rsa",
+        "rsa-1",
+        json!({"email": "Alice@Example.test", "name": "Alice", "email_verified": true}),
+    );
+    let profile = get_as(&me, &alice).await;
+    assert_eq!(profile.status, 200, "{}", profile.text());
+    assert_eq!(profile.json()["id"], "pretend:google-oauth2|1001");
+    assert_eq!(profile.json()["email"], "alice@example.test");
+    assert_eq!(profile.json()["name"], "Alice");
+    assert_eq!(profile.json()["roles"], json!(["customer"]));
+    // The record is the user's own: renaming it sticks.
+    let renamed = json_call(
+        "PATCH",
+        &me,
+        Some(&alice),
+        Some(json!({"name": "Alice A."})),
+    )
+    .await;
+    assert_eq!(renamed.json()["name"], "Alice A.", "{}", renamed.text());
+    assert_eq!(get_as(&me, &alice).await.json()["name"], "Alice A.");
+
+    // ES256, another user; a provider's role is believed only if allowed.
+    let bob = provider_token(
+        "ec",
+        "ec-1",
+        json!({"sub": "bob", "https://shop.example.test/roles": ["admin", "root"]}),
+    );
+    let profile = get_as(&me, &bob).await;
+    assert_eq!(profile.status, 200, "{}", profile.text());
+    assert_eq!(profile.json()["id"], "pretend:bob");
+    assert_eq!(profile.json()["roles"], json!(["customer", "admin"]));
+    let product = json!({"name": "Kettle", "price_cents": 2500, "stock": 3});
+    let created = json_call(
+        "POST",
+        &host.url("/products"),
+        Some(&bob),
+        Some(product.clone()),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let not_admin = json_call(
+        "POST",
+        &host.url("/products"),
+        Some(&alice),
+        Some(product.clone()),
+    )
+    .await;
+    assert_error(&not_admin, 403, "forbidden");
+
+    // A local account with the provider user's email stays the local user's.
+    let local = user(&host, "alice@example.test", "correct horse").await;
+    let local_me = get_as(&me, &local).await.json();
+    assert_ne!(local_me["id"], "pretend:google-oauth2|1001");
+    assert_eq!(get_as(&me, &alice).await.json()["name"], "Alice A.");
+
+    // Refused: another audience, expired, an untrusted issuer, a key the
+    // provider does not have, a subject that cannot be a user id, and the
+    // provider's public key passed off as an HS256 secret.
+    for (token, code) in [
+        (
+            provider_token("rsa", "rsa-1", json!({"aud": "someone-else"})),
+            "invalid_token",
+        ),
+        (
+            provider_token("rsa", "rsa-1", json!({"exp": 1_000_000})),
+            "token_expired",
+        ),
+        (
+            provider_token("rsa", "rsa-1", json!({"iss": "https://evil.example.test/"})),
+            "invalid_token",
+        ),
+        (provider_token("ec", "rsa-1", json!({})), "invalid_token"),
+        (
+            provider_token("rsa", "rsa-1", json!({"sub": "has space"})),
+            "invalid_token",
+        ),
+    ] {
+        assert_error(&get_as(&me, &token).await, 401, code);
+    }
+    let public_pem = fixture("public-keys.json");
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("rsa-1".into());
+    let confused = jsonwebtoken::encode(
+        &header,
+        &json!({"iss": PROVIDER_ISSUER, "aud": AUDIENCE, "sub": "bob", "exp": 4_000_000_000u64}),
+        &jsonwebtoken::EncodingKey::from_secret(&public_pem),
+    )
+    .unwrap();
+    assert_error(&get_as(&me, &confused).await, 401, "invalid_token");
+
+    // The keys were fetched once for all of that.
+    assert_eq!(provider.fetched(), 1);
+
+    // Unknown key ids fetch the set again, at most once per 10 s: a key the
+    // provider publishes later is found, invented ones cost nothing more.
+    provider.publish("ec-2", "ec");
+    let carol = provider_token("ec", "ec-2", json!({"sub": "carol"}));
+    eventually(
+        "the rotated key to be accepted",
+        Duration::from_secs(30),
+        || async { (get_as(&me, &carol).await.status == 200).then_some(()) },
+    )
+    .await;
+    let after_rotation = provider.fetched();
+    for i in 0..5 {
+        let invented = provider_token("ec", &format!("nope-{i}"), json!({}));
+        assert_error(&get_as(&me, &invented).await, 401, "invalid_token");
+    }
+    assert!(
+        provider.fetched() <= after_rotation + 1,
+        "{}",
+        provider.fetched()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_whose_keys_cannot_be_fetched_is_unavailable_not_unauthorized() {
+    let table = format!(
+        r#"
+[tokens.trusted_issuers.down]
+issuer = "{PROVIDER_ISSUER}"
+audience = "{AUDIENCE}"
+jwks_url = "http://127.0.0.1:{}/jwks.json"
+"#,
+        free_port()
+    );
+    let host = TestHost::start(shop_config(move |c| c + &table));
+    let token = provider_token("rsa", "rsa-1", json!({}));
+    assert_error(
+        &get_as(&host.url("/users/me"), &token).await,
+        503,
+        "issuer_unavailable",
+    );
+    // On a public route the token is ignored, as an invalid one is.
+    assert_eq!(get_as(&host.url("/products"), &token).await.status, 200);
+}
+
+/// hello and the probe, each with a response cache on part of its routes.
+fn cached_probe_and_hello(ports: &Ports, _: &std::path::Path) -> String {
+    standard_config(ports, &component("probe"))
+        .replace(
+            "routes = [\"/hello\"]",
+            "routes = [\"/hello\"]\nresponse_cache = [{ prefix = \"/hello\", ttl_seconds = 600 }]",
+        )
+        .replace(
+            "retry = {",
+            "response_cache = [{ prefix = \"/probe/counted\", ttl_seconds = 600 }]\nretry = {",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_responses_are_cached_per_path_query_and_user_until_invalidated() {
+    let host = TestHost::start(cached_probe_and_hello);
+    let url = |path: &str| host.url(path);
+    let cache = |reply: &Reply| reply.headers[CACHE_HEADER].to_str().unwrap().to_owned();
+
+    let first = get(&url("/probe/counted/a")).await;
+    assert_eq!(
+        (first.status, cache(&first)),
+        (200, "miss".into()),
+        "{}",
+        first.text()
+    );
+    assert_eq!(first.json()["calls"], 1);
+    let again = get(&url("/probe/counted/a")).await;
+    assert_eq!(cache(&again), "hit");
+    assert_eq!(
+        again.json(),
+        first.json(),
+        "the component was not called again"
+    );
+    assert!(again.headers.contains_key("age"));
+    assert!(again.headers.contains_key("x-request-id"));
+    // Another query is another response.
+    let query = get(&url("/probe/counted/a?page=2")).await;
+    assert_eq!(
+        (cache(&query), query.json()["calls"].clone()),
+        ("miss".into(), json!(2))
+    );
+
+    // A signed-in user has entries of their own, and the anonymous one
+    // still answers the anonymous.
+    let token = probe_token(&host, &[]).await;
+    let mine = get_as(&url("/probe/counted/a"), &token).await;
+    assert_eq!(
+        (cache(&mine), mine.json()["user"].clone()),
+        ("miss".into(), json!("someone"))
+    );
+    assert_eq!(
+        cache(&get_as(&url("/probe/counted/a"), &token).await),
+        "hit"
+    );
+    let anonymous = get(&url("/probe/counted/a")).await;
+    assert_eq!(
+        (cache(&anonymous), anonymous.json()["user"].clone()),
+        ("hit".into(), Value::Null)
+    );
+
+    // A forged Host keeps its response to itself, whether in the header
+    // or in an absolute target, and a Host that is not one is refused (a
+    // space in it would otherwise reach the user's part of the key).
+    let forged = request(
+        "GET",
+        &url("/probe/counted/h"),
+        &[("host", "evil.example")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(cache(&forged), "miss");
+    let port = host.ports.public;
+    let absolute = raw(
+        LOOPBACK,
+        port,
+        "GET",
+        "http://evil.example/probe/counted/h",
+        None,
+        "",
+    )
+    .await;
+    assert_eq!(cache(&absolute), "hit", "the forged host's own entry");
+    assert_eq!(cache(&get(&url("/probe/counted/h")).await), "miss");
+    let spaced = request(
+        "GET",
+        &url("/probe/counted/a"),
+        &[("host", &format!("127.0.0.1:{port} someone"))],
+        Vec::new(),
+    )
+    .await;
+    assert_error(&spaced, 400, "invalid_host");
+
+    // What the component says may not be kept, is not.
+    for (i, query) in [
+        "cache-control=no-store",
+        "cache-control=private,max-age=60",
+        "cache-control=no-cache",
+        "set-cookie=session%3D1",
+        "vary=accept-language",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = format!("/probe/counted/refused-{i}?{query}");
+        for calls in 1..=2 {
+            let reply = get(&url(&path)).await;
+            assert_eq!(cache(&reply), "uncached", "{query}");
+            assert_eq!(reply.json()["calls"], calls, "{query}");
+        }
+    }
+    // Writes pass by the cache.
+    let posted = post_json(&url("/probe/counted/a"), &json!({})).await;
+    assert!(!posted.headers.contains_key(CACHE_HEADER));
+
+    // hello's responses are cached too, and the probe cannot drop them:
+    // a component invalidates only its own.
+    assert_eq!(cache(&get(&url("/hello")).await), "miss");
+    let dropped = post_json(&url("/probe/invalidate"), &json!({"prefix": "/"})).await;
+    assert_eq!(dropped.status, 200, "{}", dropped.text());
+    assert_eq!(cache(&get(&url("/hello")).await), "hit");
+
+    // The probe's own, by prefix: every user's and every query's.
+    assert_eq!(cache(&get(&url("/probe/counted/a")).await), "miss");
+    assert_eq!(cache(&get(&url("/probe/counted/b")).await), "miss");
+    let dropped = post_json(
+        &url("/probe/invalidate"),
+        &json!({"prefix": "/probe/counted/a"}),
+    )
+    .await;
+    assert_eq!(dropped.json()["dropped"], 1);
+    let fresh = get(&url("/probe/counted/a")).await;
+    assert_eq!(
+        (cache(&fresh), fresh.json()["calls"].clone()),
+        ("miss".into(), json!(5))
+    );
+    assert_eq!(cache(&get(&url("/probe/counted/b")).await), "hit");
+
+    let metrics = scrape(&host).await;
+    let series = |result: &str| {
+        sample(
+            &metrics,
+            &format!(
+                "agora_response_cache_lookups_total{{component=\"probe\",route=\"/probe\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("hit"), Some(5.0), "{metrics}");
+    assert_eq!(series("miss"), Some(8.0), "{metrics}");
+    assert_eq!(series("uncached"), Some(10.0), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_drops_its_cached_products_when_one_changes() {
+    let host = TestHost::start(shop_config(|c| c));
+    let admin = user(&host, "admin@example.com", "admin password").await;
+    let created = json_call(
+        "POST",
+        &host.url("/products"),
+        Some(&admin),
+        Some(json!({"name": "Teapot", "price_cents": 1200, "stock": 5})),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.text());
+    let id = created.json()["id"].as_str().unwrap().to_owned();
+    let product = host.url(&format!("/products/{id}"));
+    let cache = |reply: &Reply| reply.headers[CACHE_HEADER].to_str().unwrap().to_owned();
+    assert_eq!(cache(&get(&product).await), "miss");
+    assert_eq!(cache(&get(&host.url("/products")).await), "miss");
+    let hit = get(&product).await;
+    assert_eq!(
+        (cache(&hit), hit.json()["price_cents"].clone()),
+        ("hit".into(), json!(1200))
+    );
+    let updated = json_call(
+        "PATCH",
+        &product,
+        Some(&admin),
+        Some(json!({"price_cents": 990})),
+    )
+    .await;
+    assert_eq!(updated.status, 200, "{}", updated.text());
+    let fresh = get(&product).await;
+    assert_eq!(
+        (cache(&fresh), fresh.json()["price_cents"].clone()),
+        ("miss".into(), json!(990))
+    );
+    let listing = get(&host.url("/products")).await;
+    assert_eq!(cache(&listing), "miss");
+    assert_eq!(
+        listing.json()["items"][0]["price_cents"],
+        990,
+        "{}",
+        listing.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_cut_short_by_a_trap_is_an_error_never_a_response_nor_a_cached_one() {
+    let cut = component("hello-cut-body");
+    let host = TestHost::start(move |_, _| {
+        format!(
+            r#"
+[components.cut]
+wasm = "{cut}"
+routes = ["/cut"]
+
+[components.cached-cut]
+wasm = "{cut}"
+routes = ["/cached-cut"]
+response_cache = [{{ prefix = "/cached-cut", ttl_seconds = 600 }}]
+"#,
+            cut = cut.display()
+        )
+    });
+    // The head went out before the trap: the client sees the connection
+    // cut, not a short body that looks whole.
+    let streamed = try_request("GET", &host.url("/cut"), &[], Vec::new()).await;
+    assert!(streamed.is_err(), "{:?}", streamed.map(|r| r.text()));
+    // Where the gateway reads the body to keep it, the client gets a 502,
+    // and nothing is kept.
+    for _ in 0..2 {
+        assert_error(&get(&host.url("/cached-cut")).await, 502, "bad_gateway");
+    }
+    assert_eq!(get(&host.url("/healthz")).await.status, 200);
 }

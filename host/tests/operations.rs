@@ -9,24 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// The value of the first sample of `metrics` that starts with `series`
-/// (its name and labels, as written).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-}
-
-async fn scrape(host: &TestHost) -> String {
-    let reply = host.admin("GET", "/metrics", Vec::new()).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert!(reply.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/openmetrics-text"));
-    reply.text()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_requests_failures_events_lag_and_deploys() {
     let host = TestHost::standard();

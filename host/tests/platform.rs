@@ -640,7 +640,14 @@ fn agora_check_loads_the_production_file_without_its_servers() {
         printed.contains("server backends are not contacted"),
         "{printed}"
     );
-    for component in ["identity", "catalog", "orders", "payments", "notifications"] {
+    for component in [
+        "identity",
+        "catalog",
+        "orders",
+        "payments",
+        "notifications",
+        "graphql",
+    ] {
         assert!(
             printed.contains(&format!("ok  {component}")),
             "{component}: {printed}"

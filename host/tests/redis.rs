@@ -394,7 +394,7 @@ async fn the_production_file_runs_the_shop_on_postgres_redis_and_kafka() {
     assert_eq!(ready.json()["backends"]["cache"], "ok");
     assert_eq!(ready.json()["backends"]["storage"], "ok");
     assert_eq!(ready.json()["backends"]["messaging"], "ok");
-    assert_eq!(ready.json()["components"].as_object().unwrap().len(), 5);
+    assert_eq!(ready.json()["components"].as_object().unwrap().len(), 6);
     assert_eq!(get(&host.url("/products")).await.json()["total"], 0);
     // Identity and catalog keep their entries in Redis, under the prefix.
     let login = post_json(
@@ -410,9 +410,15 @@ async fn the_production_file_runs_the_shop_on_postgres_redis_and_kafka() {
         .args([
             POSTGRES_URL,
             "-qtAc",
-            &format!("SELECT tablename FROM pg_tables WHERE schemaname = '{namespace}_identity'"),
+            &format!(
+                "SELECT tablename FROM pg_tables WHERE schemaname = '{namespace}_identity' \
+                 ORDER BY tablename"
+            ),
         ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "users");
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout).trim(),
+        "external_users\nusers"
+    );
 }

@@ -61,6 +61,20 @@ impl Shop {
             reply.status,
             reply.text()
         );
+        let media = reply
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .unwrap_or("");
+        if media != "application/json" {
+            assert!(
+                documented["content"][media].is_object(),
+                "{method} {template} {} answered {media}, which openapi.json does not document",
+                reply.status
+            );
+            return;
+        }
         let schema = &documented["content"]["application/json"]["schema"];
         if let Err(e) = check(&self.openapi, schema, &reply.json(), "$") {
             panic!(
@@ -69,6 +83,21 @@ impl Shop {
                 reply.text()
             );
         }
+    }
+
+    /// POSTs a GraphQL request (`{"query": ...}`) to /graphql.
+    async fn graphql(&self, token: Option<&str>, body: Value) -> Reply {
+        self.call("POST", "/graphql", "/graphql", token, Some(body))
+            .await
+    }
+
+    /// How often graphql has called `function` (`agora:shop/inventory#lookup`)
+    /// of `callee`, from the host's metrics.
+    async fn link_calls(&self, callee: &str, function: &str) -> f64 {
+        let series = format!(
+            "agora_link_calls_total{{caller=\"graphql\",callee=\"{callee}\",function=\"{function}\"}}"
+        );
+        sample(&scrape(&self.host).await, &series).unwrap_or(0.0)
     }
 
     async fn register(&self, email: &str, password: &str, name: &str) -> Reply {
@@ -456,15 +485,22 @@ async fn fifty_concurrent_checkouts_against_ten_in_stock_sell_exactly_ten() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stock_reserved_for_an_order_never_written_comes_back_after_the_timeout() {
-    // No payments: confirmed orders stay pending, holding their stock.
+    // No payments: confirmed orders stay pending, holding their stock. Nor
+    // graphql, which links payments. Stock is read fresh, not from the
+    // gateway's cache of `/products`.
     let shop = Shop::start_with(|config| {
         let (before, rest) = config.split_once("# Charges orders.").unwrap();
         let (_, after) = rest.split_once("# Emails customers").unwrap();
+        let (after, _) = after.split_once("# The whole shop as one").unwrap();
         format!("{before}# Emails customers{after}")
             .replace("orders.wasm", "orders-crash-after-reserve.wasm")
             .replace(
                 "reservation_timeout_seconds = 900",
                 "reservation_timeout_seconds = 2",
+            )
+            .replace(
+                "response_cache = [{ prefix = \"/products\", ttl_seconds = 10 }]",
+                "",
             )
     })
     .await;
@@ -653,6 +689,16 @@ async fn users_see_only_their_own_orders_payments_and_notifications() {
         .await
         .json();
     assert_eq!(answer["data"], json!({"order": null, "orders": []}));
+    let query = format!("{{ order(id: \"{order_id}\") {{ id payment {{ status }} }} }}");
+    let by_admin = shop
+        .graphql(Some(&admin), json!({ "query": query }))
+        .await
+        .json();
+    assert_eq!(
+        by_admin["data"]["order"],
+        json!({"id": order_id, "payment": {"status": "succeeded"}}),
+        "an admin may read any order: {by_admin}"
+    );
     shop.notification_kinds(&owner, 3).await;
     // Once the other user's own welcome is in, their list is complete and
     // must hold nothing of the owner's.
@@ -776,10 +822,8 @@ async fn every_documented_operation_is_served() {
                 reply.status, 401,
                 "{method} {template} did not reach its component"
             );
-            let message = reply.json()["error"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned();
+            let body: Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+            let message = body["error"]["message"].as_str().unwrap_or("").to_owned();
             assert!(
                 !message.starts_with("no route")
                     && !message.starts_with("no component serves")
@@ -963,4 +1007,319 @@ async fn a_checkout_is_one_trace_from_the_client_through_the_broker_to_the_email
         .traceparent
         .as_deref()
         .is_some_and(|t| t.contains(trace_id))));
+}
+
+/// One GraphQL query reads the whole shop: the profile, a product search,
+/// the orders with their items' products, payments and notifications. Each
+/// service is called once for all the orders and items, not once per item.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_graphql_query_reads_the_whole_shop_with_one_call_per_service() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (customer_id, customer) = shop.user("grace@example.com").await;
+    let lamp = shop.product(&admin, "Desk lamp", 2500, 10).await;
+    let mug = shop.product(&admin, "Mug", 900, 10).await;
+    let pen = shop.product(&admin, "Pen", 150, 10).await;
+    let mut order_ids = Vec::new();
+    for cart in [[(&lamp, 1), (&mug, 2)], [(&mug, 1), (&pen, 3)]] {
+        for (product, quantity) in cart {
+            shop.add_to_cart(&customer, product, quantity).await;
+        }
+        let order = shop
+            .call("POST", "/checkout", "/checkout", Some(&customer), None)
+            .await;
+        assert_eq!(order.status, 201, "{}", order.text());
+        let id = order.json()["id"].as_str().unwrap().to_owned();
+        assert_eq!(shop.order_settles(&customer, &id).await, "paid");
+        order_ids.push(id);
+    }
+    // The welcome, and each order's receipt and payment.
+    shop.notification_kinds(&customer, 5).await;
+
+    // What graphql calls for the orders' products, payments and notifications.
+    let batched = [
+        ("catalog", "agora:shop/inventory#lookup"),
+        ("payments", "agora:shop/payments#of-orders"),
+        ("notifications", "agora:shop/notifications#of-orders"),
+    ];
+    let mut before = Vec::new();
+    for (callee, function) in batched {
+        before.push(shop.link_calls(callee, function).await);
+    }
+    let query = "query Shop($search: String) {
+        me { id email name roles }
+        products(search: $search) { total items { name priceCents } }
+        orders {
+            id status totalCents currency
+            items { productId quantity unitPriceCents product { name priceCents stock } }
+            payment { status amountCents currency reference }
+            notifications { kind orderId recipient }
+        }
+        notifications(first: 10) { kind }
+    }";
+    let answer = shop
+        .graphql(
+            Some(&customer),
+            json!({"query": query, "variables": {"search": "M"}, "operationName": "Shop"}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let answer = answer.json();
+    assert_eq!(answer["errors"], Value::Null, "{answer}");
+    let data = &answer["data"];
+    assert_eq!(
+        data["me"],
+        json!({"id": customer_id, "email": "grace@example.com", "name": "Someone", "roles": ["customer"]})
+    );
+    // "M" matches Mug, and Desk lamp ignoring case; by name.
+    assert_eq!(
+        data["products"],
+        json!({"total": 2, "items": [{"name": "Desk lamp", "priceCents": 2500}, {"name": "Mug", "priceCents": 900}]})
+    );
+
+    // Newest first: the second checkout, then the first.
+    let orders = data["orders"].as_array().unwrap();
+    let expected = [
+        (
+            &order_ids[1],
+            900 + 3 * 150,
+            vec![("Mug", 1, 900, 7), ("Pen", 3, 150, 7)],
+        ),
+        (
+            &order_ids[0],
+            2500 + 2 * 900,
+            vec![("Desk lamp", 1, 2500, 9), ("Mug", 2, 900, 7)],
+        ),
+    ];
+    assert_eq!(orders.len(), expected.len(), "{answer}");
+    for (order, (id, total, items)) in orders.iter().zip(expected) {
+        assert_eq!(
+            (
+                order["id"].as_str(),
+                order["status"].as_str(),
+                order["totalCents"].as_i64()
+            ),
+            (Some(id.as_str()), Some("paid"), Some(total)),
+            "{order}"
+        );
+        let mut lines: Vec<(&str, i64, i64, i64)> = order["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let product = &item["product"];
+                assert_eq!(item["unitPriceCents"], product["priceCents"], "{item}");
+                (
+                    product["name"].as_str().unwrap(),
+                    item["quantity"].as_i64().unwrap(),
+                    item["unitPriceCents"].as_i64().unwrap(),
+                    product["stock"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        lines.sort();
+        assert_eq!(lines, items, "{order}");
+        assert_eq!(
+            order["payment"],
+            json!({"status": "succeeded", "amountCents": total, "currency": "USD", "reference": format!("sim-{id}")})
+        );
+        let mut told: Vec<&str> = order["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                assert_eq!(
+                    (n["orderId"].as_str(), n["recipient"].as_str()),
+                    (Some(id.as_str()), Some("grace@example.com"))
+                );
+                n["kind"].as_str().unwrap()
+            })
+            .collect();
+        told.sort();
+        assert_eq!(told, ["order_received", "payment_received"], "{order}");
+    }
+    let mut kinds: Vec<&str> = data["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["kind"].as_str().unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "order_received",
+            "order_received",
+            "payment_received",
+            "payment_received",
+            "welcome"
+        ]
+    );
+
+    // Two orders, four items, three products: one call for all of them.
+    for ((callee, function), before) in batched.into_iter().zip(before) {
+        let after = shop.link_calls(callee, function).await;
+        assert_eq!(after - before, 1.0, "calls of {function}");
+    }
+}
+
+/// GraphQL over HTTP: public browsing, UNAUTHENTICATED fields, GET and
+/// POST, the schema as SDL and by introspection, and a clear 400 for what
+/// does not run (not GraphQL, invalid, too deep, too complex).
+#[tokio::test(flavor = "multi_thread")]
+async fn graphql_answers_over_http_and_says_what_it_refuses() {
+    let shop = Shop::start().await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    shop.product(&admin, "Kettle", 3000, 2).await;
+
+    // Without a token: products answer, the user's fields are null with
+    // UNAUTHENTICATED.
+    let anonymous = shop
+        .graphql(
+            None,
+            json!({"query": "{ products { total items { name } } me { id } orders { id } }"}),
+        )
+        .await;
+    assert_eq!(anonymous.status, 200, "{}", anonymous.text());
+    let anonymous = anonymous.json();
+    assert_eq!(
+        anonymous["data"],
+        json!({"products": {"total": 1, "items": [{"name": "Kettle"}]}, "me": null, "orders": null})
+    );
+    let mut refused: Vec<(String, String)> = anonymous["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"][0].as_str().unwrap().to_owned(),
+                e["extensions"]["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    refused.sort();
+    assert_eq!(
+        refused,
+        [
+            ("me".into(), "UNAUTHENTICATED".into()),
+            ("orders".into(), "UNAUTHENTICATED".into())
+        ]
+    );
+
+    let by_get = shop
+        .call(
+            "GET",
+            "/graphql",
+            "/graphql?query=%7B%20products%20%7B%20total%20%7D%20%7D",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(by_get.status, 200, "{}", by_get.text());
+    assert_eq!(by_get.json()["data"]["products"]["total"], 1);
+
+    // Refused before running: 400, `errors` and no `data`.
+    let refusal = |reply: &Reply| -> (String, String) {
+        assert_eq!(reply.status, 400, "{}", reply.text());
+        let body = reply.json();
+        assert!(body.get("data").is_none(), "{body}");
+        let error = &body["errors"][0];
+        (
+            error["extensions"]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            error["message"].as_str().unwrap().to_owned(),
+        )
+    };
+    let deep = format!(
+        "{{ __schema {{ types {{ {}name{} }} }} }}",
+        "ofType { ".repeat(14),
+        " }".repeat(14)
+    );
+    assert_eq!(
+        refusal(&shop.graphql(None, json!({ "query": deep })).await),
+        (
+            "QUERY_TOO_DEEP".into(),
+            "the query is nested 17 levels deep; at most 15 are allowed".into()
+        )
+    );
+    let wide =
+        "{ products(first: 100) { total items { id name description priceCents currency stock } } \
+                orders(first: 100) { id status totalCents } }";
+    let (code, message) = refusal(&shop.graphql(None, json!({ "query": wide })).await);
+    assert_eq!(code, "QUERY_TOO_COMPLEX");
+    assert!(
+        message.starts_with("the query's complexity is 1100; at most 1000 is allowed"),
+        "{message}"
+    );
+    let not_json = request(
+        "POST",
+        &shop.host.url("/graphql"),
+        &[("content-type", "application/json")],
+        b"{ orders }".to_vec(),
+    )
+    .await;
+    shop.conforms("POST", "/graphql", &not_json);
+    let (code, message) = refusal(&not_json);
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(message.contains("not a GraphQL request"), "{message}");
+    let (code, message) = refusal(&shop.graphql(None, json!({"variables": {}})).await);
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(message.contains("missing field `query`"), "{message}");
+    let (code, message) = refusal(&shop.call("GET", "/graphql", "/graphql", None, None).await);
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(message.contains("`query` is required"), "{message}");
+    let (_, message) = refusal(
+        &shop
+            .graphql(None, json!({"query": "{ orders { nope } }"}))
+            .await,
+    );
+    assert!(message.contains("nope"), "{message}");
+
+    // The schema, by introspection and as SDL.
+    let introspected = shop
+        .graphql(
+            None,
+            json!({"query": "{ __schema { queryType { name } } __type(name: \"Order\") { fields { name } } }"}),
+        )
+        .await
+        .json();
+    assert_eq!(
+        introspected["data"]["__schema"]["queryType"]["name"],
+        "Query"
+    );
+    let fields: Vec<&str> = introspected["data"]["__type"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    for field in [
+        "id",
+        "status",
+        "items",
+        "totalCents",
+        "payment",
+        "notifications",
+    ] {
+        assert!(fields.contains(&field), "{field} in {fields:?}");
+    }
+    let sdl = shop
+        .call("GET", "/graphql/schema", "/graphql/schema", None, None)
+        .await;
+    assert_eq!(sdl.status, 200);
+    assert!(sdl.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for line in [
+        "type Query {",
+        "products(search: String, offset: Int! = 0, first: Int! = 20): ProductPage!",
+        "orders(first: Int! = 20): [Order!]",
+        "order(id: ID!): Order",
+        "type OrderItem {",
+    ] {
+        assert!(sdl.text().contains(line), "{line} in\n{}", sdl.text());
+    }
 }

@@ -102,6 +102,19 @@ impl Product {
     }
 }
 
+impl From<Product> for inventory::Product {
+    fn from(p: Product) -> Self {
+        inventory::Product {
+            id: p.id,
+            name: p.name,
+            description: p.description,
+            unit_price_cents: p.price_cents,
+            currency: p.currency,
+            stock: p.stock,
+        }
+    }
+}
+
 fn product_key(id: &str) -> String {
     format!("product:{id}")
 }
@@ -114,6 +127,15 @@ fn invalidate<'a>(ids: impl IntoIterator<Item = &'a str>) {
         let _ = cache::delete(&product_key(id));
     }
     let _ = cache::increment(GENERATION_KEY, 1, None);
+}
+
+/// After an edit of a product: also drops the gateway's cached responses
+/// of `/products` (plugins.toml `response_cache`), so an edit shows at
+/// once. Stock taken by checkouts does not drop them: that happens on
+/// every order, and the rule's short TTL bounds how late it shows.
+fn edited(id: &str) {
+    invalidate([id]);
+    let _ = cache::invalidate_responses("/products");
 }
 
 fn load(id: &str) -> Result<Option<Product>> {
@@ -138,9 +160,26 @@ fn show(req: &Request) -> Result<Response> {
 }
 
 fn list(req: &Request) -> Result<Response> {
-    let q = req.query("q").unwrap_or("").trim().to_lowercase();
-    let limit = req.query_as::<i64>("limit")?.unwrap_or(DEFAULT_PAGE);
-    let offset = req.query_as::<i64>("offset")?.unwrap_or(0);
+    let page = search(
+        req.query("q").unwrap_or(""),
+        req.query_as("offset")?.unwrap_or(0),
+        req.query_as("limit")?.unwrap_or(DEFAULT_PAGE),
+    )?;
+    Ok(Response::ok(&page))
+}
+
+/// A page of products, by name, and how many there are on all pages.
+#[derive(Serialize, Deserialize)]
+struct Page {
+    items: Vec<Product>,
+    total: i64,
+}
+
+/// The products whose name or description contains `text` (ignoring case),
+/// `limit` of them from the `offset`th; `GET /products` and
+/// `inventory.search`.
+fn search(text: &str, offset: i64, limit: i64) -> Result<Page> {
+    let q = text.trim().to_lowercase();
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(Error::bad_request(format!(
             "`limit` must be between 1 and {MAX_PAGE}"
@@ -157,8 +196,8 @@ fn list(req: &Request) -> Result<Response> {
             .unwrap_or_default();
         format!("products:{generation}:{limit}:{offset}:{q}")
     });
-    if let Some(Ok(Some(page))) = key.as_deref().map(cache::get_json::<serde_json::Value>) {
-        return Ok(Response::ok(&page));
+    if let Some(Ok(Some(page))) = key.as_deref().map(cache::get_json::<Page>) {
+        return Ok(page);
     }
     let pattern = format!("%{q}%");
     let filter = "WHERE LOWER(name) LIKE $1 OR LOWER(description) LIKE $1";
@@ -178,11 +217,11 @@ fn list(req: &Request) -> Result<Response> {
     .map(|r| r.get("total"))
     .transpose()?
     .unwrap_or(0);
-    let page = serde_json::json!({ "items": items, "total": total });
+    let page = Page { items, total };
     if let Some(key) = &key {
         let _ = cache::set_json(key, &page, Some(CACHE_TTL));
     }
-    Ok(Response::ok(&page))
+    Ok(page)
 }
 
 fn invalid(message: impl Into<String>) -> Error {
@@ -254,7 +293,7 @@ fn create(req: &Request) -> Result<Response> {
             now_millis()
         ],
     )?;
-    invalidate([product.id.as_str()]);
+    edited(&product.id);
     Ok(Response::created(&product))
 }
 
@@ -302,7 +341,7 @@ fn update(req: &Request) -> Result<Response> {
         params![&product.name, &product.description, product.price_cents, &product.currency, product.stock, id],
     )?;
     tx.commit()?;
-    invalidate([id]);
+    edited(id);
     Ok(Response::ok(&product))
 }
 
@@ -328,16 +367,18 @@ impl inventory::Guest for Catalog {
         let mut found = Vec::new();
         for id in ids {
             if let Some(p) = load(&id).map_err(|e| e.message)? {
-                found.push(inventory::Product {
-                    id: p.id,
-                    name: p.name,
-                    unit_price_cents: p.price_cents,
-                    currency: p.currency,
-                    stock: p.stock,
-                });
+                found.push(p.into());
             }
         }
         Ok(found)
+    }
+
+    fn search(text: String, offset: u32, limit: u32) -> Result<inventory::ProductPage, String> {
+        let page = search(&text, offset.into(), limit.into()).map_err(|e| e.message)?;
+        Ok(inventory::ProductPage {
+            items: page.items.into_iter().map(Into::into).collect(),
+            total: page.total.try_into().unwrap_or_default(),
+        })
     }
 
     fn reserve(order_id: String, lines: Vec<Line>) -> Result<Vec<ReservedLine>, ReserveError> {

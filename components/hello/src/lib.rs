@@ -17,6 +17,10 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
         let Ok(body) = response.body() else { return };
         ResponseOutparam::set(out, Ok(response));
         if let Ok(stream) = body.write() {
+            if cfg!(feature = "cut-body") {
+                let _ = stream.blocking_write_and_flush(&BODY[..5]);
+                panic!("cut short halfway through the body");
+            }
             let _ = stream.blocking_write_and_flush(BODY);
         }
         let _ = OutgoingBody::finish(body, None);

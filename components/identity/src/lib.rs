@@ -13,7 +13,14 @@
 //! [`LoginLimit`] for the default and its trade-off.
 //!
 //! Exports `agora:shop/users` so other services can look a user up.
+//!
+//! Users who sign in at a trusted OpenID Connect provider (plugins.toml
+//! `[tokens.trusted_issuers]`) get a record of their own on first use
+//! (`agora:platform/accounts`, this component being `[tokens] accounts`):
+//! no password, never found by email at login, and their roles are the ones
+//! the gateway mapped from the provider's token.
 
+use agora_sdk::accounts::{AccountProvider, ExternalUser};
 use agora_sdk::prelude::*;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -37,10 +44,13 @@ impl Service for Identity {
     }
 
     fn migrations() -> Vec<Migration> {
-        vec![Migration::new(
-            "0001_users",
-            include_str!("../migrations/0001_users.sql"),
-        )]
+        vec![
+            Migration::new("0001_users", include_str!("../migrations/0001_users.sql")),
+            Migration::new(
+                "0002_external_users",
+                include_str!("../migrations/0002_external_users.sql"),
+            ),
+        ]
     }
 }
 
@@ -48,7 +58,7 @@ agora_sdk::service!(Identity);
 
 impl users::Guest for Identity {
     fn get(id: String) -> Option<users::User> {
-        let user = find("id", &id).ok().flatten()?;
+        let (user, _) = find_any(&id).ok().flatten()?;
         Some(users::User {
             id: user.id,
             email: user.email,
@@ -58,6 +68,43 @@ impl users::Guest for Identity {
 }
 
 shop::export!(Identity with_types_in shop);
+
+impl AccountProvider for Identity {
+    fn provision(user: ExternalUser) -> Result<(), String> {
+        let name = user
+            .name
+            .as_deref()
+            .and_then(|n| valid_name(n).ok())
+            .unwrap_or_else(|| user.subject.chars().take(MAX_NAME).collect());
+        // An address the provider did not verify could be anyone's: mail to
+        // it would go to a stranger, in words the signer-up chose.
+        let email = user
+            .email
+            .filter(|_| user.email_verified)
+            .map(|e| e.trim().to_lowercase())
+            .filter(|e| valid_email(e));
+        let tx = storage::begin().map_err(|e| e.message)?;
+        let created = tx
+            .execute(
+                "INSERT INTO external_users (id, issuer, subject, email, email_verified, name, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+                params![&user.id, &user.issuer, &user.subject, email.as_deref(), user.email_verified, &name, now_millis()],
+            )
+            .map_err(|e| e.message)?;
+        // Welcomed like a registered user, once, when there is an address.
+        if let (1, Some(email)) = (created, &email) {
+            tx.publish(
+                "user.registered",
+                Some(&user.id),
+                &serde_json::json!({ "user_id": user.id, "email": email, "name": name }),
+            )
+            .map_err(|e| e.message)?;
+        }
+        tx.commit().map_err(|e| e.message)
+    }
+}
+
+agora_sdk::account_provider!(Identity);
 
 const MIN_PASSWORD: usize = 8;
 const MAX_NAME: usize = 100;
@@ -137,6 +184,39 @@ fn find(column: &str, value: &str) -> Result<Option<StoredUser>> {
                 name: r.get("name")?,
                 password_hash: r.get("password_hash")?,
             })
+        })
+        .transpose()
+}
+
+/// Where a user's record is.
+#[derive(PartialEq)]
+enum Kind {
+    Local,
+    /// Signed in at a trusted provider.
+    External,
+}
+
+/// The user with this id, local or external. An external user without an
+/// email has an empty one.
+fn find_any(id: &str) -> Result<Option<(StoredUser, Kind)>> {
+    if let Some(user) = find("id", id)? {
+        return Ok(Some((user, Kind::Local)));
+    }
+    let rows = storage::query(
+        "SELECT id, email, name FROM external_users WHERE id = $1",
+        params![id],
+    )?;
+    rows.first()
+        .map(|r| {
+            Ok((
+                StoredUser {
+                    id: r.get("id")?,
+                    email: r.get::<Option<String>>("email")?.unwrap_or_default(),
+                    name: r.get("name")?,
+                    password_hash: String::new(),
+                },
+                Kind::External,
+            ))
         })
         .transpose()
 }
@@ -318,8 +398,18 @@ fn login(req: &Request) -> Result<Response> {
 
 fn me(req: &Request) -> Result<Response> {
     let user = req.require_user()?;
-    let stored =
-        find("id", &user.id)?.ok_or_else(|| Error::not_found("the user no longer exists"))?;
+    let (stored, kind) =
+        find_any(&user.id)?.ok_or_else(|| Error::not_found("the user no longer exists"))?;
+    if kind == Kind::External {
+        // A provider's email says nothing about roles here: the gateway's
+        // mapping of its token does.
+        return Ok(Response::ok(&Profile {
+            id: stored.id,
+            email: stored.email,
+            name: stored.name,
+            roles: user.roles.clone(),
+        }));
+    }
     Ok(Response::ok(&stored.profile()?))
 }
 
@@ -334,10 +424,12 @@ fn update_me(req: &Request) -> Result<Response> {
     let body: ProfileUpdate = req.json()?;
     if let Some(name) = body.name {
         let name = valid_name(&name)?;
-        storage::execute(
-            "UPDATE users SET name = $1 WHERE id = $2",
-            params![name, &user.id],
-        )?;
+        for table in ["users", "external_users"] {
+            storage::execute(
+                &format!("UPDATE {table} SET name = $1 WHERE id = $2"),
+                params![&name, &user.id],
+            )?;
+        }
     }
     me(req)
 }

@@ -5,15 +5,24 @@
 //! id, written before sending, and the event id goes to the email
 //! provider (`webhook_url`) as the `Idempotency-Key`. Without a provider,
 //! notifications are only logged (status `logged`).
+//!
+//! Exports `agora:shop/notifications`: a user's log, and the notifications
+//! of many orders in one call.
 
 use agora_sdk::prelude::*;
-use serde::{Deserialize, Serialize};
+use agora_sdk::storage::Row;
+use serde::Deserialize;
 
 mod shop {
-    wit_bindgen::generate!({ path: "../../wit/shop", world: "notifications" });
+    wit_bindgen::generate!({
+        path: "../../wit/shop",
+        world: "notifications-service",
+        additional_derives: [serde::Serialize],
+    });
 }
 
 use shop::agora::shop::users;
+use shop::exports::agora::shop::notifications::{self, Notification};
 
 struct Notifications;
 
@@ -23,10 +32,16 @@ impl Service for Notifications {
     }
 
     fn migrations() -> Vec<Migration> {
-        vec![Migration::new(
-            "0001_notifications",
-            include_str!("../migrations/0001_notifications.sql"),
-        )]
+        vec![
+            Migration::new(
+                "0001_notifications",
+                include_str!("../migrations/0001_notifications.sql"),
+            ),
+            Migration::new(
+                "0002_order_id",
+                include_str!("../migrations/0002_order_id.sql"),
+            ),
+        ]
     }
 
     fn on_message(message: messaging::Message) -> Result<(), String> {
@@ -35,6 +50,29 @@ impl Service for Notifications {
 }
 
 agora_sdk::service!(Notifications);
+
+impl notifications::Guest for Notifications {
+    fn of_user(user_id: String, limit: u32) -> Result<Vec<Notification>, String> {
+        recent(&user_id, i64::from(limit).min(MAX_LISTED)).map_err(|e| e.message)
+    }
+
+    fn of_orders(order_ids: Vec<String>) -> Result<Vec<Notification>, String> {
+        storage::query_keys(
+            &format!(
+                "SELECT {COLUMNS} FROM notifications WHERE order_id IN ({{keys}})
+                 ORDER BY created_at DESC, id DESC"
+            ),
+            &order_ids,
+        )
+        .and_then(|rows| rows.iter().map(notification).collect())
+        .map_err(|e| e.message)
+    }
+}
+
+shop::export!(Notifications with_types_in shop);
+
+/// Notifications returned by a listing, newest first.
+const MAX_LISTED: i64 = 100;
 
 /// The fields of the events we notify about.
 #[derive(Deserialize)]
@@ -112,9 +150,9 @@ fn notify(message: &messaging::Message) -> Result<()> {
         .ok_or_else(|| Error::not_found(format!("no user {} to notify", event.user_id)))?;
     let (kind, subject, body) = compose(&message.topic, &event, &user.name)?;
     storage::execute(
-        "INSERT INTO notifications (id, user_id, kind, channel, recipient, subject, body, status, created_at)
-         VALUES ($1, $2, $3, 'email', $4, $5, $6, 'pending', $7) ON CONFLICT (id) DO NOTHING",
-        params![&message.id, &user.id, &kind, &user.email, &subject, &body, now_millis()],
+        "INSERT INTO notifications (id, user_id, order_id, kind, channel, recipient, subject, body, status, created_at)
+         VALUES ($1, $2, $3, $4, 'email', $5, $6, $7, 'pending', $8) ON CONFLICT (id) DO NOTHING",
+        params![&message.id, &user.id, event.order_id.as_deref(), &kind, &user.email, &subject, &body, now_millis()],
     )?;
     let status = match config::get("webhook_url").filter(|u| !u.is_empty()) {
         Some(url) => {
@@ -145,39 +183,37 @@ fn notify(message: &messaging::Message) -> Result<()> {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct Notification {
-    id: String,
-    kind: String,
-    channel: String,
-    recipient: String,
-    subject: String,
-    body: String,
-    status: String,
-    created_at: i64,
+const COLUMNS: &str = "id, order_id, kind, channel, recipient, subject, body, status, created_at";
+
+fn notification(r: Row<'_>) -> Result<Notification> {
+    Ok(Notification {
+        id: r.get("id")?,
+        order_id: r.get("order_id")?,
+        kind: r.get("kind")?,
+        channel: r.get("channel")?,
+        recipient: r.get("recipient")?,
+        subject: r.get("subject")?,
+        body: r.get("body")?,
+        status: r.get("status")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+/// The notifications of `user_id`, newest first, at most `limit`.
+fn recent(user_id: &str, limit: i64) -> Result<Vec<Notification>> {
+    storage::query(
+        &format!(
+            "SELECT {COLUMNS} FROM notifications
+             WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+        ),
+        params![user_id, limit],
+    )?
+    .iter()
+    .map(notification)
+    .collect()
 }
 
 fn list(req: &Request) -> Result<Response> {
     let user = req.require_user()?;
-    let rows = storage::query(
-        "SELECT id, kind, channel, recipient, subject, body, status, created_at FROM notifications
-         WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT 100",
-        params![&user.id],
-    )?;
-    let items = rows
-        .iter()
-        .map(|r| {
-            Ok(Notification {
-                id: r.get("id")?,
-                kind: r.get("kind")?,
-                channel: r.get("channel")?,
-                recipient: r.get("recipient")?,
-                subject: r.get("subject")?,
-                body: r.get("body")?,
-                status: r.get("status")?,
-                created_at: r.get("created_at")?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Response::ok(&items))
+    Ok(Response::ok(&recent(&user.id, MAX_LISTED)?))
 }

@@ -6,8 +6,9 @@
 //! settle the order: `payment.succeeded` makes it `paid` and commits the
 //! stock, `payment.failed` makes it `cancelled` and releases the stock.
 //! Settling is idempotent, so a redelivered event changes nothing.
-
-mod graphql;
+//!
+//! Exports `agora:shop/orders` so the GraphQL component can read orders;
+//! the orders and items it carries are the ones the REST API answers with.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -16,10 +17,15 @@ use agora_sdk::prelude::*;
 use serde::{Deserialize, Serialize};
 
 mod shop {
-    wit_bindgen::generate!({ path: "../../wit/shop", world: "orders" });
+    wit_bindgen::generate!({
+        path: "../../wit/shop",
+        world: "orders-service",
+        additional_derives: [serde::Serialize],
+    });
 }
 
 use shop::agora::shop::inventory::{self, Line, ReserveError};
+use shop::exports::agora::shop::orders::{self, Item, Order};
 
 struct Orders;
 
@@ -33,7 +39,6 @@ impl Service for Orders {
             .post("/orders", create_order)
             .get("/orders", list_orders)
             .get("/orders/{id}", show_order)
-            .post("/graphql", graphql::handle)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -59,30 +64,28 @@ impl Service for Orders {
 
 agora_sdk::service!(Orders);
 
+impl orders::Guest for Orders {
+    fn of_user(user_id: String, limit: u32) -> Result<Vec<Order>, String> {
+        orders_of(&user_id, i64::from(limit).min(MAX_LISTED)).map_err(|e| e.message)
+    }
+
+    fn get(id: String, viewer: orders::Viewer) -> Result<Option<Order>, String> {
+        let viewer = User {
+            id: viewer.id,
+            roles: viewer.roles,
+        };
+        visible_order(&viewer, &id).map_err(|e| e.message)
+    }
+}
+
+shop::export!(Orders with_types_in shop);
+
 /// A cart lives a week without changes.
 const CART_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The most of one product in an order or a cart.
 const MAX_QUANTITY: u32 = 1000;
 /// Orders returned by a listing, newest first.
 const MAX_LISTED: i64 = 100;
-
-#[derive(Serialize, Deserialize, Clone, Debug, async_graphql::SimpleObject)]
-#[graphql(name = "OrderItem")]
-pub struct Item {
-    pub product_id: String,
-    pub quantity: i64,
-    pub unit_price_cents: i64,
-}
-
-#[derive(Serialize, Clone, Debug, async_graphql::SimpleObject)]
-pub struct Order {
-    pub id: String,
-    pub status: String,
-    pub items: Vec<Item>,
-    pub total_cents: i64,
-    pub currency: String,
-    pub created_at: i64,
-}
 
 #[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
@@ -301,11 +304,15 @@ fn record_order(
         .iter()
         .map(|l| Item {
             product_id: l.product_id.clone(),
-            quantity: i64::from(l.quantity),
+            quantity: l.quantity,
             unit_price_cents: l.unit_price_cents,
         })
         .collect();
-    let total = total_cents(items.iter().map(|i| (i.unit_price_cents, i.quantity)))?;
+    let total = total_cents(
+        items
+            .iter()
+            .map(|i| (i.unit_price_cents, i64::from(i.quantity))),
+    )?;
     let order = Order {
         id: order_id.to_owned(),
         status: "pending".into(),
@@ -340,19 +347,34 @@ fn record_order(
     Ok(order)
 }
 
-/// The orders of `user_id`, newest first; or, with `id`, that order of any user.
-pub fn find_orders(user_id: &str, id: Option<&str>) -> Result<Vec<(String, Order)>> {
-    let rows = match id {
-        Some(id) => storage::query(
-            "SELECT id, user_id, status, total_cents, currency, created_at FROM orders WHERE id = $1",
-            params![id],
-        )?,
-        None => storage::query(
-            "SELECT id, user_id, status, total_cents, currency, created_at FROM orders
-             WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
-            params![user_id, MAX_LISTED],
-        )?,
-    };
+const COLUMNS: &str = "id, user_id, status, total_cents, currency, created_at";
+
+/// The orders of `user_id`, newest first, at most `limit`.
+fn orders_of(user_id: &str, limit: i64) -> Result<Vec<Order>> {
+    let rows = storage::query(
+        &format!(
+            "SELECT {COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2"
+        ),
+        params![user_id, limit],
+    )?;
+    Ok(with_items(&rows)?.into_iter().map(|(_, o)| o).collect())
+}
+
+/// One order, if `user` owns it or is an admin; others are told it does
+/// not exist rather than that it is someone else's.
+fn visible_order(user: &User, id: &str) -> Result<Option<Order>> {
+    let rows = storage::query(
+        &format!("SELECT {COLUMNS} FROM orders WHERE id = $1"),
+        params![id],
+    )?;
+    Ok(with_items(&rows)?
+        .into_iter()
+        .find(|(owner, _)| *owner == user.id || user.is_admin())
+        .map(|(_, order)| order))
+}
+
+/// The orders of `rows` with their items, each with its owner's id.
+fn with_items(rows: &storage::Rows) -> Result<Vec<(String, Order)>> {
     rows.iter()
         .map(|r| {
             let id: String = r.get("id")?;
@@ -362,9 +384,12 @@ pub fn find_orders(user_id: &str, id: Option<&str>) -> Result<Vec<(String, Order
             )?
             .iter()
             .map(|i| {
+                let quantity: i64 = i.get("quantity")?;
                 Ok(Item {
                     product_id: i.get("product_id")?,
-                    quantity: i.get("quantity")?,
+                    quantity: u32::try_from(quantity).map_err(|_| {
+                        Error::internal(format!("order {id} holds a quantity of {quantity}"))
+                    })?,
                     unit_price_cents: i.get("unit_price_cents")?,
                 })
             })
@@ -385,22 +410,9 @@ pub fn find_orders(user_id: &str, id: Option<&str>) -> Result<Vec<(String, Order
         .collect()
 }
 
-/// One order, if `user` owns it or is an admin; others are told it does
-/// not exist rather than that it is someone else's.
-pub fn visible_order(user: &User, id: &str) -> Result<Option<Order>> {
-    Ok(find_orders(&user.id, Some(id))?
-        .into_iter()
-        .find(|(owner, _)| *owner == user.id || user.is_admin())
-        .map(|(_, order)| order))
-}
-
 fn list_orders(req: &Request) -> Result<Response> {
     let user = req.require_user()?;
-    let orders: Vec<Order> = find_orders(&user.id, None)?
-        .into_iter()
-        .map(|(_, o)| o)
-        .collect();
-    Ok(Response::ok(&orders))
+    Ok(Response::ok(&orders_of(&user.id, MAX_LISTED)?))
 }
 
 fn show_order(req: &Request) -> Result<Response> {

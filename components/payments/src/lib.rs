@@ -10,9 +10,22 @@
 //! The provider is `provider_url` (POST `{order_id, amount_cents, currency}`,
 //! answering `{status: "approved"|"declined", reference?, reason?}`); without
 //! one, a simulator approves totals up to `decline_above_cents`.
+//!
+//! Exports `agora:shop/payments`: the payments of many orders in one call.
 
 use agora_sdk::prelude::*;
-use serde::{Deserialize, Serialize};
+use agora_sdk::storage::Row;
+use serde::Deserialize;
+
+mod shop {
+    wit_bindgen::generate!({
+        path: "../../wit/shop",
+        world: "payments-service",
+        additional_derives: [serde::Serialize],
+    });
+}
+
+use shop::exports::agora::shop::payments::{self, Payment};
 
 struct Payments;
 
@@ -37,6 +50,19 @@ impl Service for Payments {
 }
 
 agora_sdk::service!(Payments);
+
+impl payments::Guest for Payments {
+    fn of_orders(order_ids: Vec<String>) -> Result<Vec<Payment>, String> {
+        storage::query_keys(
+            &format!("SELECT {COLUMNS} FROM payments WHERE order_id IN ({{keys}})"),
+            &order_ids,
+        )
+        .and_then(|rows| rows.iter().map(payment).collect())
+        .map_err(|e| e.message)
+    }
+}
+
+shop::export!(Payments with_types_in shop);
 
 #[derive(Deserialize)]
 struct OrderCreated {
@@ -163,21 +189,24 @@ fn provider(url: &str, order: &OrderCreated) -> Result<Outcome> {
     })
 }
 
-#[derive(Serialize)]
-struct Payment {
-    order_id: String,
-    status: String,
-    amount_cents: i64,
-    currency: String,
-    reason: Option<String>,
-    reference: Option<String>,
+const COLUMNS: &str = "order_id, user_id, status, amount_cents, currency, reason, reference";
+
+fn payment(row: Row<'_>) -> Result<Payment> {
+    Ok(Payment {
+        order_id: row.get("order_id")?,
+        status: row.get("status")?,
+        amount_cents: row.get("amount_cents")?,
+        currency: row.get("currency")?,
+        reason: row.get("reason")?,
+        reference: row.get("reference")?,
+    })
 }
 
 fn show(req: &Request) -> Result<Response> {
     let user = req.require_user()?;
     let order_id = req.param("order_id");
     let rows = storage::query(
-        "SELECT user_id, status, amount_cents, currency, reason, reference FROM payments WHERE order_id = $1",
+        &format!("SELECT {COLUMNS} FROM payments WHERE order_id = $1"),
         params![order_id],
     )?;
     let row = rows
@@ -188,12 +217,5 @@ fn show(req: &Request) -> Result<Response> {
                     .is_ok_and(|owner| owner == user.id)
         })
         .ok_or_else(|| Error::not_found(format!("no payment for order {order_id}")))?;
-    Ok(Response::ok(&Payment {
-        order_id: order_id.to_owned(),
-        status: row.get("status")?,
-        amount_cents: row.get("amount_cents")?,
-        currency: row.get("currency")?,
-        reason: row.get("reason")?,
-        reference: row.get("reference")?,
-    }))
+    Ok(Response::ok(&payment(row)?))
 }

@@ -20,6 +20,8 @@ impl Service for Probe {
             .get("/probe/kv/{key}", kv_get)
             .put("/probe/cache/{key}", cache_put)
             .get("/probe/cache/{key}", cache_get)
+            .get("/probe/counted/{key}", counted)
+            .post("/probe/invalidate", invalidate)
             .post("/probe/publish", publish)
             .get("/probe/received", received)
             .get("/probe/config/{key}", setting)
@@ -136,6 +138,33 @@ fn cache_get(req: &Request) -> Result<Response> {
         )),
         None => Err(Error::not_found("not cached")),
     }
+}
+
+/// Counts its calls per key (so a test sees whether the component ran),
+/// answering with the query's `cache-control`, `set-cookie` and `vary`
+/// headers and the signed-in user, if any.
+fn counted(req: &Request) -> Result<Response> {
+    let calls = cache::increment(&format!("calls:{}", req.param("key")), 1, None)?;
+    let user = req.user().map(|u| u.id);
+    let mut response = Response::ok(&json!({ "calls": calls, "user": user }));
+    for name in ["cache-control", "set-cookie", "vary"] {
+        if let Some(value) = req.query(name) {
+            response = response.with_header(name, value);
+        }
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Invalidation {
+    prefix: String,
+}
+
+fn invalidate(req: &Request) -> Result<Response> {
+    let body: Invalidation = req.json()?;
+    let dropped = cache::invalidate_responses(&body.prefix)?;
+    Ok(Response::ok(&json!({ "dropped": dropped })))
 }
 
 #[derive(Deserialize)]

@@ -54,3 +54,12 @@ pub fn delete(key: &str) -> Result<bool, Error> {
 pub fn increment(key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, Error> {
     Ok(wit::increment(key, delta, millis(ttl))?)
 }
+
+/// Drops the responses the gateway keeps for this component (plugins.toml
+/// `response_cache`) whose path and query start with `prefix`, for every
+/// user; returns how many. Call it after a write that changes what those
+/// GETs answer, e.g. `invalidate_responses("/products")` after a product
+/// changed.
+pub fn invalidate_responses(prefix: &str) -> Result<u64, Error> {
+    Ok(wit::invalidate_responses(prefix)?)
+}

@@ -22,6 +22,7 @@
 //! are plain functions ([`storage::query`], [`cache::get_json`],
 //! [`messaging::publish`], ...) over the WIT imports; the host grants them.
 
+pub mod accounts;
 pub mod cache;
 pub mod config;
 pub mod http;

@@ -239,6 +239,33 @@ pub fn query(sql: &str, params: &[Value]) -> Result<Rows, Error> {
     Ok(wit::query(sql, params)?.into())
 }
 
+/// The most keys [`query_keys`] puts in one statement: well under every
+/// backend's limit on parameters (SQLite's is 32766, PostgreSQL's 65535).
+const KEYS_PER_QUERY: usize = 500;
+
+/// Reads the rows of many keys: `sql` holds `{keys}` where the key list
+/// goes (`WHERE id IN ({keys})`), and runs once per chunk of keys, so a
+/// list of any length fits in the backend's limits. No keys, no query.
+pub fn query_keys(sql: &str, keys: &[String]) -> Result<Rows, Error> {
+    let mut all = Rows {
+        columns: Vec::new(),
+        rows: Vec::new(),
+    };
+    for chunk in keys.chunks(KEYS_PER_QUERY) {
+        let params: Vec<Value> = chunk.iter().map(Value::from).collect();
+        let rows = query(&with_placeholders(sql, chunk.len()), &params)?;
+        all.columns = rows.columns;
+        all.rows.extend(rows.rows);
+    }
+    Ok(all)
+}
+
+/// `sql` with `{keys}` replaced by `$1, $2, ..., $count`.
+fn with_placeholders(sql: &str, count: usize) -> String {
+    let placeholders: Vec<String> = (1..=count).map(|i| format!("${i}")).collect();
+    sql.replace("{keys}", &placeholders.join(", "))
+}
+
 /// Runs a statement; returns the number of rows it changed.
 pub fn execute(sql: &str, params: &[Value]) -> Result<u64, Error> {
     Ok(wit::execute(sql, params)?)
@@ -276,5 +303,16 @@ impl Transaction {
 
     pub fn commit(self) -> Result<(), Error> {
         Ok(wit::Transaction::commit(self.0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_key_list_gets_one_placeholder_per_key() {
+        assert_eq!(
+            super::with_placeholders("SELECT * FROM t WHERE id IN ({keys})", 3),
+            "SELECT * FROM t WHERE id IN ($1, $2, $3)"
+        );
     }
 }

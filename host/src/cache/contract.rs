@@ -189,6 +189,47 @@ async fn increment_of_a_non_integer_is_not_a_number_and_changes_nothing() {
 }
 
 #[tokio::test]
+async fn delete_prefix_deletes_exactly_the_keys_under_it() {
+    for (name, cache) in backends().await {
+        // Glob characters in the prefix are literal.
+        for key in [
+            "a:/p*/1",
+            "a:/p*/2?x=1",
+            "a:/p*/2 user",
+            "a:/p/3",
+            "a:/q",
+            "b:/p*/1",
+        ] {
+            cache.set(key, b"v".to_vec(), None).await.unwrap();
+        }
+        // Enough keys for several pages of a walk.
+        for i in 0..1200 {
+            cache
+                .set(&format!("a:/many/{i}"), b"v".to_vec(), None)
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.delete_prefix("a:/p*/").await.unwrap(), 3, "{name}");
+        for gone in ["a:/p*/1", "a:/p*/2?x=1", "a:/p*/2 user"] {
+            assert_eq!(cache.get(gone).await.unwrap(), None, "{name}: {gone}");
+        }
+        for kept in ["a:/p/3", "a:/q", "b:/p*/1", "a:/many/7"] {
+            assert!(cache.get(kept).await.unwrap().is_some(), "{name}: {kept}");
+        }
+        assert_eq!(
+            cache.delete_prefix("a:/many/").await.unwrap(),
+            1200,
+            "{name}"
+        );
+        assert_eq!(
+            cache.delete_prefix("a:/nothing").await.unwrap(),
+            0,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn key_spaces_are_separate() {
     for (name, cache) in backends().await {
         cache.set("a:k", b"a".to_vec(), None).await.unwrap();

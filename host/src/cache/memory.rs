@@ -257,6 +257,23 @@ impl CacheBackend for MemoryCache {
         })
     }
 
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, Error> {
+        let now = Instant::now();
+        Ok(self.with_space(prefix, |space, prefix| {
+            let matching: Vec<String> = space
+                .entries
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .cloned()
+                .collect();
+            matching
+                .iter()
+                .filter_map(|k| space.remove(k))
+                .filter(|e| e.live(now))
+                .count() as u64
+        }))
+    }
+
     async fn ping(&self) -> Result<(), Error> {
         Ok(())
     }

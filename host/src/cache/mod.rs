@@ -67,12 +67,18 @@ pub trait CacheBackend: Send + Sync {
     async fn delete(&self, key: &str) -> Result<bool, Error>;
     /// Integers are stored as decimal text, as Redis does.
     async fn increment(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, Error>;
+    /// Deletes every key that starts with `prefix` (itself `<space>:...`)
+    /// and returns how many there were. It walks the key space, so it is
+    /// for rare invalidations (the gateway's response cache), never for a
+    /// request path.
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, Error>;
     async fn ping(&self) -> Result<(), Error>;
 }
 
 /// A component's view of the cache: its keys only.
 #[derive(Clone)]
 pub struct Namespace {
+    component: String,
     prefix: String,
     backend: Arc<dyn CacheBackend>,
 }
@@ -114,6 +120,7 @@ impl Capability for CacheCapability {
 
     async fn configure(&self, component: &str, _spec: &ComponentSpec) -> Result<Namespace> {
         Ok(Namespace {
+            component: component.to_owned(),
             prefix: format!("{component}:"),
             backend: self.backend.clone(),
         })
@@ -162,5 +169,13 @@ impl wit::Host for CapabilityView<'_, Namespace> {
             .backend
             .increment(&ns.key(&key), delta, ttl(ttl_ms))
             .await)
+    }
+
+    async fn invalidate_responses(
+        &mut self,
+        prefix: String,
+    ) -> wasmtime::Result<Result<u64, Error>> {
+        let ns = self.granted()?;
+        Ok(crate::response_cache::invalidate(&*ns.backend, &ns.component, &prefix).await)
     }
 }

@@ -28,6 +28,7 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, ErrorKind, Expiration, KeysInterface,
     LuaInterface, Options, ReconnectPolicy,
 };
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::{CacheBackend, CacheSettings, Error};
@@ -113,6 +114,9 @@ pub struct RedisCache {
     key_prefix: String,
     max_entry_bytes: usize,
     increment_sha: String,
+    /// How long a walk of the key space may take: its pages add up, so a
+    /// command's timeout per page times a generous number of them.
+    scan_timeout: Duration,
     /// Where Redis is, for messages: host and port, never the password.
     server: String,
 }
@@ -187,6 +191,7 @@ impl RedisCache {
             key_prefix: config.key_prefix.clone(),
             max_entry_bytes: config.max_value_kib as usize * 1024,
             increment_sha: fred::util::sha1_hash(INCREMENT),
+            scan_timeout: command_timeout * 10,
             server,
         }))
     }
@@ -218,6 +223,21 @@ impl Drop for RedisCache {
             });
         }
     }
+}
+
+/// Keys asked for per SCAN page, and unlinked per command.
+const SCAN_PAGE: u32 = 500;
+
+/// `text` as a SCAN pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 fn ttl_ms(ttl: Duration) -> i64 {
@@ -290,6 +310,42 @@ impl CacheBackend for RedisCache {
                 self.unavailable("increment", &e)
             }
         })
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, Error> {
+        // SCAN walks the whole key space a page at a time (Redis keeps
+        // serving meanwhile); each page's matches are unlinked at once. A
+        // scan does not fail fast by itself while Redis is away: check.
+        if !self.client.is_connected() {
+            return Err(self.unavailable(
+                "delete by prefix",
+                &RedisError::new(ErrorKind::IO, "not connected"),
+            ));
+        }
+        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
+        let walk = async {
+            let mut deleted = 0;
+            let mut pages = std::pin::pin!(self
+                .client
+                .scan_buffered(pattern, Some(SCAN_PAGE), None)
+                .chunks(SCAN_PAGE as usize));
+            while let Some(keys) = pages.next().await {
+                let keys = keys.into_iter().collect::<Result<Vec<_>, _>>()?;
+                deleted += self
+                    .client
+                    .with_options(&self.options)
+                    .unlink::<u64, _>(keys)
+                    .await?;
+            }
+            Ok::<_, RedisError>(deleted)
+        };
+        match tokio::time::timeout(self.scan_timeout, walk).await {
+            Ok(walked) => walked.map_err(|e| self.unavailable("delete by prefix", &e)),
+            Err(_) => Err(self.unavailable(
+                "delete by prefix",
+                &RedisError::new(ErrorKind::Timeout, "the key walk took too long"),
+            )),
+        }
     }
 
     async fn ping(&self) -> Result<(), Error> {

@@ -31,7 +31,9 @@ use opentelemetry::KeyValue;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Broker, Envelope, DEAD_LETTER_PREFIX};
+use super::{
+    Broker, Envelope, ATTEMPTS_HEADER, DEAD_LETTER_PREFIX, ERROR_HEADER, ORIGINAL_TOPIC_HEADER,
+};
 use crate::bindings::messaging::Message;
 use crate::coordination::{
     subscriptions as subscriptions_of, Claim, Commit, Coordinator, HEARTBEAT,
@@ -596,13 +598,13 @@ impl Consumer {
         let mut dead = event.clone();
         dead.topic = format!("{DEAD_LETTER_PREFIX}{component}");
         dead.headers.extend([
-            ("agora-original-topic".to_owned(), event.topic.clone()),
+            (ORIGINAL_TOPIC_HEADER.to_owned(), event.topic.clone()),
             (
-                "agora-error".to_owned(),
+                ERROR_HEADER.to_owned(),
                 truncated(last_error, MAX_ERROR_BYTES),
             ),
             (
-                "agora-attempts".to_owned(),
+                ATTEMPTS_HEADER.to_owned(),
                 self.retry.max_attempts.to_string(),
             ),
         ]);

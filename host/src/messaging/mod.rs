@@ -181,6 +181,11 @@ fn murmur2(data: &[u8]) -> i32 {
 
 /// The prefix of the topic a subscriber's failed events go to.
 pub const DEAD_LETTER_PREFIX: &str = "dead-letter.";
+/// A dead letter's headers, beside the event's own: the topic it was
+/// published to, the last attempt's error, and how many attempts failed.
+pub const ORIGINAL_TOPIC_HEADER: &str = "agora-original-topic";
+pub const ERROR_HEADER: &str = "agora-error";
+pub const ATTEMPTS_HEADER: &str = "agora-attempts";
 
 pub struct MessagingCapability {
     broker: Arc<dyn Broker>,
@@ -347,24 +352,33 @@ impl MessagingCapability {
         from: u64,
         max: usize,
     ) -> Result<Vec<(u32, u64, Envelope)>> {
-        let mut events = Vec::new();
-        for partition in 0..self.broker.partitions(topic).await? {
-            let read = self
-                .broker
-                .fetch(topic, partition, from, max, false)
-                .await?;
-            events.extend(read.into_iter().map(|(offset, e)| (partition, offset, e)));
-        }
-        Ok(events)
+        self.read_partitions(topic, Some(from), max).await
     }
 
     /// The last `max` events of each partition of a topic, as (partition,
     /// offset, event).
     pub async fn read_latest(&self, topic: &str, max: usize) -> Result<Vec<(u32, u64, Envelope)>> {
+        self.read_partitions(topic, None, max).await
+    }
+
+    /// Up to `max` events of each partition, from offset `from`, or (None)
+    /// from `max` before each partition's end.
+    async fn read_partitions(
+        &self,
+        topic: &str,
+        from: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<(u32, u64, Envelope)>> {
         let mut events = Vec::new();
         for partition in 0..self.broker.partitions(topic).await? {
-            let end = self.broker.end(topic, partition).await?;
-            let from = end.saturating_sub(max as u64);
+            let from = match from {
+                Some(from) => from,
+                None => self
+                    .broker
+                    .end(topic, partition)
+                    .await?
+                    .saturating_sub(max as u64),
+            };
             let read = self
                 .broker
                 .fetch(topic, partition, from, max, false)

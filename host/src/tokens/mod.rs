@@ -13,6 +13,13 @@
 //! (`issues_roles`), so even the component that logs users in cannot make
 //! anyone a role it was not given. Lifetimes are capped at the host's
 //! `ttl_seconds`, so no component can mint a standing credential.
+//!
+//! Beside its own, the host accepts the tokens of trusted OpenID Connect
+//! providers ([`oidc`]); the [`Authenticator`] tells them apart by their
+//! algorithm (the host's are HS256, a provider's RS256 or ES256) and
+//! issuer, and both the gateway and `verify` go through it.
+
+mod oidc;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,10 +36,11 @@ use crate::bindings::tokens::{self as wit, Claims, Error};
 use crate::capability::{Capability, CapabilityView, View};
 use crate::plugins::{ComponentSpec, Grant, TokenSettings};
 use crate::state::InstanceState;
+use oidc::TrustedIssuer;
 
 /// Key length: 256 bits, HS256's own strength.
 const KEY_BYTES: usize = 32;
-/// Clock skew tolerated between hosts sharing the key.
+/// Clock skew tolerated between hosts sharing the key, and with providers.
 const LEEWAY_SECONDS: u64 = 5;
 
 pub struct Signer {
@@ -117,6 +125,112 @@ impl Signer {
     }
 }
 
+/// Why a bearer token was not accepted.
+#[derive(Debug, Clone)]
+pub enum Rejection {
+    Invalid(String),
+    Expired,
+    /// The token's provider could not be asked for its keys: the token may
+    /// be fine, so this is the host's failure (503), not the client's.
+    Unavailable(String),
+}
+
+impl From<Rejection> for Error {
+    fn from(rejection: Rejection) -> Error {
+        match rejection {
+            Rejection::Invalid(m) | Rejection::Unavailable(m) => Error::Invalid(m),
+            Rejection::Expired => Error::Expired,
+        }
+    }
+}
+
+/// A verified token's user.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub claims: Claims,
+    /// Set for a user of a trusted provider.
+    pub external: Option<ExternalUser>,
+}
+
+/// A user signed in at a trusted provider, as `agora:platform/accounts`
+/// is told about them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalUser {
+    /// `<issuer name>:<subject>`: the user id every component sees.
+    pub id: String,
+    /// The name of the provider in `[tokens.trusted_issuers]`.
+    pub issuer: String,
+    pub subject: String,
+    pub email: Option<String>,
+    pub email_verified: bool,
+    pub name: Option<String>,
+}
+
+/// Verifies bearer tokens: the host's own and those of trusted providers.
+pub struct Authenticator {
+    signer: Arc<Signer>,
+    trusted: Vec<TrustedIssuer>,
+}
+
+impl Authenticator {
+    pub fn new(signer: Arc<Signer>, settings: &TokenSettings) -> Authenticator {
+        Authenticator {
+            signer,
+            trusted: settings
+                .trusted_issuers
+                .iter()
+                .map(|(name, trusted)| TrustedIssuer::new(name, trusted))
+                .collect(),
+        }
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Verified, Rejection> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Rejection::Invalid(format!("not a JWT: {e}")))?;
+        if header.alg == Algorithm::HS256 {
+            return self
+                .signer
+                .verify(token)
+                .map(|claims| Verified {
+                    claims,
+                    external: None,
+                })
+                .map_err(|e| match e {
+                    Error::Expired => Rejection::Expired,
+                    Error::Invalid(m) => Rejection::Invalid(m),
+                });
+        }
+        let issuer = unverified_issuer(token)?;
+        let trusted = self
+            .trusted
+            .iter()
+            .find(|t| t.issuer() == issuer)
+            .ok_or_else(|| {
+                Rejection::Invalid(format!(
+                    "tokens of {issuer:?} are not trusted (tokens.trusted_issuers)"
+                ))
+            })?;
+        trusted.verify(token, &header).await
+    }
+}
+
+/// The `iss` a token claims, read before its signature is checked, only to
+/// choose the keys that check it.
+fn unverified_issuer(token: &str) -> Result<String, Rejection> {
+    #[derive(Deserialize)]
+    struct Issuer {
+        iss: String,
+    }
+    let mut peek = Validation::new(Algorithm::RS256);
+    peek.insecure_disable_signature_validation();
+    peek.validate_exp = false;
+    peek.validate_aud = false;
+    peek.set_required_spec_claims::<&str>(&[]);
+    jsonwebtoken::decode::<Issuer>(token, &DecodingKey::from_secret(&[]), &peek)
+        .map(|data| data.claims.iss)
+        .map_err(|e| Rejection::Invalid(format!("the token names no issuer: {e}")))
+}
+
 /// Reads the signing key, creating it on first start.
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
     let key = crate::secret::load_or_create(path, "token signing key", || {
@@ -129,9 +243,11 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Verifying: `agora:platform/tokens`, grant `tokens`. Also owns the
-/// [`Signer`], which the gateway and [`TokenIssuerCapability`] share.
+/// [`Signer`], which [`TokenIssuerCapability`] shares, and the
+/// [`Authenticator`], which the gateway shares.
 pub struct TokensCapability {
     signer: Arc<Signer>,
+    authenticator: Arc<Authenticator>,
 }
 
 impl TokensCapability {
@@ -141,13 +257,15 @@ impl TokensCapability {
             .clone()
             .unwrap_or_else(|| data_dir.join("tokens.key"));
         let key = load_or_create_key(&path)?;
+        let signer = Arc::new(Signer::new(&key, settings));
         Ok(TokensCapability {
-            signer: Arc::new(Signer::new(&key, settings)),
+            authenticator: Arc::new(Authenticator::new(signer.clone(), settings)),
+            signer,
         })
     }
 
-    pub fn signer(&self) -> Arc<Signer> {
-        self.signer.clone()
+    pub fn authenticator(&self) -> Arc<Authenticator> {
+        self.authenticator.clone()
     }
 }
 
@@ -155,16 +273,21 @@ impl TokensCapability {
 impl Capability for TokensCapability {
     const GRANT: Grant = Grant::Tokens;
     const INTERFACES: &'static [&'static str] = &["agora:platform/tokens"];
-    type ComponentState = Arc<Signer>;
+    type ComponentState = Arc<Authenticator>;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
-        Ok(wit::add_to_linker::<_, View<Arc<Signer>>>(linker, |s| {
-            s.view(Grant::Tokens, |c| c.tokens.as_ref())
-        })?)
+        Ok(wit::add_to_linker::<_, View<Arc<Authenticator>>>(
+            linker,
+            |s| s.view(Grant::Tokens, |c| c.tokens.as_ref()),
+        )?)
     }
 
-    async fn configure(&self, _component: &str, _spec: &ComponentSpec) -> Result<Arc<Signer>> {
-        Ok(self.signer.clone())
+    async fn configure(
+        &self,
+        _component: &str,
+        _spec: &ComponentSpec,
+    ) -> Result<Arc<Authenticator>> {
+        Ok(self.authenticator.clone())
     }
 }
 
@@ -176,7 +299,7 @@ pub struct TokenIssuerCapability {
 impl TokenIssuerCapability {
     pub fn new(tokens: &TokensCapability) -> Self {
         TokenIssuerCapability {
-            signer: tokens.signer(),
+            signer: tokens.signer.clone(),
         }
     }
 }
@@ -227,9 +350,14 @@ impl Capability for TokenIssuerCapability {
     }
 }
 
-impl wit::Host for CapabilityView<'_, Arc<Signer>> {
+impl wit::Host for CapabilityView<'_, Arc<Authenticator>> {
     async fn verify(&mut self, token: String) -> wasmtime::Result<Result<Claims, Error>> {
-        Ok(self.granted()?.verify(&token))
+        let authenticator = self.granted()?.clone();
+        Ok(authenticator
+            .verify(&token)
+            .await
+            .map(|verified| verified.claims)
+            .map_err(Error::from))
     }
 }
 

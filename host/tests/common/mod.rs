@@ -937,3 +937,22 @@ pub async fn json_call(
         .await
         .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }
+
+/// The value of one series (name and labels, exactly as the exposition
+/// writes them) in a metrics scrape.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// `GET /metrics` from the host's admin listener.
+pub async fn scrape(host: &TestHost) -> String {
+    let reply = host.admin("GET", "/metrics", Vec::new()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    reply.text()
+}
