@@ -597,7 +597,8 @@ async fn behind_a_trusted_proxy_limits_count_the_client_it_names_and_only_that()
     );
     // Another client behind the same proxy has its own count.
     assert_error(&attempt("198.51.100.2").await, 401, "invalid_credentials");
-    assert!(host.log().contains("client=198.51.100.1"), "{}", host.log());
+    let log = host.logged("client=198.51.100.1").await;
+    assert!(log.contains("client=198.51.100.1"), "{log}");
 }
 
 /// A pretend OpenID Connect provider: serves its JWKS (the keys of

@@ -57,7 +57,7 @@ async fn routes_by_longest_prefix_and_answers_unknown_paths_with_json_404() {
     .await;
     assert_eq!(traced.headers["x-request-id"], "trace-me-42");
 
-    let log = host.log();
+    let log = host.logged("request_id=\"trace-me-42\"").await;
     assert!(
         log.contains("request_id=\"trace-me-42\""),
         "the id is in the request's log line"

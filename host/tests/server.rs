@@ -638,9 +638,6 @@ async fn a_missing_openapi_document_is_a_500_that_shows_no_host_path() {
         "the answer shows the path: {text}"
     );
     // The operator's log names it.
-    assert!(
-        host.log().contains("missing-openapi.json"),
-        "{}",
-        host.log()
-    );
+    let log = host.logged("missing-openapi.json").await;
+    assert!(log.contains("missing-openapi.json"), "{log}");
 }

@@ -279,6 +279,20 @@ impl TestHost {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The log once it holds `what` (or after 10 s, as it is then): the
+    /// host writes its lines from a thread of its own, a moment after the
+    /// request that logged one was answered.
+    pub async fn logged(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(what) || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn spawn(&mut self) {
         let log = File::options()
             .create(true)
