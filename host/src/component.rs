@@ -15,7 +15,6 @@
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -528,7 +527,7 @@ impl ComponentVersion {
             };
             let result = run.await;
             // Said before the store, and with it the body's stream, is
-            // dropped: the body then knows how its end came about.
+            // dropped: see `CompletedBody`.
             let _ = finished.send(result.is_ok());
             // Counted here, whether or not the response head was out.
             result.map_err(|e| this.failed(Failure::classify(e, store.data().limiter.exhausted)))
@@ -649,15 +648,22 @@ impl ComponentVersion {
     }
 }
 
-/// A component's response body that ends only once the guest returned. A
-/// guest that traps or runs out of time drops its half-written body, which
-/// would otherwise end like a whole one: a client (and the response cache)
-/// would take a fragment for the response. Such an end becomes an error, so
-/// the connection is cut instead (HTTP/1.1 sends no last chunk, HTTP/2
-/// resets the stream).
+/// A component's response body, whose end says whether the guest finished
+/// it. A guest that traps or runs out of time drops its half-written body,
+/// which would otherwise end like a whole one: a client (and the response
+/// cache) would take a fragment for the response. Such an end becomes an
+/// error, so the connection is cut instead (HTTP/1.1 sends no last chunk,
+/// HTTP/2 resets the stream).
+///
+/// The end is judged without waiting. A failed guest's body can only end
+/// when its store is dropped, and the task says how the guest ended before
+/// it drops the store, so at such an end the outcome is there to read. A
+/// finished body ends when the guest calls `finish`, before it returns, so
+/// an outcome not there yet means a finished body: waiting for the guest
+/// to return would cost every response a wakeup.
 struct CompletedBody {
     body: Body,
-    /// Whether the guest returned normally; taken once the body ends.
+    /// Whether the guest returned normally; read once the body ends.
     outcome: Option<oneshot::Receiver<bool>>,
 }
 
@@ -674,18 +680,15 @@ impl hyper::body::Body for CompletedBody {
             Poll::Ready(None) => {}
             other => return other,
         }
-        let Some(outcome) = this.outcome.as_mut() else {
+        let Some(mut outcome) = this.outcome.take() else {
             return Poll::Ready(None);
         };
-        let returned = match Pin::new(outcome).poll(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(returned) => returned.unwrap_or(false),
-        };
-        this.outcome = None;
-        if returned {
-            Poll::Ready(None)
-        } else {
-            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+        match outcome.try_recv() {
+            Ok(true) | Err(oneshot::error::TryRecvError::Empty) => Poll::Ready(None),
+            // Failed, or its task was cancelled before it could say.
+            Ok(false) | Err(oneshot::error::TryRecvError::Closed) => {
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+            }
         }
     }
 
