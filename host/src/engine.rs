@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use wasmtime::{
-    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig,
+    Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
+    PoolingAllocationConfig,
 };
 
 use crate::plugins::MAX_MEMORY_MIB;
@@ -30,8 +31,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// components. 1000 covers every component's concurrency limit many times.
 const POOL_INSTANCES: u32 = 1000;
 
-/// Pages of an instance's memory kept mapped when its slot is reused: below
-/// this, reuse is a memset instead of a page fault per touched page.
+/// Bytes of an instance's memory kept mapped when its slot is reused: up to
+/// this, reuse is a memset instead of a page fault per touched page. With
+/// `PAGEMAP_SCAN` (below) only the pages the instance dirtied are reset.
+/// Larger sizes measured no faster with hello world and keep more memory
+/// in every warm slot.
 const KEEP_RESIDENT: usize = 64 * 1024;
 
 /// Address space reserved per memory when the pool cannot be had.
@@ -73,7 +77,13 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
         .max_memory_size(MAX_MEMORY_MIB as usize * 1024 * 1024)
         .linear_memory_keep_resident(KEEP_RESIDENT)
         .table_keep_resident(KEEP_RESIDENT)
-        .decommit_batch_size(DECOMMIT_BATCH);
+        .decommit_batch_size(DECOMMIT_BATCH)
+        // Linux 6.7+: asks the kernel which pages a freed instance dirtied
+        // and resets just those, instead of `madvise` dropping them (a TLB
+        // shootdown on every core, and a page fault per page on the next
+        // use). Hello world with wrk on 2 cores: 16.6-19.7k -> 26.3-35.9k
+        // req/s. Older kernels fall back to the memset and `madvise` above.
+        .pagemap_scan(Enabled::Auto);
     let mut pooled = config.clone();
     pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     let info = match Engine::new(&pooled) {
