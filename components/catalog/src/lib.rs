@@ -24,7 +24,6 @@
 use std::time::Duration;
 
 use agora_sdk::prelude::*;
-use agora_sdk::storage::Row;
 use serde::{Deserialize, Serialize};
 
 mod shop {
@@ -89,19 +88,6 @@ struct Product {
 
 const COLUMNS: &str = "id, name, description, price_cents, currency, stock";
 
-impl Product {
-    fn from_row(r: Row<'_>) -> Result<Product> {
-        Ok(Product {
-            id: r.get("id")?,
-            name: r.get("name")?,
-            description: r.get("description")?,
-            price_cents: r.get("price_cents")?,
-            currency: r.get("currency")?,
-            stock: r.get("stock")?,
-        })
-    }
-}
-
 impl From<Product> for inventory::Product {
     fn from(p: Product) -> Self {
         inventory::Product {
@@ -146,7 +132,7 @@ fn load(id: &str) -> Result<Option<Product>> {
         &format!("SELECT {COLUMNS} FROM products WHERE id = $1"),
         params![id],
     )?;
-    let product = rows.first().map(Product::from_row).transpose()?;
+    let product = rows.first().map(|r| r.decode::<Product>()).transpose()?;
     if let Some(product) = &product {
         let _ = cache::set_json(&product_key(id), product, Some(CACHE_TTL));
     }
@@ -205,10 +191,7 @@ fn search(text: &str, offset: i64, limit: i64) -> Result<Page> {
         &format!("SELECT {COLUMNS} FROM products {filter} ORDER BY name, id LIMIT $2 OFFSET $3"),
         params![&pattern, limit, offset],
     )?;
-    let items = rows
-        .iter()
-        .map(Product::from_row)
-        .collect::<Result<Vec<_>>>()?;
+    let items = rows.decode::<Product>()?;
     let total: i64 = storage::query(
         &format!("SELECT COUNT(*) AS total FROM products {filter}"),
         params![&pattern],
@@ -318,7 +301,7 @@ fn update(req: &Request) -> Result<Response> {
     )?;
     let mut product = rows
         .first()
-        .map(Product::from_row)
+        .map(|r| r.decode::<Product>())
         .transpose()?
         .ok_or_else(|| Error::not_found(format!("no product {id}")))?;
     if let Some(name) = change.name {

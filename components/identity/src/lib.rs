@@ -142,6 +142,7 @@ struct Profile {
     roles: Vec<String>,
 }
 
+#[derive(Deserialize)]
 struct StoredUser {
     id: String,
     email: String,
@@ -176,16 +177,7 @@ fn find(column: &str, value: &str) -> Result<Option<StoredUser>> {
         _ => "SELECT id, email, name, password_hash FROM users WHERE email = $1",
     };
     let rows = storage::query(sql, params![value])?;
-    rows.first()
-        .map(|r| {
-            Ok(StoredUser {
-                id: r.get("id")?,
-                email: r.get("email")?,
-                name: r.get("name")?,
-                password_hash: r.get("password_hash")?,
-            })
-        })
-        .transpose()
+    rows.first().map(|r| r.decode()).transpose()
 }
 
 /// Where a user's record is.
@@ -203,21 +195,12 @@ fn find_any(id: &str) -> Result<Option<(StoredUser, Kind)>> {
         return Ok(Some((user, Kind::Local)));
     }
     let rows = storage::query(
-        "SELECT id, email, name FROM external_users WHERE id = $1",
+        "SELECT id, COALESCE(email, '') AS email, name, '' AS password_hash \
+         FROM external_users WHERE id = $1",
         params![id],
     )?;
     rows.first()
-        .map(|r| {
-            Ok((
-                StoredUser {
-                    id: r.get("id")?,
-                    email: r.get::<Option<String>>("email")?.unwrap_or_default(),
-                    name: r.get("name")?,
-                    password_hash: String::new(),
-                },
-                Kind::External,
-            ))
-        })
+        .map(|r| Ok((r.decode()?, Kind::External)))
         .transpose()
 }
 

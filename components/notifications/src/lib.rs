@@ -10,14 +10,13 @@
 //! of many orders in one call.
 
 use agora_sdk::prelude::*;
-use agora_sdk::storage::Row;
 use serde::Deserialize;
 
 mod shop {
     wit_bindgen::generate!({
         path: "../../wit/shop",
         world: "notifications-service",
-        additional_derives: [serde::Serialize],
+        additional_derives: [serde::Serialize, serde::Deserialize],
     });
 }
 
@@ -64,7 +63,7 @@ impl notifications::Guest for Notifications {
             ),
             &order_ids,
         )
-        .and_then(|rows| rows.iter().map(notification).collect())
+        .and_then(|rows| rows.decode())
         .map_err(|e| e.message)
     }
 }
@@ -185,20 +184,6 @@ fn notify(message: &messaging::Message) -> Result<()> {
 
 const COLUMNS: &str = "id, order_id, kind, channel, recipient, subject, body, status, created_at";
 
-fn notification(r: Row<'_>) -> Result<Notification> {
-    Ok(Notification {
-        id: r.get("id")?,
-        order_id: r.get("order_id")?,
-        kind: r.get("kind")?,
-        channel: r.get("channel")?,
-        recipient: r.get("recipient")?,
-        subject: r.get("subject")?,
-        body: r.get("body")?,
-        status: r.get("status")?,
-        created_at: r.get("created_at")?,
-    })
-}
-
 /// The notifications of `user_id`, newest first, at most `limit`.
 fn recent(user_id: &str, limit: i64) -> Result<Vec<Notification>> {
     storage::query(
@@ -208,9 +193,7 @@ fn recent(user_id: &str, limit: i64) -> Result<Vec<Notification>> {
         ),
         params![user_id, limit],
     )?
-    .iter()
-    .map(notification)
-    .collect()
+    .decode()
 }
 
 fn list(req: &Request) -> Result<Response> {

@@ -20,7 +20,7 @@ mod shop {
     wit_bindgen::generate!({
         path: "../../wit/shop",
         world: "orders-service",
-        additional_derives: [serde::Serialize],
+        additional_derives: [serde::Serialize, serde::Deserialize],
     });
 }
 
@@ -375,35 +375,33 @@ fn visible_order(user: &User, id: &str) -> Result<Option<Order>> {
 
 /// The orders of `rows` with their items, each with its owner's id.
 fn with_items(rows: &storage::Rows) -> Result<Vec<(String, Order)>> {
-    rows.iter()
-        .map(|r| {
-            let id: String = r.get("id")?;
+    /// An order's row; its items are read apart.
+    #[derive(Deserialize)]
+    struct OrderRow {
+        id: String,
+        user_id: String,
+        status: String,
+        total_cents: i64,
+        currency: String,
+        created_at: i64,
+    }
+    rows.decode::<OrderRow>()?
+        .into_iter()
+        .map(|order| {
             let items = storage::query(
                 "SELECT product_id, quantity, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY product_id",
-                params![&id],
+                params![&order.id],
             )?
-            .iter()
-            .map(|i| {
-                let quantity: i64 = i.get("quantity")?;
-                Ok(Item {
-                    product_id: i.get("product_id")?,
-                    quantity: u32::try_from(quantity).map_err(|_| {
-                        Error::internal(format!("order {id} holds a quantity of {quantity}"))
-                    })?,
-                    unit_price_cents: i.get("unit_price_cents")?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-            let owner: String = r.get("user_id")?;
+            .decode::<Item>()?;
             Ok((
-                owner,
+                order.user_id,
                 Order {
-                    id,
-                    status: r.get("status")?,
+                    id: order.id,
+                    status: order.status,
                     items,
-                    total_cents: r.get("total_cents")?,
-                    currency: r.get("currency")?,
-                    created_at: r.get("created_at")?,
+                    total_cents: order.total_cents,
+                    currency: order.currency,
+                    created_at: order.created_at,
                 },
             ))
         })

@@ -14,14 +14,13 @@
 //! Exports `agora:shop/payments`: the payments of many orders in one call.
 
 use agora_sdk::prelude::*;
-use agora_sdk::storage::Row;
 use serde::Deserialize;
 
 mod shop {
     wit_bindgen::generate!({
         path: "../../wit/shop",
         world: "payments-service",
-        additional_derives: [serde::Serialize],
+        additional_derives: [serde::Serialize, serde::Deserialize],
     });
 }
 
@@ -57,7 +56,7 @@ impl payments::Guest for Payments {
             &format!("SELECT {COLUMNS} FROM payments WHERE order_id IN ({{keys}})"),
             &order_ids,
         )
-        .and_then(|rows| rows.iter().map(payment).collect())
+        .and_then(|rows| rows.decode())
         .map_err(|e| e.message)
     }
 }
@@ -191,17 +190,6 @@ fn provider(url: &str, order: &OrderCreated) -> Result<Outcome> {
 
 const COLUMNS: &str = "order_id, user_id, status, amount_cents, currency, reason, reference";
 
-fn payment(row: Row<'_>) -> Result<Payment> {
-    Ok(Payment {
-        order_id: row.get("order_id")?,
-        status: row.get("status")?,
-        amount_cents: row.get("amount_cents")?,
-        currency: row.get("currency")?,
-        reason: row.get("reason")?,
-        reference: row.get("reference")?,
-    })
-}
-
 fn show(req: &Request) -> Result<Response> {
     let user = req.require_user()?;
     let order_id = req.param("order_id");
@@ -217,5 +205,5 @@ fn show(req: &Request) -> Result<Response> {
                     .is_ok_and(|owner| owner == user.id)
         })
         .ok_or_else(|| Error::not_found(format!("no payment for order {order_id}")))?;
-    Ok(Response::ok(&payment(row)?))
+    Ok(Response::ok(&row.decode::<Payment>()?))
 }

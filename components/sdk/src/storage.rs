@@ -7,6 +7,7 @@
 //! SQLite backend): read large sets in pages.
 //! Generate ids in the component and keep money in integer cents.
 
+use serde::de::{self, DeserializeOwned, IntoDeserializer};
 use serde::Serialize;
 
 use crate::bindings::agora::platform::storage as wit;
@@ -73,6 +74,11 @@ impl Rows {
         self.iter().next()
     }
 
+    /// Every row as a `T` (see [`Row::decode`]).
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<Vec<T>, Error> {
+        self.iter().map(|row| row.decode()).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }
@@ -108,6 +114,125 @@ impl Row<'_> {
         T::from_value(&self.values[index]).ok_or_else(|| {
             Error::internal(format!("column `{column}` holds {:?}", self.values[index]))
         })
+    }
+}
+
+impl<'a> Row<'a> {
+    /// The row as a `T` whose fields are named like the columns, through
+    /// serde: `#[derive(Deserialize)] struct Payment { order_id: String,
+    /// amount_cents: i64, reason: Option<String> }` for `SELECT order_id,
+    /// amount_cents, reason ...`. Cells convert as [`Row::get`] does
+    /// (SQLite's 0/1 to `bool`, integers to the field's integer type when
+    /// they fit); a column the type lacks is ignored unless the type denies
+    /// unknown fields. An error names the column and what it held.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        T::deserialize(RowDeserializer {
+            row: *self,
+            next: 0,
+        })
+        .map_err(|e| Error::internal(format!("decoding a row: {}", e.0)))
+    }
+}
+
+/// A decoding error: what went wrong, and where.
+#[derive(Debug)]
+struct DecodeError(String);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl de::Error for DecodeError {
+    fn custom<T: std::fmt::Display>(message: T) -> Self {
+        DecodeError(message.to_string())
+    }
+}
+
+/// A row as a map from column names to cells.
+struct RowDeserializer<'a> {
+    row: Row<'a>,
+    next: usize,
+}
+
+impl<'de> de::Deserializer<'de> for RowDeserializer<'_> {
+    type Error = DecodeError;
+
+    fn deserialize_any<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        visitor.visit_map(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf option unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
+    }
+}
+
+impl<'de> de::MapAccess<'de> for RowDeserializer<'_> {
+    type Error = DecodeError;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DecodeError> {
+        let Some(column) = self.row.columns.get(self.next) else {
+            return Ok(None);
+        };
+        seed.deserialize(column.as_str().into_deserializer())
+            .map(Some)
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DecodeError> {
+        let (column, value) = (&self.row.columns[self.next], &self.row.values[self.next]);
+        self.next += 1;
+        seed.deserialize(Cell(value))
+            .map_err(|e| DecodeError(format!("column `{column}` ({value:?}): {e}")))
+    }
+}
+
+/// One cell.
+struct Cell<'a>(&'a Value);
+
+impl<'de> de::Deserializer<'de> for Cell<'_> {
+    type Error = DecodeError;
+
+    fn deserialize_any<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Null => visitor.visit_unit(),
+            Value::Boolean(b) => visitor.visit_bool(*b),
+            Value::Integer(i) => visitor.visit_i64(*i),
+            Value::Real(f) => visitor.visit_f64(*f),
+            Value::Text(s) => visitor.visit_str(s),
+            Value::Blob(b) => visitor.visit_bytes(b),
+        }
+    }
+
+    /// SQLite stores booleans as 0 and 1.
+    fn deserialize_bool<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Integer(i) => visitor.visit_bool(*i != 0),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_option<V: de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf unit unit_struct newtype_struct seq tuple
+        tuple_struct map struct enum identifier ignored_any
     }
 }
 
@@ -308,6 +433,61 @@ impl Transaction {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_decodes_into_a_struct_by_column_name() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Payment {
+            order_id: String,
+            amount_cents: i64,
+            quantity: u32,
+            settled: bool,
+            reason: Option<String>,
+            reference: Option<String>,
+        }
+        let rows = Rows {
+            columns: [
+                "order_id",
+                "amount_cents",
+                "quantity",
+                "settled",
+                "reason",
+                "reference",
+                "extra",
+            ]
+            .map(String::from)
+            .to_vec(),
+            rows: vec![vec![
+                Value::Text("o1".into()),
+                Value::Integer(1250),
+                Value::Integer(3),
+                Value::Integer(1),
+                Value::Null,
+                Value::Text("r-9".into()),
+                Value::Real(0.5),
+            ]],
+        };
+        let decoded: Vec<Payment> = rows.decode().unwrap();
+        assert_eq!(
+            decoded,
+            [Payment {
+                order_id: "o1".into(),
+                amount_cents: 1250,
+                quantity: 3,
+                settled: true,
+                reason: None,
+                reference: Some("r-9".into()),
+            }]
+        );
+        let wrong = Rows {
+            columns: vec!["order_id".into()],
+            rows: vec![vec![Value::Integer(7)]],
+        };
+        let e = wrong.decode::<Payment>().unwrap_err();
+        assert!(e.message.contains("column `order_id`"), "{}", e.message);
+    }
+
     #[test]
     fn a_key_list_gets_one_placeholder_per_key() {
         assert_eq!(
