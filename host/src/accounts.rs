@@ -17,7 +17,7 @@ use std::sync::Mutex;
 
 use wasmtime::component::Val;
 
-use crate::registry::Registry;
+use crate::runtime::Runtime;
 use crate::tokens::ExternalUser;
 
 /// The exported interface, as the component names it.
@@ -43,7 +43,7 @@ impl Accounts {
     /// Makes sure `user` has a record; an error says why it could not be made.
     pub async fn provision(
         &self,
-        registry: &Registry,
+        runtime: &Runtime,
         user: &ExternalUser,
         trace: opentelemetry::Context,
     ) -> Result<(), String> {
@@ -53,7 +53,8 @@ impl Accounts {
         if self.provisioned.lock().unwrap().contains(&user.id) {
             return Ok(());
         }
-        let accounts = registry
+        let accounts = runtime
+            .registry()
             .components
             .get(component)
             .cloned()

@@ -45,12 +45,14 @@ pub async fn send(request: Request<Bytes>, max_body: usize) -> Result<Response<B
         .clone();
     let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let host = authority.host();
-    let stream = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+    // An IPv6 host is `[::1]` in a URI, `::1` to connect and to TLS.
+    let bare_host = host.trim_matches(['[', ']']);
+    let stream = tokio::net::TcpStream::connect((bare_host, port))
         .await
         .with_context(|| format!("cannot connect to {host}:{port}"))?;
     let (parts, body) = request.into_parts();
     if tls {
-        let name = rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']))
+        let name = rustls::pki_types::ServerName::try_from(bare_host)
             .with_context(|| format!("`{host}` is not a TLS server name"))?
             .to_owned();
         let stream = TLS

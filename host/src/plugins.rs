@@ -823,9 +823,7 @@ impl Plugins {
         }
         Ok(())
     }
-}
 
-impl Plugins {
     /// `[tokens]`: trusted issuers that can be told from the host's own
     /// tokens and from each other, and an `accounts` component that exists.
     fn validate_tokens(&self) -> Result<(), (String, String)> {

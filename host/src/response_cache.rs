@@ -136,16 +136,13 @@ pub async fn lookup(cache: &dyn CacheBackend, key: &str) -> Option<Response<Body
 /// [`CACHE_HEADER`] set, and what was done.
 pub async fn keep(
     cache: &dyn CacheBackend,
-    key: String,
+    key: &str,
     rule: &ResponseCacheRule,
     response: Response<Body>,
 ) -> (Response<Body>, CacheResult) {
     let max_body = rule.max_body_kib as usize * 1024;
     let Some(ttl) = ttl(rule, &response) else {
-        return (
-            marked(response, CacheResult::Uncached),
-            CacheResult::Uncached,
-        );
+        return uncached(response);
     };
     let declared = response
         .headers()
@@ -153,10 +150,7 @@ pub async fn keep(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > max_body) {
-        return (
-            marked(response, CacheResult::Uncached),
-            CacheResult::Uncached,
-        );
+        return uncached(response);
     }
     let (parts, mut body) = response.into_parts();
     let mut buffered = BytesMut::new();
@@ -176,10 +170,7 @@ pub async fn keep(
                     let rest = body.into_data_stream().map(|data| data.map(Frame::data));
                     let body = StreamBody::new(head.chain(rest)).boxed_unsync();
                     let response = Response::from_parts(parts, body);
-                    return (
-                        marked(response, CacheResult::Uncached),
-                        CacheResult::Uncached,
-                    );
+                    return uncached(response);
                 }
             }
             Some(Err(e)) => {
@@ -197,11 +188,19 @@ pub async fn keep(
     let stored = encode(&parts.headers, &body);
     // Kept before it is answered, so the next request finds it: a miss
     // costs one more round trip to the cache, and misses are the rare case.
-    if let Err(e) = cache.set(&key, stored, Some(ttl)).await {
+    if let Err(e) = cache.set(key, stored, Some(ttl)).await {
         tracing::warn!(error = ?e, "response cache: keeping a response failed");
     }
     let response = Response::from_parts(parts, crate::response::full(body));
     (marked(response, CacheResult::Miss), CacheResult::Miss)
+}
+
+/// `response` passed on as the component sent it, not kept.
+fn uncached(response: Response<Body>) -> (Response<Body>, CacheResult) {
+    (
+        marked(response, CacheResult::Uncached),
+        CacheResult::Uncached,
+    )
 }
 
 fn marked(mut response: Response<Body>, result: CacheResult) -> Response<Body> {

@@ -702,10 +702,7 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
             .get::<opentelemetry::Context>()
             .cloned()
             .unwrap_or_default();
-        let provisioned = runtime
-            .accounts
-            .provision(&runtime.registry_snapshot(), &user, trace)
-            .await;
+        let provisioned = runtime.accounts.provision(runtime, &user, trace).await;
         if let Err(reason) = provisioned {
             tracing::warn!(user = %user.id, %reason, "a trusted issuer's user could not be provisioned");
             let refused = gateway::Refusal::Unavailable {
@@ -735,7 +732,7 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
     };
     let response = match cached {
         Some((rule, key)) => {
-            let (response, result) = response_cache::keep(&*cache, key, rule, response).await;
+            let (response, result) = response_cache::keep(&*cache, &key, rule, response).await;
             component.observe_cache(routed.1, result);
             response
         }

@@ -109,11 +109,13 @@ impl Signer {
         })
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, Error> {
+    /// Verifies one of the host's own tokens ([`Authenticator::verify`]
+    /// chooses which tokens are).
+    fn verify(&self, token: &str) -> Result<Claims, Rejection> {
         let data = jsonwebtoken::decode::<JwtClaims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => Error::Expired,
-                _ => Error::Invalid(e.to_string()),
+                ErrorKind::ExpiredSignature => Rejection::Expired,
+                _ => Rejection::Invalid(e.to_string()),
             })?;
         let c = data.claims;
         Ok(Claims {
@@ -188,17 +190,10 @@ impl Authenticator {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Rejection::Invalid(format!("not a JWT: {e}")))?;
         if header.alg == Algorithm::HS256 {
-            return self
-                .signer
-                .verify(token)
-                .map(|claims| Verified {
-                    claims,
-                    external: None,
-                })
-                .map_err(|e| match e {
-                    Error::Expired => Rejection::Expired,
-                    Error::Invalid(m) => Rejection::Invalid(m),
-                });
+            return self.signer.verify(token).map(|claims| Verified {
+                claims,
+                external: None,
+            });
         }
         let issuer = unverified_issuer(token)?;
         let trusted = self
