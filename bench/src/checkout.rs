@@ -86,6 +86,49 @@ pub async fn checkouts(scratch: &Path, duration: Duration, connections: usize) -
     Ok(())
 }
 
+/// How long the shop takes to be ready when its components are compiled
+/// already (the compilation cache of an earlier start), and the host's
+/// resident memory once it is idle with the five services loaded.
+pub async fn ready_and_idle_memory(dir: &Path) -> Result<()> {
+    println!("\n## Start and memory: the shop of plugins.toml, embedded backends");
+    let started = Instant::now();
+    drop(start_shop(dir, "", 1, |c| c).await?);
+    println!(
+        "first start (compiling):  {:>6.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    let mut ready = Vec::new();
+    let mut resident = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (servers, _) = start_shop(dir, "", 1, |c| c).await?;
+        ready.push(started.elapsed());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        resident.push(resident_kib(servers[0].0.id())?);
+    }
+    let ms: Vec<String> = ready
+        .iter()
+        .map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+        .collect();
+    println!("ready from a warm cache:  {} ms", ms.join(", "));
+    let mib: Vec<String> = resident
+        .iter()
+        .map(|kib| format!("{:.1}", *kib as f64 / 1024.0))
+        .collect();
+    println!("resident when idle:       {} MiB", mib.join(", "));
+    Ok(())
+}
+
+/// A process's resident memory, from /proc.
+fn resident_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
 /// Serves the shop of plugins.toml (with `edit` applied and `backends`
 /// appended) from `dir` on `hosts` hosts sharing one token key, and waits
 /// until each is ready. The hosts stop when the servers are dropped.
@@ -144,7 +187,8 @@ pub async fn start_shop(
             if started.elapsed() > Duration::from_secs(120) {
                 bail!("agora did not become ready in {}", dir.display());
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Fine enough to time a start in milliseconds.
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         addrs.push(addr);
     }

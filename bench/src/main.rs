@@ -1,24 +1,28 @@
 //! Agora's benchmark. Prints numbers; asserts nothing.
 //!
 //! 1. Per-request instantiation of a hello-world component, in process.
-//! 2. The same component served over HTTP by `agora up`, by `wasmtime serve`
-//!    (if installed) and by a native hyper handler returning the same bytes,
-//!    under the same load, one after the other, with ratios. Each is loaded
-//!    twice: by the in-process client below and by wrk (if installed), an
-//!    outside load generator, because the two disagree and neither alone is
-//!    the truth.
+//! 2. The same component served over HTTP by a native hyper handler
+//!    returning the same bytes, by `agora up` with fresh instances and with
+//!    `limits.reuse`, and by `wasmtime serve` (if installed), under the same
+//!    load, taking turns over two rounds, with ratios per round. Each is
+//!    loaded twice: by the in-process client below and by wrk (if
+//!    installed), an outside load generator, because the two disagree and
+//!    neither alone is the truth.
 //! 3. A hot swap of an already compiled version through the admin API.
 //! 4. Storage commits per second on the embedded backend at each
 //!    `durability` setting: what an fsync per commit costs.
-//! 5. `GET /products/{id}` and `GET /products` with and without the
-//!    gateway's response cache (`products.rs`).
-//! 6. Checkouts per second through the shop, and the time until the saga
+//! 5. The shop's start from a warm compilation cache, and the host's
+//!    memory when idle with its five services (`checkout.rs`).
+//! 6. `GET /products/{id}` and `GET /products` with and without the
+//!    gateway's response cache, beside hello world (`products.rs`).
+//! 7. Checkouts per second through the shop, and the time until the saga
 //!    has paid every order, on the embedded backends and on PostgreSQL +
-//!    Redis (`checkout.rs`).
+//!    Redis (+ Kafka, one host and two) (`checkout.rs`).
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32);
-//! `agora-bench checkout [seconds] [buyers]` runs section 6 alone, and
-//! `agora-bench products [seconds] [connections]` section 5.
+//! `agora-bench start` runs section 5 alone, `agora-bench products [seconds]
+//! [connections]` section 6, and `agora-bench checkout [seconds] [buyers]`
+//! section 7.
 
 mod checkout;
 mod products;
@@ -68,7 +72,7 @@ fn main() -> Result<()> {
     let only = args
         .get(1)
         .map(String::as_str)
-        .filter(|a| matches!(*a, "checkout" | "products"))
+        .filter(|a| matches!(*a, "checkout" | "products" | "start"))
         .map(str::to_owned);
     let args = &args[usize::from(only.is_some())..];
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
@@ -80,6 +84,7 @@ fn main() -> Result<()> {
         let result = rt.block_on(async {
             match only.as_str() {
                 "checkout" => checkout::checkouts(&scratch, duration, connections).await,
+                "start" => checkout::ready_and_idle_memory(&scratch.join("ready")).await,
                 _ => products::products(&scratch, duration, connections).await,
             }
         });
@@ -106,52 +111,102 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 
     instantiation(&config, &scratch.join("in-process")).await?;
 
-    println!(
-        "\n## HTTP: GET / on a hello-world component, {connections} connections, {}s each",
-        duration.as_secs()
-    );
-    let native = serve_and_load("native hyper", native_command, duration, connections).await?;
-    let agora_data = scratch.join("agora");
-    let admin = free_port();
-    let agora = |addr: SocketAddr| {
-        let mut cmd = Command::new(root().join("target/release/agora"));
-        cmd.arg("up")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .arg("--data")
-            .arg(&agora_data)
-            .env("RUST_LOG", "warn");
-        cmd
-    };
-    let agora_rps = serve_and_load("agora up", agora, duration, connections).await?;
-    let wasmtime = match Command::new("wasmtime").arg("--version").output() {
-        Ok(out) if String::from_utf8_lossy(&out.stdout).starts_with("wasmtime 48.0.8") => {
-            let serve = |addr: SocketAddr| {
-                let mut cmd = Command::new("wasmtime");
-                cmd.args(["serve", "-Scli", "--addr", &addr.to_string()])
-                    .arg(component("hello"));
-                cmd
-            };
-            Some(serve_and_load("wasmtime serve 48.0.8", serve, duration, connections).await?)
-        }
-        _ => {
-            println!("wasmtime serve: skipped (install: cargo install wasmtime-cli --version 48.0.8 --locked)");
-            None
-        }
-    };
-    println!("\n## Ratios");
-    if let Some(wasmtime) = wasmtime {
-        println!("agora / wasmtime serve: {:.2}x", agora_rps / wasmtime);
-    }
-    println!("agora / native hyper:   {:.2}x", agora_rps / native);
-
+    http(&config, &scratch, duration, connections).await?;
     swap(&config, &scratch.join("swap")).await?;
     durability(&scratch.join("durability")).await?;
+    checkout::ready_and_idle_memory(&scratch.join("ready")).await?;
     products::products(&scratch, duration, connections).await?;
     checkout::checkouts(&scratch, duration, connections).await?;
     let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+/// Rounds of the HTTP comparison: the servers take turns, so a machine
+/// that slows down during the run slows them all.
+const HTTP_ROUNDS: usize = 2;
+
+/// Hello world served by native hyper, `agora up` with fresh instances and
+/// with reuse, and `wasmtime serve`, in turns, with the ratios per round.
+async fn http(config: &Path, scratch: &Path, duration: Duration, connections: usize) -> Result<()> {
+    println!(
+        "\n## HTTP: GET / on a hello-world component, {connections} connections, {}s each, {HTTP_ROUNDS} rounds",
+        duration.as_secs()
+    );
+    // The same component with `limits.reuse`: an instance serves up to
+    // 10,000 requests.
+    let reusing = scratch.join("plugins-reuse.toml");
+    std::fs::write(
+        &reusing,
+        std::fs::read_to_string(config)?.replace(
+            "routes = [\"/\"]\n",
+            "routes = [\"/\"]\nlimits = { reuse = 10000 }\n",
+        ),
+    )?;
+    let admin = free_port();
+    let agora = |config: PathBuf, data: PathBuf| {
+        move |addr: SocketAddr| {
+            let mut cmd = Command::new(root().join("target/release/agora"));
+            cmd.arg("up")
+                .arg("--config")
+                .arg(&config)
+                .args(["--listen", &addr.to_string()])
+                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .arg("--data")
+                .arg(&data)
+                .env("RUST_LOG", "warn");
+            cmd
+        }
+    };
+    let fresh = agora(config.to_owned(), scratch.join("agora"));
+    let reuse = agora(reusing, scratch.join("agora-reuse"));
+    let wasmtime = match Command::new("wasmtime").arg("--version").output() {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).starts_with("wasmtime 48.0.8") => true,
+        _ => {
+            println!("wasmtime serve: skipped (install: cargo install wasmtime-cli --version 48.0.8 --locked)");
+            false
+        }
+    };
+    let serve = |addr: SocketAddr| {
+        let mut cmd = Command::new("wasmtime");
+        cmd.args(["serve", "-Scli", "--addr", &addr.to_string()])
+            .arg(component("hello"));
+        cmd
+    };
+    for round in 1..=HTTP_ROUNDS {
+        println!("\n### Round {round}");
+        let native = serve_and_load("native hyper", native_command, duration, connections).await?;
+        let agora = serve_and_load("agora up", &fresh, duration, connections).await?;
+        let reused = serve_and_load("agora up, reuse", &reuse, duration, connections).await?;
+        let wasmtime = match wasmtime {
+            true => {
+                Some(serve_and_load("wasmtime serve 48.0.8", serve, duration, connections).await?)
+            }
+            false => None,
+        };
+        for (load, pick) in [
+            (
+                "wrk",
+                (|t: &Throughput| t.wrk) as fn(&Throughput) -> Option<f64>,
+            ),
+            ("in-process client", |t: &Throughput| Some(t.client)),
+        ] {
+            let (Some(native), Some(agora), Some(reused)) =
+                (pick(&native), pick(&agora), pick(&reused))
+            else {
+                continue;
+            };
+            let versus_wasmtime = wasmtime
+                .as_ref()
+                .and_then(pick)
+                .map(|w| format!("agora / wasmtime serve {:.2}x, ", agora / w))
+                .unwrap_or_default();
+            println!(
+                "ratios under {load}: {versus_wasmtime}agora / native {:.3}x, agora with reuse / native {:.3}x",
+                agora / native,
+                reused / native
+            );
+        }
+    }
     Ok(())
 }
 
@@ -228,12 +283,18 @@ impl Drop for Server {
     }
 }
 
+/// Requests per second of one run, under each load generator.
+struct Throughput {
+    client: f64,
+    wrk: Option<f64>,
+}
+
 async fn serve_and_load(
     name: &str,
     command: impl Fn(SocketAddr) -> Command,
     duration: Duration,
     connections: usize,
-) -> Result<f64> {
+) -> Result<Throughput> {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let _server = Server(
         command(addr)
@@ -258,15 +319,27 @@ async fn serve_and_load(
     let (count, failures) = load(addr, "/", duration, connections).await;
     let rps = count as f64 / duration.as_secs_f64();
     println!("{name:<22} {rps:>9.0} req/s  ({count} ok, {failures} failed; in-process client)");
-    match wrk(addr, "/", duration, connections) {
-        Ok(summary) => println!("{name:<22} {summary} (wrk)"),
-        Err(e) => println!("{name:<22} wrk skipped: {e:#}"),
-    }
-    Ok(rps)
+    let wrk = match wrk(addr, "/", duration, connections) {
+        Ok((wrk_rps, summary)) => {
+            println!("{name:<22} {summary} (wrk)");
+            Some(wrk_rps)
+        }
+        Err(e) => {
+            println!("{name:<22} wrk skipped: {e:#}");
+            None
+        }
+    };
+    Ok(Throughput { client: rps, wrk })
 }
 
-/// The same load from wrk: requests per second and latency percentiles.
-fn wrk(addr: SocketAddr, path: &str, duration: Duration, connections: usize) -> Result<String> {
+/// The same load from wrk: requests per second, and a line with them and
+/// the latency percentiles.
+fn wrk(
+    addr: SocketAddr,
+    path: &str,
+    duration: Duration,
+    connections: usize,
+) -> Result<(f64, String)> {
     let out = Command::new("wrk")
         .args(["-t2", &format!("-c{connections}")])
         .arg(format!("-d{}s", duration.as_secs()))
@@ -285,11 +358,12 @@ fn wrk(addr: SocketAddr, path: &str, duration: Duration, connections: usize) -> 
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))?;
     let errors = field("Non-2xx or 3xx responses:").unwrap_or_else(|| "0".into());
-    Ok(format!(
+    let summary = format!(
         "{rps:>9.0} req/s  (p50 {}, p99 {}, {errors} non-2xx)",
         field("50%").unwrap_or_default(),
         field("99%").unwrap_or_default()
-    ))
+    );
+    Ok((rps, summary))
 }
 
 async fn get(addr: SocketAddr) -> Result<Bytes> {

@@ -64,7 +64,7 @@ pub async fn products(scratch: &Path, duration: Duration, connections: usize) ->
                 count as f64 / duration.as_secs_f64()
             );
             match wrk(addr, &path, duration, connections) {
-                Ok(summary) => println!("{label:<9} {shown:<16} {summary} (wrk)"),
+                Ok((_, summary)) => println!("{label:<9} {shown:<16} {summary} (wrk)"),
                 Err(e) => println!("{label:<9} {shown:<16} wrk skipped: {e:#}"),
             }
         }

@@ -14,10 +14,23 @@
 //! then one fresh instance per request or message from the pre-linked
 //! [`InstancePre`]: no state leaks between requests, and a trap poisons
 //! nothing but its own instance.
+//!
+//! A component may opt out of that isolation with `limits.reuse`: an
+//! instance that returned cleanly is kept warm and serves up to that many
+//! requests, skipping instantiation. The trade-off is the component's own:
+//! what a request leaves in memory can be read by a later request of the
+//! same component (no other component ever sees the instance). What
+//! cannot be trusted is not kept: an instance that trapped, hit its
+//! deadline or memory limit, or still holds a host resource when it
+//! returns (an open transaction, a stream, an outgoing request) is
+//! dropped, so no transaction or connection outlives its request. Warm
+//! instances are at most `max_concurrency` per version, since each was
+//! made under a slot's permit, and a version that is replaced drops them.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -28,8 +41,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::time::timeout_at;
-use wasmtime::component::{Component, InstancePre, Linker, Val};
+use tokio::time::{sleep_until, timeout_at};
+use wasmtime::component::{Component, Instance, InstancePre, Linker, Val};
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
@@ -69,6 +82,11 @@ pub struct ComponentVersion {
     /// One per route of `spec.routes`, in its order.
     route_metrics: Vec<RouteMetrics>,
     instance_metrics: InstanceMetrics,
+    /// Instances kept for reuse (`limits.reuse`), the last returned on top.
+    warm: Mutex<Vec<Lease>>,
+    /// Whether this version serves its component; a replaced one keeps no
+    /// warm instances (it may serve again after a rollback).
+    serving: AtomicBool,
 }
 
 /// Why an invocation failed, as the client is told.
@@ -149,8 +167,16 @@ const MIB: usize = 1024 * 1024;
 /// done, and the store with the deadline it must finish by.
 struct Slot {
     permit: OwnedSemaphorePermit,
-    store: Store<InstanceState>,
+    lease: Lease,
     deadline: tokio::time::Instant,
+}
+
+/// A store and its instance: fresh (made on first use), or warm from
+/// earlier requests, with how many it served.
+struct Lease {
+    store: Store<InstanceState>,
+    instance: Option<Instance>,
+    served: u32,
 }
 
 /// A request counted among those waiting for a slot, until dropped.
@@ -266,6 +292,8 @@ impl ComponentVersion {
                 })
                 .collect(),
             instance_metrics: InstanceMetrics::new(name),
+            warm: Mutex::default(),
+            serving: AtomicBool::new(true),
         };
         loaded.migrations = loaded.list_migrations().await?;
         // Refuses migrations without a storage grant now, not at commit.
@@ -340,17 +368,66 @@ impl ComponentVersion {
         failure
     }
 
-    /// A fresh instance, timed.
-    async fn instantiate(
-        &self,
-        store: &mut Store<InstanceState>,
-    ) -> wasmtime::Result<wasmtime::component::Instance> {
+    /// The lease's instance: its warm one, or a fresh one, timed.
+    async fn instance(&self, lease: &mut Lease) -> wasmtime::Result<Instance> {
+        if let Some(instance) = lease.instance {
+            return Ok(instance);
+        }
         let started = Instant::now();
-        let instance = self.pre.instantiate_async(store).await?;
+        let instance = self.pre.instantiate_async(&mut lease.store).await?;
         self.instance_metrics
             .instantiation
             .observe(started.elapsed().as_secs_f64());
+        lease.instance = Some(instance);
         Ok(instance)
+    }
+
+    /// Takes back the lease of an instance that returned normally, and
+    /// keeps it warm if `limits.reuse` allows and it holds nothing of its
+    /// request: no host resource left in its table, no transaction open.
+    fn give_back(&self, mut lease: Lease) {
+        lease.served += 1;
+        let state = lease.store.data();
+        let reusable = lease.instance.is_some()
+            && lease.served < self.spec.limits.reuse
+            && state.table.is_empty()
+            && state.open_transactions == 0
+            && !state.limiter.exhausted;
+        if reusable {
+            let mut warm = self.warm.lock().unwrap();
+            // Read under the lock `set_serving` drains under, so a version
+            // being replaced cannot be handed an instance it would keep.
+            if self.serving.load(Ordering::SeqCst) {
+                warm.push(lease);
+            }
+        }
+    }
+
+    /// Says whether this version serves its component. A replaced version
+    /// drops its warm instances and keeps no more.
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::SeqCst);
+        if !serving {
+            // Taken out first, so the stores drop outside the lock.
+            let warm = std::mem::take(&mut *self.warm.lock().unwrap());
+            drop(warm);
+        }
+    }
+
+    /// A warm lease, if one is kept, or a fresh store, to finish by `deadline`.
+    fn lease(&self, deadline: Instant) -> Lease {
+        let warm = self.warm.lock().unwrap().pop();
+        match warm {
+            Some(mut lease) => {
+                arm_deadline(&mut lease.store, deadline);
+                lease
+            }
+            None => Lease {
+                store: self.new_store(deadline),
+                instance: None,
+                served: 0,
+            },
+        }
     }
 
     fn deadline(&self) -> Instant {
@@ -370,16 +447,7 @@ impl ComponentVersion {
             InstanceState::new(self.caps.clone(), memory),
         );
         store.limiter(|s| &mut s.limiter);
-        // Check the deadline at every epoch tick, and yield to the executor
-        // meanwhile so one busy instance cannot starve the others.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            Ok(if Instant::now() >= deadline {
-                UpdateDeadline::Interrupt
-            } else {
-                UpdateDeadline::Yield(1)
-            })
-        });
+        arm_deadline(&mut store, deadline);
         store
     }
 
@@ -404,7 +472,7 @@ impl ComponentVersion {
         };
         Ok(Slot {
             permit,
-            store: self.new_store(deadline),
+            lease: self.lease(deadline),
             deadline: until,
         })
     }
@@ -489,18 +557,20 @@ impl ComponentVersion {
     pub async fn handle_http(self: Arc<Self>, request: Request<Full<Bytes>>) -> Response<Body> {
         let Slot {
             permit,
-            mut store,
+            mut lease,
             deadline,
         } = match self.claim_slot(true).await {
             Ok(slot) => slot,
             Err(failure) => return failure.response(&self.name),
         };
-        if let Some(trace) = request.extensions().get::<opentelemetry::Context>() {
-            store.data_mut().set_trace(trace.clone());
-        }
-        let (sender, receiver) = oneshot::channel();
+        let trace = request.extensions().get::<opentelemetry::Context>();
+        lease
+            .store
+            .data_mut()
+            .set_trace(trace.cloned().unwrap_or_default());
+        let (sender, mut receiver) = oneshot::channel();
         let handles = {
-            let mut http = store.data_mut().http();
+            let mut http = lease.store.data_mut().http();
             http.new_incoming_request(Scheme::Http, request)
                 .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
         };
@@ -509,8 +579,7 @@ impl ComponentVersion {
             Err(e) => return Failure::Internal(format!("{e:#}")).response(&self.name),
         };
         let this = self.clone();
-        let (finished, outcome) = oneshot::channel();
-        let task = tokio::spawn(async move {
+        let mut guest = GuestRun::new(async move {
             // Held until the guest is done, response body included.
             let _permit = permit;
             let run = async {
@@ -518,45 +587,58 @@ impl ComponentVersion {
                     .http
                     .as_ref()
                     .ok_or_else(|| wasmtime::format_err!("no wasi:http/incoming-handler export"))?;
-                let instance = this.instantiate(&mut store).await?;
-                let proxy = indices.load(&mut store, &instance)?;
+                let instance = this.instance(&mut lease).await?;
+                let proxy = indices.load(&mut lease.store, &instance)?;
                 proxy
                     .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
+                    .call_handle(&mut lease.store, req, out)
                     .await
             };
-            let result = run.await;
-            // Said before the store, and with it the body's stream, is
-            // dropped: see `CompletedBody`.
-            let _ = finished.send(result.is_ok());
             // Counted here, whether or not the response head was out.
-            result.map_err(|e| this.failed(Failure::classify(e, store.data().limiter.exhausted)))
+            match run.await {
+                Ok(()) => {
+                    this.give_back(lease);
+                    Ok(())
+                }
+                Err(e) => {
+                    let exhausted = lease.store.data().limiter.exhausted;
+                    Err(this.failed(Failure::classify(e, exhausted)))
+                }
+            }
         });
-        match timeout_at(deadline, receiver).await {
-            Ok(Ok(Ok(response))) => response.map(|body| {
-                CompletedBody {
+        let head = tokio::select! {
+            biased;
+            head = &mut receiver => head,
+            // Returned: its head was sent, or its sender dropped.
+            () = &mut guest => receiver.await,
+            () = sleep_until(deadline) => {
+                guest.cancel();
+                return self.failed(Failure::Timeout).response(&self.name);
+            }
+        };
+        match head {
+            Ok(Ok(response)) => response.map(|body| {
+                GuestBody {
                     body,
-                    outcome: Some(outcome),
+                    guest,
+                    ended: false,
                 }
                 .boxed_unsync()
             }),
-            Ok(Ok(Err(code))) => {
+            Ok(Err(code)) => {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
             }
-            Ok(Err(_)) => match task.await {
-                Ok(Err(failure)) => failure.response(&self.name),
-                Ok(Ok(())) => Failure::NoResponse.response(&self.name),
-                Err(e) => Failure::Internal(e.to_string()).response(&self.name),
-            },
-            Err(_) => {
-                task.abort();
-                // Counted here only if the guest did not finish (and count
-                // its own failure) first.
-                if task.await.is_err() {
-                    self.failed(Failure::Timeout);
+            // No head: the guest failed, or returned (or goes on) without one.
+            Err(_) => match timeout_at(deadline, &mut guest).await {
+                Ok(()) => match guest.outcome.take() {
+                    Some(Err(failure)) => failure.response(&self.name),
+                    _ => Failure::NoResponse.response(&self.name),
+                },
+                Err(_) => {
+                    guest.cancel();
+                    self.failed(Failure::Timeout).response(&self.name)
                 }
-                Failure::Timeout.response(&self.name)
-            }
+            },
         }
     }
 
@@ -583,31 +665,36 @@ impl ComponentVersion {
     ) -> wasmtime::Result<()> {
         let Slot {
             permit: _permit,
-            mut store,
+            mut lease,
             deadline,
         } = match self.claim_slot(false).await {
             Ok(slot) => slot,
             Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
-        store.data_mut().set_trace(trace);
+        lease.store.data_mut().set_trace(trace);
         let run = async {
-            let instance = self.instantiate(&mut store).await?;
+            let instance = self.instance(&mut lease).await?;
+            let store = &mut lease.store;
             let func = instance
-                .get_export_index(&mut store, None, interface)
-                .and_then(|i| instance.get_export_index(&mut store, Some(&i), function))
-                .and_then(|f| instance.get_func(&mut store, f))
+                .get_export_index(&mut *store, None, interface)
+                .and_then(|i| instance.get_export_index(&mut *store, Some(&i), function))
+                .and_then(|f| instance.get_func(&mut *store, f))
                 .ok_or_else(|| {
                     wasmtime::format_err!(
                         "component `{}` does not export `{interface}#{function}`",
                         self.name
                     )
                 })?;
-            func.call_async(&mut store, params, results).await
+            func.call_async(store, params, results).await
         };
         match timeout_at(deadline, run).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.give_back(lease);
+                Ok(())
+            }
             Ok(Err(e)) => {
-                let failure = self.failed(Failure::classify(e, store.data().limiter.exhausted));
+                let exhausted = lease.store.data().limiter.exhausted;
+                let failure = self.failed(Failure::classify(e, exhausted));
                 wasmtime::bail!("{}", failure.message(&self.name))
             }
             Err(_) => wasmtime::bail!("{}", self.failed(Failure::Timeout).message(&self.name)),
@@ -622,52 +709,130 @@ impl ComponentVersion {
             .ok_or_else(|| format!("component `{}` has no subscriber export", self.name))?;
         let Slot {
             permit: _permit,
-            mut store,
+            mut lease,
             deadline,
         } = self
             .claim_slot(false)
             .await
             .map_err(|f| f.message(&self.name))?;
-        store
+        lease
+            .store
             .data_mut()
             .set_trace(telemetry::from_pairs(&message.headers));
         let run = async {
-            let instance = self.instantiate(&mut store).await?;
+            let instance = self.instance(&mut lease).await?;
             indices
-                .load(&mut store, &instance)?
-                .call_handle(&mut store, &message)
+                .load(&mut lease.store, &instance)?
+                .call_handle(&mut lease.store, &message)
                 .await
         };
         match timeout_at(deadline, run).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(self
-                .failed(Failure::classify(e, store.data().limiter.exhausted))
-                .message(&self.name)),
+            Ok(Ok(result)) => {
+                // The guest returned, whether or not it handled the message.
+                self.give_back(lease);
+                result
+            }
+            Ok(Err(e)) => {
+                let exhausted = lease.store.data().limiter.exhausted;
+                Err(self
+                    .failed(Failure::classify(e, exhausted))
+                    .message(&self.name))
+            }
             Err(_) => Err(self.failed(Failure::Timeout).message(&self.name)),
         }
     }
 }
 
-/// A component's response body, whose end says whether the guest finished
-/// it. A guest that traps or runs out of time drops its half-written body,
-/// which would otherwise end like a whole one: a client (and the response
-/// cache) would take a fragment for the response. Such an end becomes an
-/// error, so the connection is cut instead (HTTP/1.1 sends no last chunk,
-/// HTTP/2 resets the stream).
-///
-/// The end is judged without waiting. A failed guest's body can only end
-/// when its store is dropped, and the task says how the guest ended before
-/// it drops the store, so at such an end the outcome is there to read. A
-/// finished body ends when the guest calls `finish`, before it returns, so
-/// an outcome not there yet means a finished body: waiting for the guest
-/// to return would cost every response a wakeup.
-struct CompletedBody {
-    body: Body,
-    /// Whether the guest returned normally; read once the body ends.
-    outcome: Option<oneshot::Receiver<bool>>,
+/// Makes `store` check `deadline` at every epoch tick, yielding to the
+/// executor meanwhile so one busy instance cannot starve the others. Set
+/// again for each request a warm instance serves.
+fn arm_deadline(store: &mut Store<InstanceState>, deadline: Instant) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        Ok(if Instant::now() >= deadline {
+            UpdateDeadline::Interrupt
+        } else {
+            UpdateDeadline::Yield(1)
+        })
+    });
 }
 
-impl hyper::body::Body for CompletedBody {
+/// A guest's HTTP call, run on the task that serves its response: polled
+/// by `handle_http` until the response head is out, then by the response
+/// body, whose bytes it writes. A task of its own would cost every request
+/// a spawn and wakeups across threads; here the guest and hyper wake each
+/// other on one task.
+///
+/// Dropped before the guest returned (the client went away, or the body
+/// ended while the guest still works), the call is spawned to finish: a
+/// client never cuts a guest off between two writes (a stock reservation
+/// and its order, say). Only the deadline cancels it ([`GuestRun::cancel`]).
+struct GuestRun {
+    call: Option<GuestCall>,
+    /// How the guest ended, once it has.
+    outcome: Option<Result<(), Failure>>,
+}
+
+/// A guest's call, ending with how it ended (counted already).
+type GuestCall = Pin<Box<dyn Future<Output = Result<(), Failure>> + Send>>;
+
+impl GuestRun {
+    fn new(call: impl Future<Output = Result<(), Failure>> + Send + 'static) -> GuestRun {
+        GuestRun {
+            call: Some(Box::pin(call)),
+            outcome: None,
+        }
+    }
+
+    /// Drops the guest where it stands: its deadline passed.
+    fn cancel(&mut self) {
+        self.call = None;
+    }
+
+    fn failed(&self) -> bool {
+        matches!(self.outcome, Some(Err(_)))
+    }
+}
+
+impl Future for GuestRun {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Ready(());
+        };
+        let outcome = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        self.outcome = Some(outcome);
+        Poll::Ready(())
+    }
+}
+
+impl Drop for GuestRun {
+    fn drop(&mut self) {
+        if let (Some(call), Ok(runtime)) = (self.call.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(call);
+        }
+    }
+}
+
+/// A component's response body, which drives its guest (see [`GuestRun`])
+/// and whose end says whether the guest finished it. A guest that traps or
+/// runs out of time drops its half-written body, which would otherwise end
+/// like a whole one: a client (and the response cache) would take a
+/// fragment for the response. Such an end becomes an error, so the
+/// connection is cut instead (HTTP/1.1 sends no last chunk, HTTP/2 resets
+/// the stream). A failed guest's body can only end once its call ended,
+/// which dropped the store; a body that ends while the guest still runs
+/// was finished by it.
+struct GuestBody {
+    body: Body,
+    guest: GuestRun,
+    ended: bool,
+}
+
+impl hyper::body::Body for GuestBody {
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -676,24 +841,22 @@ impl hyper::body::Body for CompletedBody {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        // Whether or not it returns now, the guest moves on: it writes what
+        // the body reads, and wakes this task when it has.
+        let _ = Pin::new(&mut this.guest).poll(cx);
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(None) => {}
             other => return other,
         }
-        let Some(mut outcome) = this.outcome.take() else {
-            return Poll::Ready(None);
-        };
-        match outcome.try_recv() {
-            Ok(true) | Err(oneshot::error::TryRecvError::Empty) => Poll::Ready(None),
-            // Failed, or its task was cancelled before it could say.
-            Ok(false) | Err(oneshot::error::TryRecvError::Closed) => {
-                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
-            }
+        if std::mem::replace(&mut this.ended, true) || !this.guest.failed() {
+            Poll::Ready(None)
+        } else {
+            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.outcome.is_none() && self.body.is_end_stream()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {

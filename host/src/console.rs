@@ -452,7 +452,7 @@ fn components_section(runtime: &Runtime, html: &mut String) {
         };
         let _ = write!(
             html,
-            r#"<tr data-component="{name}"><td>{name}</td><td class="version"><code>{}</code></td><td>{}</td><td>{}</td><td>{} MiB, {} ms, {} at once, {} KiB body</td><td>{}</td><td>{rollback}</td></tr>"#,
+            r#"<tr data-component="{name}"><td>{name}</td><td class="version"><code>{}</code></td><td>{}</td><td>{}</td><td>{} MiB, {} ms, {} at once, {} KiB body{}</td><td>{}</td><td>{rollback}</td></tr>"#,
             escape(&c.version),
             escape(&c.spec.routes.join(" ")),
             escape(&grants.join(" ")),
@@ -460,6 +460,10 @@ fn components_section(runtime: &Runtime, html: &mut String) {
             limits.timeout_ms,
             limits.max_concurrency,
             limits.max_body_kib,
+            match limits.reuse {
+                0 => String::new(),
+                n => format!(", reused for {n} requests"),
+            },
             escape(&previous.join(" ")),
         );
     }

@@ -552,6 +552,15 @@ pub struct Limits {
     /// Largest request body accepted, answered with 413 beyond. 1 MiB fits
     /// any JSON API call; uploads belong elsewhere.
     pub max_body_kib: u32,
+    /// Requests (or messages, or service calls) one instance may serve
+    /// before it is replaced. 0, the default, is a fresh instance for each:
+    /// nothing one request leaves in memory can reach the next. Above 0 an
+    /// instance is kept warm and reused, which skips instantiation but lets
+    /// state survive between requests of this component (never of
+    /// another). An instance that trapped, ran out of time or memory, or
+    /// still holds a host resource (an open transaction, a stream) when it
+    /// returns is discarded, never reused.
+    pub reuse: u32,
 }
 
 impl Default for Limits {
@@ -561,6 +570,7 @@ impl Default for Limits {
             timeout_ms: 10_000,
             max_concurrency: 64,
             max_body_kib: 1024,
+            reuse: 0,
         }
     }
 }

@@ -270,6 +270,18 @@ impl Runtime {
         self.grant_publishes(&next);
         let replaced = self.registry.swap(Arc::new(next));
         let current = self.registry.load();
+        for (name, old) in &replaced.components {
+            if !current
+                .components
+                .get(name)
+                .is_some_and(|new| Arc::ptr_eq(new, old))
+            {
+                old.set_serving(false);
+            }
+        }
+        for version in current.components.values() {
+            version.set_serving(true);
+        }
         let mut previous = self.previous.lock().unwrap();
         previous.retain(|name, _| current.components.contains_key(name));
         if keep_replaced {

@@ -378,6 +378,78 @@ async fn a_trap_a_loop_and_a_memory_bomb_fail_only_their_request() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn instances_are_fresh_unless_reuse_is_asked_and_never_reused_after_a_failure() {
+    let fresh = TestHost::standard();
+    // The probe counts its visits in a static: a fresh instance says 1.
+    for _ in 0..3 {
+        assert_eq!(visits(&fresh).await, 1, "a fresh instance per request");
+    }
+    drop(fresh);
+
+    // One slot, so every request gets the one warm instance if there is one.
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "timeout_ms = 6000, memory_mib = 32",
+            "timeout_ms = 1000, memory_mib = 16, max_concurrency = 1, reuse = 3",
+        )
+    });
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(visits(&host).await);
+    }
+    assert_eq!(seen, [1, 2, 3, 1], "an instance serves `reuse` requests");
+
+    // Each failure discards the instance that failed: the next is fresh.
+    let failures = [
+        ("/probe/trap", 500, "component_trapped"),
+        ("/probe/loop", 504, "deadline_exceeded"),
+        ("/probe/oom", 500, "memory_limit_exceeded"),
+    ];
+    for (path, status, code) in failures {
+        assert_eq!(visits(&host).await, 2, "the warm instance before {path}");
+        assert_error(&get(&host.url(path)).await, status, code);
+        assert_eq!(visits(&host).await, 1, "a fresh instance after {path}");
+    }
+
+    // An instance that keeps a transaction open past its request is dropped
+    // with it: the write is rolled back and nothing stays locked.
+    let kept = request("POST", &host.url("/probe/keep-transaction"), &[], vec![]).await;
+    assert_eq!(kept.status, 204, "{}", kept.text());
+    assert_eq!(
+        visits(&host).await,
+        1,
+        "the instance holding it was not kept"
+    );
+    assert_eq!(get(&host.url("/probe/kv/kept")).await.status, 404);
+    assert_eq!(put(&host.url("/probe/kv/after"), "free").await.status, 204);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_does_not_cut_its_request_short() {
+    let host = TestHost::standard();
+    let url = host.url("/probe/kv/late?after_ms=700");
+    let left = tokio::time::timeout(Duration::from_millis(200), put(&url, "written")).await;
+    assert!(left.is_err(), "the client left before the answer");
+    // The guest goes on to its write, as it would have with the client there.
+    let value = eventually(
+        "the write after the client left",
+        Duration::from_secs(5),
+        || async {
+            let reply = get(&host.url("/probe/kv/late")).await;
+            (reply.status == 200).then(|| reply.json())
+        },
+    )
+    .await;
+    assert_eq!(value, json!({"value": "written"}));
+}
+
+async fn visits(host: &TestHost) -> u64 {
+    let reply = get(&host.url("/probe/visits")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply.json()["visits"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn without_room_for_the_instance_pool_the_host_allocates_on_demand() {
     // 3 GiB of address space: far too little for the pool's reservations.
     let host = TestHost::start_limited(

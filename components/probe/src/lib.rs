@@ -1,6 +1,8 @@
 //! A component for the host's tests: one route per capability, plus
 //! routes that trap, loop and exhaust memory on purpose.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use agora_sdk::prelude::*;
@@ -34,6 +36,8 @@ impl Service for Probe {
             .get("/probe/oom", exhaust_memory)
             .get("/probe/fetch", fetch)
             .post("/probe/write-beside-transaction", write_beside_transaction)
+            .get("/probe/visits", visits)
+            .post("/probe/keep-transaction", keep_transaction)
     }
 
     fn migrations() -> Vec<Migration> {
@@ -102,9 +106,13 @@ fn slow(req: &Request) -> Result<Response> {
     version(req)
 }
 
+/// `?after_ms=` waits before writing: a request its client may leave.
 fn kv_put(req: &Request) -> Result<Response> {
     let value = String::from_utf8(req.body.clone())
         .map_err(|_| Error::bad_request("the value must be UTF-8"))?;
+    if let Some(ms) = req.query_as::<u64>("after_ms")? {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     storage::execute(
         "INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![req.param("key"), value],
@@ -292,6 +300,24 @@ fn write_beside_transaction(_: &Request) -> Result<Response> {
     )?;
     storage::execute("INSERT INTO kv (key, value) VALUES ('beside', 'x')", &[])?;
     tx.commit()?;
+    Ok(Response::no_content())
+}
+
+/// Requests this instance has served: 1 on a fresh instance, more on a
+/// reused one (`limits.reuse`).
+fn visits(_: &Request) -> Result<Response> {
+    static VISITS: AtomicU32 = AtomicU32::new(0);
+    let visits = VISITS.fetch_add(1, Ordering::Relaxed) + 1;
+    Ok(Response::ok(&json!({ "visits": visits })))
+}
+
+/// Writes in a transaction and keeps it open past the request, as a
+/// component that hoped to finish it in the next one would.
+fn keep_transaction(_: &Request) -> Result<Response> {
+    static KEPT: Mutex<Option<storage::Transaction>> = Mutex::new(None);
+    let tx = storage::begin()?;
+    tx.execute("INSERT INTO kv (key, value) VALUES ('kept', 'x')", &[])?;
+    *KEPT.lock().unwrap() = Some(tx);
     Ok(Response::no_content())
 }
 
