@@ -14,7 +14,7 @@
 //! 5. The shop's start from a warm compilation cache, and the host's
 //!    memory when idle with its five services (`checkout.rs`).
 //! 6. `GET /products/{id}` and `GET /products` with and without the
-//!    gateway's response cache, beside hello world (`products.rs`).
+//!    gateway's response cache (`products.rs`), to set beside hello world.
 //! 7. Checkouts per second through the shop, and the time until the saga
 //!    has paid every order, on the embedded backends and on PostgreSQL +
 //!    Redis (+ Kafka, one host and two) (`checkout.rs`).

@@ -23,11 +23,12 @@
 //! cannot be trusted is not kept: an instance that trapped, hit its
 //! deadline or memory limit, or still holds a host resource when it
 //! returns (an open transaction, a stream, an outgoing request) is
-//! dropped, so no transaction or connection outlives its request. Warm
-//! instances are at most `max_concurrency` per version, since each was
-//! made under a slot's permit, and a version that is replaced drops them.
+//! dropped, so no transaction or connection outlives its request. A version
+//! keeps at most [`MAX_WARM`] idle instances, and drops them when it is
+//! replaced.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -36,14 +37,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
 use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
-use tokio::time::{sleep_until, timeout_at};
+use tokio::time::timeout_at;
 use wasmtime::component::{Component, Instance, InstancePre, Linker, Val};
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
 use wasmtime_wasi_http::WasiHttpView;
@@ -51,6 +53,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
+use crate::compiled::CompiledCache;
 use crate::links;
 use crate::metrics::{CacheResult, InstanceMetrics, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
@@ -163,6 +166,12 @@ impl Failure {
 
 const MIB: usize = 1024 * 1024;
 
+/// Idle instances a version keeps for reuse, at most. Under load a freed
+/// instance is taken again at once, so few wait; after a burst this bounds
+/// the memory and instance-pool slots (shared by every component) that stay
+/// taken until the component is busy again.
+const MAX_WARM: usize = 16;
+
 /// An instance slot: its concurrency permit, held until the instance is
 /// done, and the store with the deadline it must finish by.
 struct Slot {
@@ -192,17 +201,17 @@ impl Drop for Waiting<'_> {
 /// milliseconds, a large component's first compile tens of seconds.
 const COMPILE_NOTICE: Duration = Duration::from_secs(2);
 
-/// Compiles `wasm` off the async threads (or fetches it from the engine's
-/// cache), saying so in the log while it takes long.
+/// Compiles `wasm` off the async threads (or maps it from the compiled
+/// artifacts), saying so in the log while it takes long.
 async fn compile(
-    engine: &Engine,
+    compiled: &Arc<CompiledCache>,
     name: &str,
     wasm: &Arc<[u8]>,
-) -> Result<wasmtime::Result<Component>> {
+) -> Result<Result<Component>> {
     let started = Instant::now();
     let compiling = {
-        let (engine, wasm) = (engine.clone(), wasm.clone());
-        tokio::task::spawn_blocking(move || Component::new(&engine, &wasm))
+        let (compiled, wasm) = (compiled.clone(), wasm.clone());
+        tokio::task::spawn_blocking(move || compiled.load(&wasm).map(|(c, _)| c))
     };
     tokio::pin!(compiling);
     let mut notice = tokio::time::interval_at(
@@ -240,7 +249,7 @@ impl ComponentVersion {
     /// links, configures capabilities and lists the migrations, committing
     /// nothing.
     pub async fn load(
-        engine: &Engine,
+        compiled: &Arc<CompiledCache>,
         linker: &Linker<InstanceState>,
         capabilities: &Capabilities,
         runtime: &Weak<Runtime>,
@@ -249,7 +258,8 @@ impl ComponentVersion {
         wasm: Arc<[u8]>,
     ) -> Result<ComponentVersion> {
         let version = version_of(&wasm);
-        let component = compile(engine, name, &wasm)
+        let engine = compiled.engine();
+        let component = compile(compiled, name, &wasm)
             .await?
             .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?;
         Capabilities::check_imports(engine, name, &component, spec)?;
@@ -387,6 +397,11 @@ impl ComponentVersion {
     /// request: no host resource left in its table, no transaction open.
     fn give_back(&self, mut lease: Lease) {
         lease.served += 1;
+        // Nothing of the request's trace is kept alive with the instance.
+        lease
+            .store
+            .data_mut()
+            .set_trace(opentelemetry::Context::new());
         let state = lease.store.data();
         let reusable = lease.instance.is_some()
             && lease.served < self.spec.limits.reuse
@@ -397,10 +412,20 @@ impl ComponentVersion {
             let mut warm = self.warm.lock().unwrap();
             // Read under the lock `set_serving` drains under, so a version
             // being replaced cannot be handed an instance it would keep.
-            if self.serving.load(Ordering::SeqCst) {
+            if self.serving.load(Ordering::SeqCst) && warm.len() < MAX_WARM {
                 warm.push(lease);
             }
         }
+    }
+
+    /// Waits until none of this version's instances runs: at shutdown, so
+    /// that guests whose clients went away finish before the backends they
+    /// write to stop.
+    pub async fn until_idle(&self) {
+        let _ = self
+            .permits
+            .acquire_many(self.spec.limits.max_concurrency)
+            .await;
     }
 
     /// Says whether this version serves its component. A replaced version
@@ -553,7 +578,7 @@ impl ComponentVersion {
         Ok(())
     }
 
-    /// Serves one request on a fresh instance.
+    /// Serves one request on a fresh instance (or a warm one, with `limits.reuse`).
     pub async fn handle_http(self: Arc<Self>, request: Request<Full<Bytes>>) -> Response<Body> {
         let Slot {
             permit,
@@ -579,6 +604,8 @@ impl ComponentVersion {
             Err(e) => return Failure::Internal(format!("{e:#}")).response(&self.name),
         };
         let this = self.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let guest_failed = failed.clone();
         let mut guest = GuestRun::new(async move {
             // Held until the guest is done, response body included.
             let _permit = permit;
@@ -594,16 +621,24 @@ impl ComponentVersion {
                     .call_handle(&mut lease.store, req, out)
                     .await
             };
+            // The deadline holds wherever the call runs, waiting in a host
+            // call included, where epoch interruption cannot reach it.
+            let failure = match timeout_at(deadline, AssertUnwindSafe(run).catch_unwind()).await {
+                Ok(Ok(Ok(()))) => None,
+                Ok(Ok(Err(e))) => Some(Failure::classify(e, lease.store.data().limiter.exhausted)),
+                Ok(Err(_)) => Some(Failure::Internal("the host panicked serving it".into())),
+                Err(_) => Some(Failure::Timeout),
+            };
+            // Said before the store, and with it the body's stream, is
+            // dropped: see `GuestBody`.
+            guest_failed.store(failure.is_some(), Ordering::SeqCst);
             // Counted here, whether or not the response head was out.
-            match run.await {
-                Ok(()) => {
+            match failure {
+                None => {
                     this.give_back(lease);
                     Ok(())
                 }
-                Err(e) => {
-                    let exhausted = lease.store.data().limiter.exhausted;
-                    Err(this.failed(Failure::classify(e, exhausted)))
-                }
+                Some(failure) => Err(this.failed(failure)),
             }
         });
         let head = tokio::select! {
@@ -611,34 +646,26 @@ impl ComponentVersion {
             head = &mut receiver => head,
             // Returned: its head was sent, or its sender dropped.
             () = &mut guest => receiver.await,
-            () = sleep_until(deadline) => {
-                guest.cancel();
-                return self.failed(Failure::Timeout).response(&self.name);
-            }
         };
         match head {
-            Ok(Ok(response)) => response.map(|body| {
-                GuestBody {
-                    body,
-                    guest,
-                    ended: false,
-                }
-                .boxed_unsync()
-            }),
+            Ok(Ok(response)) => {
+                // Still writing its body: on a task of its own from here,
+                // so that it moves on (to its deadline) while hyper waits
+                // for the client to take the bytes.
+                guest.detach();
+                response.map(|body| GuestBody { body, failed }.boxed_unsync())
+            }
             Ok(Err(code)) => {
                 Failure::Internal(format!("failed the request: {code:?}")).response(&self.name)
             }
             // No head: the guest failed, or returned (or goes on) without one.
-            Err(_) => match timeout_at(deadline, &mut guest).await {
-                Ok(()) => match guest.outcome.take() {
+            Err(_) => {
+                (&mut guest).await;
+                match guest.outcome.take() {
                     Some(Err(failure)) => failure.response(&self.name),
                     _ => Failure::NoResponse.response(&self.name),
-                },
-                Err(_) => {
-                    guest.cancel();
-                    self.failed(Failure::Timeout).response(&self.name)
                 }
-            },
+            }
         }
     }
 
@@ -652,7 +679,7 @@ impl ComponentVersion {
         found
     }
 
-    /// Calls `function` of the exported `interface` on a fresh instance: the
+    /// Calls `function` of the exported `interface` on a fresh (or warm) instance: the
     /// callee side of a service-to-service call. A failure of the callee
     /// (trap, deadline, memory) fails the caller's call with its reason.
     pub async fn call_export(
@@ -701,7 +728,7 @@ impl ComponentVersion {
         }
     }
 
-    /// Hands one message to the `subscriber` export of a fresh instance.
+    /// Hands one message to the `subscriber` export of a fresh (or warm) instance.
     pub async fn deliver(self: Arc<Self>, message: Message) -> Result<(), String> {
         let indices = self
             .subscriber
@@ -757,16 +784,17 @@ fn arm_deadline(store: &mut Store<InstanceState>, deadline: Instant) {
     });
 }
 
-/// A guest's HTTP call, run on the task that serves its response: polled
-/// by `handle_http` until the response head is out, then by the response
-/// body, whose bytes it writes. A task of its own would cost every request
-/// a spawn and wakeups across threads; here the guest and hyper wake each
-/// other on one task.
+/// A guest's HTTP call, run on the task of its request until the response
+/// head is out: most guests (hello world, any handler whose body fits the
+/// stream's buffer) return by then, and a task of their own would cost
+/// every request a spawn and wakeups across threads. A guest still writing
+/// its body when the head is out is spawned ([`GuestRun::detach`]), so it
+/// moves on whatever the client does; hyper then polls only the body.
 ///
-/// Dropped before the guest returned (the client went away, or the body
-/// ended while the guest still works), the call is spawned to finish: a
-/// client never cuts a guest off between two writes (a stock reservation
-/// and its order, say). Only the deadline cancels it ([`GuestRun::cancel`]).
+/// Dropped before the guest returned (the client went away), the call is
+/// spawned too: a client never cuts a guest off between two writes (a stock
+/// reservation and its order, say). The call carries its deadline, so a
+/// spawned guest ends by it too.
 struct GuestRun {
     call: Option<GuestCall>,
     /// How the guest ended, once it has.
@@ -784,13 +812,12 @@ impl GuestRun {
         }
     }
 
-    /// Drops the guest where it stands: its deadline passed.
-    fn cancel(&mut self) {
-        self.call = None;
-    }
-
-    fn failed(&self) -> bool {
-        matches!(self.outcome, Some(Err(_)))
+    /// Runs the rest of the call, if any, on a task of its own.
+    fn detach(&mut self) {
+        if let (Some(call), Ok(runtime)) = (self.call.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(call);
+        }
     }
 }
 
@@ -810,26 +837,26 @@ impl Future for GuestRun {
 
 impl Drop for GuestRun {
     fn drop(&mut self) {
-        if let (Some(call), Ok(runtime)) = (self.call.take(), tokio::runtime::Handle::try_current())
-        {
-            runtime.spawn(call);
-        }
+        self.detach();
     }
 }
 
-/// A component's response body, which drives its guest (see [`GuestRun`])
-/// and whose end says whether the guest finished it. A guest that traps or
-/// runs out of time drops its half-written body, which would otherwise end
-/// like a whole one: a client (and the response cache) would take a
-/// fragment for the response. Such an end becomes an error, so the
-/// connection is cut instead (HTTP/1.1 sends no last chunk, HTTP/2 resets
-/// the stream). A failed guest's body can only end once its call ended,
-/// which dropped the store; a body that ends while the guest still runs
-/// was finished by it.
+/// A component's response body, whose end says whether the guest finished
+/// it. A guest that traps or runs out of time drops its half-written body,
+/// which would otherwise end like a whole one: a client (and the response
+/// cache) would take a fragment for the response. Such an end becomes an
+/// error, so the connection is cut instead (HTTP/1.1 sends no last chunk,
+/// HTTP/2 resets the stream).
+///
+/// The end is judged without waiting. A failed guest's body can only end
+/// when its store is dropped, and the call says it failed before it drops
+/// the store, so at such an end `failed` is set. A finished body ends when
+/// the guest calls `finish`, before it returns, so `failed` not set means a
+/// finished body: waiting for the guest to return would cost every
+/// response a wakeup.
 struct GuestBody {
     body: Body,
-    guest: GuestRun,
-    ended: bool,
+    failed: Arc<AtomicBool>,
 }
 
 impl hyper::body::Body for GuestBody {
@@ -840,23 +867,16 @@ impl hyper::body::Body for GuestBody {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        // Whether or not it returns now, the guest moves on: it writes what
-        // the body reads, and wakes this task when it has.
-        let _ = Pin::new(&mut this.guest).poll(cx);
-        match Pin::new(&mut this.body).poll_frame(cx) {
-            Poll::Ready(None) => {}
-            other => return other,
-        }
-        if std::mem::replace(&mut this.ended, true) || !this.guest.failed() {
-            Poll::Ready(None)
-        } else {
-            Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+        match Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Ready(None) if self.failed.swap(false, Ordering::SeqCst) => {
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseIncomplete)))
+            }
+            other => other,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended
+        !self.failed.load(Ordering::SeqCst) && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -8,19 +8,16 @@
 //! memory reservations (bounds-checked, growing by moving): slower per
 //! request and per access, but it runs where the fast path cannot.
 //!
-//! Compiled code is cached on disk (wasmtime's cache, keyed by the binary
-//! and the engine's settings), so a restart or a re-deploy of an unchanged
-//! component skips Cranelift.
+//! Compiled code is kept on disk and mapped from there (`compiled.rs`), so
+//! a restart or a re-deploy of an unchanged component skips Cranelift.
 
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use wasmtime::{
-    Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
-    PoolingAllocationConfig,
-};
+use anyhow::Result;
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use crate::compiled::CompiledCache;
 use crate::plugins::MAX_MEMORY_MIB;
 
 /// How often the epoch advances. A deadline is noticed within one tick, and
@@ -51,19 +48,12 @@ const DECOMMIT_BATCH: usize = 16;
 pub struct EngineInfo {
     pub engine: Engine,
     pub pooling: bool,
+    pub compiled: CompiledCache,
 }
 
 pub fn build(data_dir: &Path) -> Result<EngineInfo> {
     let mut config = Config::new();
     config.epoch_interruption(true);
-    let cache_dir = std::path::absolute(data_dir.join("compiled"))?;
-    let mut cache_config = CacheConfig::new();
-    cache_config.with_directory(cache_dir);
-    config.cache(Some(
-        Cache::new(cache_config)
-            .map_err(anyhow::Error::from)
-            .context("opening the compilation cache")?,
-    ));
 
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(POOL_INSTANCES)
@@ -86,24 +76,22 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
         .pagemap_scan(Enabled::Auto);
     let mut pooled = config.clone();
     pooled.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    let info = match Engine::new(&pooled) {
-        Ok(engine) => EngineInfo {
-            engine,
-            pooling: true,
-        },
+    let (engine, pooling) = match Engine::new(&pooled) {
+        Ok(engine) => (engine, true),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "pooling allocator unavailable; allocating instances on demand");
             config
                 .memory_reservation(SMALL_RESERVATION)
                 .memory_guard_size(0)
                 .memory_may_move(true);
-            EngineInfo {
-                engine: Engine::new(&config)?,
-                pooling: false,
-            }
+            (Engine::new(&config)?, false)
         }
     };
-    let ticker = info.engine.weak();
+    let compiled = CompiledCache::new(
+        engine.clone(),
+        std::path::absolute(data_dir.join("compiled"))?,
+    )?;
+    let ticker = engine.weak();
     std::thread::Builder::new()
         .name("agora-epoch".into())
         .spawn(move || loop {
@@ -113,5 +101,9 @@ pub fn build(data_dir: &Path) -> Result<EngineInfo> {
                 None => return,
             }
         })?;
-    Ok(info)
+    Ok(EngineInfo {
+        engine,
+        pooling,
+        compiled,
+    })
 }

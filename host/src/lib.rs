@@ -8,6 +8,7 @@ pub mod bindings;
 pub mod cache;
 pub mod capability;
 pub mod client;
+pub mod compiled;
 pub mod component;
 pub mod config;
 pub mod console;

@@ -6,7 +6,8 @@
 //! forwarding is generic: each imported function is defined with dynamic
 //! values and passed through to the same-named export, so a new interface
 //! in `wit/shop/` needs no host code. The callee runs as itself (its own
-//! grants, data and limits) in a fresh instance, and resolves by name at
+//! grants, data and limits) in an instance of its own (fresh, or warm with
+//! its `limits.reuse`), and resolves by name at
 //! call time, so a callee that is hot-swapped serves the next call at once.
 
 use std::sync::Weak;

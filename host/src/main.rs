@@ -355,10 +355,16 @@ async fn up(
     tracing::info!("shutting down: finishing requests in flight");
     stop.send_replace(true);
     let _ = tokio::join!(public, admin_server);
+    runtime.until_idle(GUESTS_GRACE).await;
     runtime.capabilities.shutdown().await;
     tokio::task::spawn_blocking(move || exporting.shutdown()).await?;
     Ok(())
 }
+
+/// How long a stopping host waits for guests still running once the
+/// servers have drained (those whose clients went away): as long as a
+/// default deadline, so such a guest ends by its deadline, not by the stop.
+const GUESTS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

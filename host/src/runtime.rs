@@ -31,11 +31,11 @@ use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use wasmtime::component::Linker;
-use wasmtime::Engine;
 
 use crate::accounts::Accounts;
 use crate::bindings::messaging::Message;
 use crate::capability::Capabilities;
+use crate::compiled::CompiledCache;
 use crate::component::{version_of, ComponentVersion};
 use crate::engine;
 use crate::gateway::Proxies;
@@ -91,7 +91,7 @@ impl Change {
 const OBSERVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Runtime {
-    engine: Engine,
+    compiled: Arc<CompiledCache>,
     pub pooling: bool,
     linker: Linker<InstanceState>,
     pub capabilities: Capabilities,
@@ -123,13 +123,17 @@ impl Runtime {
     ) -> Result<Arc<Runtime>> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let engine::EngineInfo { engine, pooling } = engine::build(data_dir)?;
+        let engine::EngineInfo {
+            engine,
+            pooling,
+            compiled,
+        } = engine::build(data_dir)?;
         let mut linker = Linker::new(&engine);
         Capabilities::add_to_linker(&mut linker)?;
         let capabilities = Capabilities::init(&plugins, data_dir).await?;
         let runtime = Arc::new_cyclic(|this| Runtime {
             this: this.clone(),
-            engine,
+            compiled: Arc::new(compiled),
             pooling,
             linker,
             capabilities,
@@ -211,7 +215,7 @@ impl Runtime {
         wasm: Arc<[u8]>,
     ) -> Result<Arc<ComponentVersion>> {
         let version = ComponentVersion::load(
-            &self.engine,
+            &self.compiled,
             &self.linker,
             &self.capabilities,
             &self.this,
@@ -480,6 +484,13 @@ impl Runtime {
     }
 
     /// Previous versions of a component, newest last.
+    /// Waits, at most `grace`, until no instance of a serving component runs.
+    pub async fn until_idle(&self, grace: Duration) {
+        let registry = self.registry();
+        let idle = registry.components.values().map(|c| c.until_idle());
+        let _ = tokio::time::timeout(grace, futures_util::future::join_all(idle)).await;
+    }
+
     pub fn previous_versions(&self, name: &str) -> Vec<String> {
         let previous = self.previous.lock().unwrap();
         previous

@@ -1,4 +1,5 @@
-//! The per-instance state a `Store` carries: one per request or message.
+//! The per-instance state a `Store` carries: one per request or message,
+//! or per warm instance with `limits.reuse` (its per-request parts reset).
 //!
 //! Building it must stay cheap (it is on every request's path): everything
 //! expensive lives in [`ComponentCaps`], made once per component version and
