@@ -392,6 +392,27 @@ impl ComponentVersion {
         Ok(instance)
     }
 
+    /// Ends a call made on `lease` (`ran` is the failure that stopped it
+    /// before it ended, the deadline say, or what it returned): a returned
+    /// instance is given back, a failure counted by kind.
+    fn settle<T>(
+        &self,
+        lease: Lease,
+        ran: Result<wasmtime::Result<T>, Failure>,
+    ) -> Result<T, Failure> {
+        match ran {
+            Ok(Ok(value)) => {
+                self.give_back(lease);
+                Ok(value)
+            }
+            Ok(Err(e)) => {
+                let exhausted = lease.store.data().limiter.exhausted;
+                Err(self.failed(Failure::classify(e, exhausted)))
+            }
+            Err(failure) => Err(self.failed(failure)),
+        }
+    }
+
     /// Takes back the lease of an instance that returned normally, and
     /// keeps it warm if `limits.reuse` allows and it holds nothing of its
     /// request: no host resource left in its table, no transaction open.
@@ -403,8 +424,7 @@ impl ComponentVersion {
             .data_mut()
             .set_trace(opentelemetry::Context::new());
         let state = lease.store.data();
-        let reusable = lease.instance.is_some()
-            && lease.served < self.spec.limits.reuse
+        let reusable = lease.served < self.spec.limits.reuse
             && state.table.is_empty()
             && state.open_transactions == 0
             && !state.limiter.exhausted;
@@ -623,23 +643,16 @@ impl ComponentVersion {
             };
             // The deadline holds wherever the call runs, waiting in a host
             // call included, where epoch interruption cannot reach it.
-            let failure = match timeout_at(deadline, AssertUnwindSafe(run).catch_unwind()).await {
-                Ok(Ok(Ok(()))) => None,
-                Ok(Ok(Err(e))) => Some(Failure::classify(e, lease.store.data().limiter.exhausted)),
-                Ok(Err(_)) => Some(Failure::Internal("the host panicked serving it".into())),
-                Err(_) => Some(Failure::Timeout),
+            let ran = match timeout_at(deadline, AssertUnwindSafe(run).catch_unwind()).await {
+                Ok(Ok(returned)) => Ok(returned),
+                Ok(Err(_)) => Err(Failure::Internal("the host panicked serving it".into())),
+                Err(_) => Err(Failure::Timeout),
             };
             // Said before the store, and with it the body's stream, is
             // dropped: see `GuestBody`.
-            guest_failed.store(failure.is_some(), Ordering::SeqCst);
+            guest_failed.store(!matches!(ran, Ok(Ok(()))), Ordering::SeqCst);
             // Counted here, whether or not the response head was out.
-            match failure {
-                None => {
-                    this.give_back(lease);
-                    Ok(())
-                }
-                Some(failure) => Err(this.failed(failure)),
-            }
+            this.settle(lease, ran)
         });
         let head = tokio::select! {
             biased;
@@ -714,18 +727,11 @@ impl ComponentVersion {
                 })?;
             func.call_async(store, params, results).await
         };
-        match timeout_at(deadline, run).await {
-            Ok(Ok(())) => {
-                self.give_back(lease);
-                Ok(())
-            }
-            Ok(Err(e)) => {
-                let exhausted = lease.store.data().limiter.exhausted;
-                let failure = self.failed(Failure::classify(e, exhausted));
-                wasmtime::bail!("{}", failure.message(&self.name))
-            }
-            Err(_) => wasmtime::bail!("{}", self.failed(Failure::Timeout).message(&self.name)),
-        }
+        let ran = timeout_at(deadline, run)
+            .await
+            .map_err(|_| Failure::Timeout);
+        self.settle(lease, ran)
+            .map_err(|failure| wasmtime::format_err!("{}", failure.message(&self.name)))
     }
 
     /// Hands one message to the `subscriber` export of a fresh (or warm) instance.
@@ -753,20 +759,12 @@ impl ComponentVersion {
                 .call_handle(&mut lease.store, &message)
                 .await
         };
-        match timeout_at(deadline, run).await {
-            Ok(Ok(result)) => {
-                // The guest returned, whether or not it handled the message.
-                self.give_back(lease);
-                result
-            }
-            Ok(Err(e)) => {
-                let exhausted = lease.store.data().limiter.exhausted;
-                Err(self
-                    .failed(Failure::classify(e, exhausted))
-                    .message(&self.name))
-            }
-            Err(_) => Err(self.failed(Failure::Timeout).message(&self.name)),
-        }
+        let ran = timeout_at(deadline, run)
+            .await
+            .map_err(|_| Failure::Timeout);
+        // Returned, the guest says whether it handled the message.
+        self.settle(lease, ran)
+            .map_err(|failure| failure.message(&self.name))?
     }
 }
 

@@ -274,32 +274,24 @@ impl Runtime {
         self.grant_publishes(&next);
         let replaced = self.registry.swap(Arc::new(next));
         let current = self.registry.load();
-        for (name, old) in &replaced.components {
-            if !current
-                .components
-                .get(name)
-                .is_some_and(|new| Arc::ptr_eq(new, old))
-            {
-                old.set_serving(false);
-            }
-        }
+        // A rolled-back version serves again.
         for version in current.components.values() {
             version.set_serving(true);
         }
         let mut previous = self.previous.lock().unwrap();
         previous.retain(|name, _| current.components.contains_key(name));
-        if keep_replaced {
-            for (name, old) in &replaced.components {
-                let changed = current
-                    .components
-                    .get(name)
-                    .is_some_and(|new| !Arc::ptr_eq(new, old));
-                if changed {
-                    let kept = previous.entry(name.clone()).or_default();
-                    kept.push(old.clone());
-                    if kept.len() > KEPT_VERSIONS {
-                        kept.remove(0);
-                    }
+        for (name, old) in &replaced.components {
+            let changed = match current.components.get(name) {
+                Some(new) if Arc::ptr_eq(new, old) => continue,
+                new => new.is_some(),
+            };
+            // Replaced or removed: it keeps no warm instances.
+            old.set_serving(false);
+            if keep_replaced && changed {
+                let kept = previous.entry(name.clone()).or_default();
+                kept.push(old.clone());
+                if kept.len() > KEPT_VERSIONS {
+                    kept.remove(0);
                 }
             }
         }
@@ -483,7 +475,6 @@ impl Runtime {
         m.encode()
     }
 
-    /// Previous versions of a component, newest last.
     /// Waits, at most `grace`, until no instance of a serving component runs.
     pub async fn until_idle(&self, grace: Duration) {
         let registry = self.registry();
@@ -491,6 +482,7 @@ impl Runtime {
         let _ = tokio::time::timeout(grace, futures_util::future::join_all(idle)).await;
     }
 
+    /// Previous versions of a component, newest last.
     pub fn previous_versions(&self, name: &str) -> Vec<String> {
         let previous = self.previous.lock().unwrap();
         previous

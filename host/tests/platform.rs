@@ -450,6 +450,28 @@ async fn a_client_that_goes_away_does_not_cut_its_request_short() {
     assert_eq!(value, json!({"value": "written"}));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_whose_client_left_still_stops_at_its_deadline() {
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe")).replace(
+            "timeout_ms = 6000, memory_mib = 32",
+            "timeout_ms = 1000, memory_mib = 32, max_concurrency = 1",
+        )
+    });
+    let url = host.url("/probe/kv/never?after_ms=5000");
+    let left = tokio::time::timeout(Duration::from_millis(200), put(&url, "late")).await;
+    assert!(left.is_err(), "the client left before the answer");
+    // The guest it left holds the one slot only until its deadline.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(get(&host.url("/probe/version")).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(
+        get(&host.url("/probe/kv/never")).await.status,
+        404,
+        "stopped at its deadline, before its write"
+    );
+}
+
 async fn visits(host: &TestHost) -> u64 {
     let reply = get(&host.url("/probe/visits")).await;
     assert_eq!(reply.status, 200, "{}", reply.text());

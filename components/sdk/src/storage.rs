@@ -115,9 +115,7 @@ impl Row<'_> {
             Error::internal(format!("column `{column}` holds {:?}", self.values[index]))
         })
     }
-}
 
-impl<'a> Row<'a> {
     /// The row as a `T` whose fields are named like the columns, through
     /// serde: `#[derive(Deserialize)] struct Payment { order_id: String,
     /// amount_cents: i64, reason: Option<String> }` for `SELECT order_id,
