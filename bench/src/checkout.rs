@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::{free_port, root, Server};
 
-const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
+pub const POSTGRES_URL: &str = "postgres://agora:agora@127.0.0.1:5432/shop";
 
 /// Every backend set, one after the other.
 pub async fn checkouts(scratch: &Path, duration: Duration, connections: usize) -> Result<()> {
@@ -477,7 +477,7 @@ pub async fn call(
 }
 
 /// Drops the bench's PostgreSQL roles and schemas, through psql (best effort).
-fn drop_namespace(namespace: &str) {
+pub fn drop_namespace(namespace: &str) {
     let _ = Command::new("psql")
         .args([
             POSTGRES_URL,

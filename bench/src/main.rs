@@ -9,8 +9,9 @@
 //!    installed), an outside load generator, because the two disagree and
 //!    neither alone is the truth.
 //! 3. A hot swap of an already compiled version through the admin API.
-//! 4. Storage commits per second on the embedded backend at each
-//!    `durability` setting: what an fsync per commit costs.
+//! 4. Storage calls per second, one caller: on the embedded backend at
+//!    each `durability` setting (what an fsync per commit costs) and on
+//!    PostgreSQL (what its round trips cost).
 //! 5. The shop's start from a warm compilation cache, and the host's
 //!    memory when idle with its five services (`checkout.rs`).
 //! 6. `GET /products/{id}` and `GET /products` with and without the
@@ -20,7 +21,8 @@
 //!    Redis (+ Kafka, one host and two) (`checkout.rs`).
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32);
-//! `agora-bench start` runs section 5 alone, `agora-bench products [seconds]
+//! `agora-bench storage` runs section 4 alone, `agora-bench start` section 5,
+//! `agora-bench products [seconds]
 //! [connections]` section 6, and `agora-bench checkout [seconds] [buyers]`
 //! section 7.
 
@@ -38,7 +40,9 @@ use std::time::{Duration, Instant};
 use agora_host::bindings::storage::Value;
 use agora_host::plugins::{Durability, Plugins};
 use agora_host::runtime::Runtime;
-use agora_host::storage::{Migration, SqliteBackend, SqliteSettings, StorageBackend};
+use agora_host::storage::{
+    Migration, PostgresBackend, PostgresConfig, SqliteBackend, SqliteSettings, StorageBackend,
+};
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -72,7 +76,7 @@ fn main() -> Result<()> {
     let only = args
         .get(1)
         .map(String::as_str)
-        .filter(|a| matches!(*a, "checkout" | "products" | "start"))
+        .filter(|a| matches!(*a, "checkout" | "products" | "start" | "storage"))
         .map(str::to_owned);
     let args = &args[usize::from(only.is_some())..];
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
@@ -85,6 +89,7 @@ fn main() -> Result<()> {
             match only.as_str() {
                 "checkout" => checkout::checkouts(&scratch, duration, connections).await,
                 "start" => checkout::ready_and_idle_memory(&scratch.join("ready")).await,
+                "storage" => storage(&scratch.join("storage")).await,
                 _ => products::products(&scratch, duration, connections).await,
             }
         });
@@ -113,7 +118,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 
     http(&config, &scratch, duration, connections).await?;
     swap(&config, &scratch.join("swap")).await?;
-    durability(&scratch.join("durability")).await?;
+    storage(&scratch.join("storage")).await?;
     checkout::ready_and_idle_memory(&scratch.join("ready")).await?;
     products::products(&scratch, duration, connections).await?;
     checkout::checkouts(&scratch, duration, connections).await?;
@@ -501,48 +506,86 @@ async fn deploy(admin: SocketAddr, token: &str, wasm: &[u8]) -> Result<serde_jso
     Ok(serde_json::from_slice(&body)?)
 }
 
-/// One connection inserting and committing a row at a time, as a request
-/// that writes does, for two seconds per setting: inside `begin()` ...
-/// `commit()`, and as a plain `execute` (its own transaction).
-async fn durability(dir: &Path) -> Result<()> {
-    println!("\n## Storage: single-row insert + commit, one connection, embedded SQLite");
-    for (setting, name) in [
+/// One caller's storage calls per second, each a round trip through the
+/// backend: a single-row insert committed in a transaction, the same as a
+/// plain `execute`, and a `query` by key; on SQLite at each `durability`
+/// setting and on PostgreSQL (`scripts/services`' server, skipped if it does
+/// not answer).
+async fn storage(dir: &Path) -> Result<()> {
+    println!("\n## Storage: one caller, a single-row insert + commit, or a query by key, 2 s each");
+    let mut backends: Vec<(String, Arc<dyn StorageBackend>)> = Vec::new();
+    for (durability, name) in [
         (Durability::ProcessCrash, "process-crash (default)"),
         (Durability::MachineCrash, "machine-crash"),
     ] {
         let settings = SqliteSettings {
-            durability: setting,
+            durability,
             max_size_mib: 1024,
         };
         let backend = SqliteBackend::new(&dir.join(name), settings)?;
+        backends.push((format!("sqlite, {name}"), Arc::new(backend)));
+    }
+    let namespace = format!("benchstorage{}", std::process::id());
+    let postgres = PostgresConfig {
+        url: checkout::POSTGRES_URL.into(),
+        namespace: namespace.clone(),
+        max_connections_per_component: 8,
+        max_connections: 16,
+        connect_timeout_ms: 2000,
+        migration_timeout_seconds: 60,
+    };
+    let on_postgres = match PostgresBackend::connect(&postgres).await {
+        Ok(backend) => {
+            backends.push(("postgres".into(), Arc::new(backend)));
+            true
+        }
+        Err(e) => {
+            println!("postgres skipped: {e:#}");
+            false
+        }
+    };
+    let measured = storage_calls(&backends).await;
+    if on_postgres {
+        checkout::drop_namespace(&namespace);
+    }
+    measured
+}
+
+async fn storage_calls(backends: &[(String, Arc<dyn StorageBackend>)]) -> Result<()> {
+    for (label, backend) in backends {
         let db = backend.open("bench", Duration::from_secs(10)).await?;
         db.migrate(&[Migration {
             name: "0001".into(),
-            sql: "CREATE TABLE rows (n BIGINT NOT NULL)".into(),
+            sql: "CREATE TABLE rows (n BIGINT PRIMARY KEY)".into(),
         }])
         .await?;
-        for in_transaction in [true, false] {
+        let mut next = 0i64;
+        for how in ["transaction", "plain execute", "query by key"] {
             let started = Instant::now();
-            let mut commits = 0u64;
+            let mut calls = 0u64;
             while started.elapsed() < Duration::from_secs(2) {
-                let row = vec![Value::Integer(commits as i64)];
                 let insert = "INSERT INTO rows (n) VALUES ($1)";
-                if in_transaction {
-                    let mut tx = db.begin().await?;
-                    tx.execute(insert, row).await?;
-                    tx.commit().await?;
-                } else {
-                    db.execute(insert, row).await?;
+                let row = vec![Value::Integer(next)];
+                match how {
+                    "transaction" => {
+                        let mut tx = db.begin().await?;
+                        tx.execute(insert, row).await?;
+                        tx.commit().await?;
+                        next += 1;
+                    }
+                    "plain execute" => {
+                        db.execute(insert, row).await?;
+                        next += 1;
+                    }
+                    _ => {
+                        let key = vec![Value::Integer(calls as i64 % next.max(1))];
+                        db.query("SELECT n FROM rows WHERE n = $1", key).await?;
+                    }
                 }
-                commits += 1;
+                calls += 1;
             }
-            let rate = commits as f64 / started.elapsed().as_secs_f64();
-            let how = if in_transaction {
-                "transaction"
-            } else {
-                "plain execute"
-            };
-            println!("durability = {name:<24} {how:<14} {rate:>8.0} commits/s");
+            let rate = calls as f64 / started.elapsed().as_secs_f64();
+            println!("{label:<32} {how:<14} {rate:>8.0} /s");
         }
     }
     Ok(())

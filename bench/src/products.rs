@@ -1,9 +1,10 @@
 //! `GET /products/{id}` and `GET /products` on the shop of plugins.toml,
 //! with the gateway's response cache (the catalog's `response_cache` rule)
-//! and without it (the rule removed), under the in-process client and wrk.
-//! Without the cache every request instantiates the catalog, which reads
-//! its own cache (the embedded one here) and, on a miss, SQLite; with it
-//! the host answers from the cache backend alone.
+//! and without it (the rule removed), under the in-process client and wrk;
+//! and without it with fresh instances (the catalog's `limits.reuse`
+//! removed too). Without the cache every request goes to a catalog
+//! instance, which reads its own cache (the embedded one here) and, on a
+//! miss, SQLite; with it the host answers from the cache backend alone.
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,18 +23,20 @@ pub async fn products(scratch: &Path, duration: Duration, connections: usize) ->
         "\n## GET /products: with and without the response cache, {connections} connections, {}s each",
         duration.as_secs()
     );
-    for cached in [true, false] {
-        let dir = scratch.join(format!("products-{cached}"));
+    // The shop as configured (the catalog reuses instances), without the
+    // gateway's response cache, and without reuse either.
+    for (label, dropped) in [
+        ("cached", &[][..]),
+        ("uncached", &["response_cache = "][..]),
+        ("fresh", &["response_cache = ", "limits = { reuse"][..]),
+    ] {
+        let dir = scratch.join(format!("products-{label}"));
         let (_servers, addrs) = start_shop(&dir, "", 1, |config| {
-            if cached {
-                config
-            } else {
-                config
-                    .lines()
-                    .filter(|l| !l.starts_with("response_cache = "))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }
+            config
+                .lines()
+                .filter(|l| !dropped.iter().any(|d| l.starts_with(d)))
+                .collect::<Vec<_>>()
+                .join("\n")
         })
         .await?;
         let addr = addrs[0];
@@ -48,7 +51,6 @@ pub async fn products(scratch: &Path, duration: Duration, connections: usize) ->
             }
             first.get_or_insert(body["id"].as_str().context("product id")?.to_owned());
         }
-        let label = if cached { "cached" } else { "uncached" };
         for path in [
             format!("/products/{}", first.clone().unwrap_or_default()),
             "/products".to_owned(),

@@ -55,7 +55,7 @@ use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
 use crate::compiled::CompiledCache;
 use crate::links;
-use crate::metrics::{CacheResult, InstanceMetrics, RouteMetrics};
+use crate::metrics::{CacheResult, InstanceMetrics, NotKept, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
 use crate::registry::prefix_matches;
 use crate::response::{self, Body};
@@ -301,7 +301,7 @@ impl ComponentVersion {
                     RouteMetrics::new(name, route, cached)
                 })
                 .collect(),
-            instance_metrics: InstanceMetrics::new(name),
+            instance_metrics: InstanceMetrics::new(name, spec.limits.reuse > 0),
             warm: Mutex::default(),
             serving: AtomicBool::new(true),
         };
@@ -416,6 +416,7 @@ impl ComponentVersion {
     /// Takes back the lease of an instance that returned normally, and
     /// keeps it warm if `limits.reuse` allows and it holds nothing of its
     /// request: no host resource left in its table, no transaction open.
+    /// With reuse, an instance not kept is counted by why.
     fn give_back(&self, mut lease: Lease) {
         lease.served += 1;
         // Nothing of the request's trace is kept alive with the instance.
@@ -423,19 +424,27 @@ impl ComponentVersion {
             .store
             .data_mut()
             .set_trace(opentelemetry::Context::new());
+        let Some(not_kept) = &self.instance_metrics.not_kept else {
+            return;
+        };
         let state = lease.store.data();
-        let reusable = lease.served < self.spec.limits.reuse
-            && state.table.is_empty()
-            && state.open_transactions == 0
-            && !state.limiter.exhausted;
-        if reusable {
+        let reason = if lease.served >= self.spec.limits.reuse {
+            NotKept::Served
+        } else if !state.table.is_empty() || state.open_transactions > 0 {
+            NotKept::HeldResource
+        } else if state.limiter.exhausted {
+            NotKept::Memory
+        } else {
             let mut warm = self.warm.lock().unwrap();
             // Read under the lock `set_serving` drains under, so a version
             // being replaced cannot be handed an instance it would keep.
             if self.serving.load(Ordering::SeqCst) && warm.len() < MAX_WARM {
                 warm.push(lease);
+                return;
             }
-        }
+            NotKept::NoRoom
+        };
+        not_kept.count(reason);
     }
 
     /// Waits until none of this version's instances runs: at shutdown, so

@@ -62,6 +62,13 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotKeptLabels {
+    pub component: String,
+    /// See [`NotKept`].
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TopicLabels {
     /// The publisher, or the subscriber.
     pub component: String,
@@ -153,6 +160,7 @@ pub struct Metrics {
     pub pool_waiting: Family<PoolLabels, Gauge>,
     pub link_calls: Family<LinkLabels, Counter>,
     pub response_cache: Family<ResponseCacheLabels, Counter>,
+    pub instances_not_kept: Family<NotKeptLabels, Counter>,
 }
 
 impl Metrics {
@@ -178,6 +186,7 @@ impl Metrics {
             pool_waiting: Family::default(),
             link_calls: Family::default(),
             response_cache: Family::default(),
+            instances_not_kept: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -275,6 +284,12 @@ impl Metrics {
             "response_cache_lookups",
             "GET requests on routes with a response cache, by whether the cache answered",
             metrics.response_cache.clone(),
+        );
+        r.register(
+            "instances_not_kept",
+            "Instances of a component with limits.reuse that returned cleanly and were dropped \
+             instead of kept warm, by reason",
+            metrics.instances_not_kept.clone(),
         );
         Metrics {
             registry,
@@ -438,10 +453,58 @@ pub struct InstanceMetrics {
     pub traps: Counter,
     pub deadlines: Counter,
     pub memory_kills: Counter,
+    /// Only for a component with `limits.reuse`: for the others, every
+    /// instance is dropped, and saying so per reason would be noise.
+    pub not_kept: Option<NotKeptMetrics>,
+}
+
+/// Why an instance that returned cleanly was not kept for reuse, as the
+/// `reason` label says it: what an operator who set `limits.reuse` looks at
+/// when instantiations do not drop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NotKept {
+    /// It served its `limits.reuse` requests (`served`).
+    Served,
+    /// Something was left in its resource table (`held-resource`): an open
+    /// transaction, a stream, an outgoing request or body, or a guest
+    /// library's stdout kept open after a print.
+    HeldResource,
+    /// It reached its memory limit, even if it returned (`memory`).
+    Memory,
+    /// Its version was replaced, or the warm pool was full (`no-room`).
+    NoRoom,
+}
+
+impl NotKept {
+    const ALL: [NotKept; 4] = [
+        NotKept::Served,
+        NotKept::HeldResource,
+        NotKept::Memory,
+        NotKept::NoRoom,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            NotKept::Served => "served",
+            NotKept::HeldResource => "held-resource",
+            NotKept::Memory => "memory",
+            NotKept::NoRoom => "no-room",
+        }
+    }
+}
+
+/// A component's `instances_not_kept` series, one per reason.
+#[derive(Clone)]
+pub struct NotKeptMetrics([Counter; NotKept::ALL.len()]);
+
+impl NotKeptMetrics {
+    pub fn count(&self, reason: NotKept) {
+        self.0[reason as usize].inc();
+    }
 }
 
 impl InstanceMetrics {
-    pub fn new(component: &str) -> InstanceMetrics {
+    pub fn new(component: &str, reuses: bool) -> InstanceMetrics {
         let m = metrics();
         let failure = |kind: &str| {
             m.failures
@@ -461,6 +524,16 @@ impl InstanceMetrics {
             traps: failure("trap"),
             deadlines: failure("deadline"),
             memory_kills: failure("memory"),
+            not_kept: reuses.then(|| {
+                NotKeptMetrics(NotKept::ALL.map(|reason| {
+                    m.instances_not_kept
+                        .get_or_create(&NotKeptLabels {
+                            component: component.to_owned(),
+                            reason: reason.label().to_owned(),
+                        })
+                        .clone()
+                }))
+            }),
         }
     }
 }

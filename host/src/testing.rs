@@ -38,15 +38,23 @@ pub fn unique(prefix: &str) -> String {
 /// Drops what a host made under a PostgreSQL namespace.
 pub async fn drop_namespace(ns: &str) {
     // One at a time: revoking on the database updates one catalog row,
-    // which concurrent revokes fail on ("tuple concurrently updated").
+    // which concurrent revokes fail on ("tuple concurrently updated"); and
+    // again when a host of another test granted on it meanwhile.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _turn = ONE_AT_A_TIME.lock().await;
     let (client, connection) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
-    client
-        .batch_execute(&crate::storage::PostgresBackend::drop_namespace_sql(ns))
-        .await
-        .unwrap();
+    let sql = crate::storage::PostgresBackend::drop_namespace_sql(ns);
+    for attempt in 1.. {
+        match client.batch_execute(&sql).await {
+            Ok(()) => break,
+            // "tuple concurrently updated"
+            Err(e) if attempt < 5 && e.code().is_some_and(|c| c.code() == "XX000") => {
+                tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+            }
+            Err(e) => panic!("dropping namespace {ns}: {e}"),
+        }
+    }
 }

@@ -429,6 +429,21 @@ async fn instances_are_fresh_unless_reuse_is_asked_and_never_reused_after_a_fail
     );
     assert_eq!(get(&host.url("/probe/kv/kept")).await.status, 404);
     assert_eq!(put(&host.url("/probe/kv/after"), "free").await.status, 204);
+
+    // The operator sees why clean instances were dropped: the three that
+    // served their 3 requests (the first, the one before the trap, the one
+    // after the transaction), and the one holding the transaction.
+    let metrics = host.admin("GET", "/metrics", vec![]).await.text();
+    let not_kept = |reason: &str| -> f64 {
+        let series =
+            format!(r#"agora_instances_not_kept_total{{component="probe",reason="{reason}"}} "#);
+        let line = metrics.lines().find(|l| l.starts_with(&series));
+        let value = line.unwrap_or_else(|| panic!("no {series} in\n{metrics}"));
+        value[series.len()..].trim().parse().unwrap()
+    };
+    assert_eq!(not_kept("served"), 3.0);
+    assert_eq!(not_kept("held-resource"), 1.0);
+    assert_eq!(not_kept("memory") + not_kept("no-room"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -109,6 +109,10 @@ impl EmbeddedLog {
         let path = dir.join("log.db");
         let conn =
             Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        // Local coordination keeps the consumer offsets in the same file, on
+        // a connection of its own: without a wait, an append that meets its
+        // write lock fails with "database is locked".
+        conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "synchronous", synchronous(config.durability))
             .with_context(|| format!("initialising {}", path.display()))?;
         conn.execute_batch(
@@ -383,6 +387,35 @@ mod tests {
             );
             assert_eq!(log.fetch("t", 0, 0, 10, false).await.unwrap().len(), 1);
         }
+    }
+
+    /// The log and the consumer offsets are two connections to one file:
+    /// an append that meets the other's write lock waits for it instead of
+    /// failing with "database is locked".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_append_waits_for_a_lock_held_on_the_same_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let config = EmbeddedConfig {
+            durability: Durability::ProcessCrash,
+            partitions: 1,
+        };
+        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let holder = Connection::open(dir.path().join("log.db")).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let released = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            holder.execute_batch("COMMIT").unwrap();
+        });
+        let started = std::time::Instant::now();
+        log.append(&[event("k")], Durability::ProcessCrash)
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "appended while the lock was held"
+        );
+        released.join().unwrap();
+        assert_eq!(log.fetch("t", 0, 0, 10, false).await.unwrap().len(), 1);
     }
 
     /// A log written before partitions keeps its events, in partition 0, and
