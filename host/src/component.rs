@@ -424,9 +424,6 @@ impl ComponentVersion {
             .store
             .data_mut()
             .set_trace(opentelemetry::Context::new());
-        let Some(not_kept) = &self.instance_metrics.not_kept else {
-            return;
-        };
         let state = lease.store.data();
         let reason = if lease.served >= self.spec.limits.reuse {
             NotKept::Served
@@ -444,7 +441,9 @@ impl ComponentVersion {
             }
             NotKept::NoRoom
         };
-        not_kept.count(reason);
+        if let Some(not_kept) = &self.instance_metrics.not_kept {
+            not_kept.count(reason);
+        }
     }
 
     /// Waits until none of this version's instances runs: at shutdown, so

@@ -49,10 +49,9 @@ impl LocalCoordinator {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("log.db");
-        let conn =
-            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // The embedded log writes the same file.
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = SharedConnection::open_file(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;

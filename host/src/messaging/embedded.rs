@@ -107,12 +107,9 @@ impl EmbeddedLog {
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join("log.db");
-        let conn =
-            Connection::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        // Local coordination keeps the consumer offsets in the same file, on
-        // a connection of its own: without a wait, an append that meets its
-        // write lock fails with "database is locked".
-        conn.busy_timeout(Duration::from_secs(5))?;
+        // Local coordination keeps the consumer offsets in the same file.
+        let conn = SharedConnection::open_file(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         conn.pragma_update(None, "synchronous", synchronous(config.durability))
             .with_context(|| format!("initialising {}", path.display()))?;
         conn.execute_batch(

@@ -147,6 +147,17 @@ pub struct SharedConnection {
 }
 
 impl SharedConnection {
+    /// Opens a file the host's own connections share (the embedded log and
+    /// local coordination's offsets are both in `log.db`): a write that
+    /// meets another connection's lock waits for it, up to 5 s, instead of
+    /// failing at once with "database is locked". Set before any setup
+    /// statement, which may meet that lock too.
+    pub fn open_file(path: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
     pub fn new(conn: Connection, what: &'static str) -> Self {
         SharedConnection {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
