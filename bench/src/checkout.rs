@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ pub async fn checkouts(scratch: &Path, duration: Duration, connections: usize) -
 pub async fn ready_and_idle_memory(dir: &Path) -> Result<()> {
     println!("\n## Start and memory: the shop of plugins.toml, embedded backends");
     let started = Instant::now();
-    drop(start_shop(dir, "", 1, |c| c).await?);
+    drop(start_shop(dir, "", 1, |c| c).await?.0);
     println!(
         "first start (compiling):  {:>6.0} ms",
         started.elapsed().as_secs_f64() * 1e3
@@ -101,7 +101,7 @@ pub async fn ready_and_idle_memory(dir: &Path) -> Result<()> {
     let mut resident = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();
-        let (servers, _) = start_shop(dir, "", 1, |c| c).await?;
+        let (servers, _, _) = start_shop(dir, "", 1, |c| c).await?;
         ready.push(started.elapsed());
         tokio::time::sleep(Duration::from_secs(2)).await;
         resident.push(resident_kib(servers[0].0.id())?);
@@ -129,6 +129,12 @@ fn resident_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc/<pid>/status")
 }
 
+/// A host's admin listener and data directory (where its admin token is).
+pub struct AdminOf {
+    addr: SocketAddr,
+    data: PathBuf,
+}
+
 /// Serves the shop of plugins.toml (with `edit` applied and `backends`
 /// appended) from `dir` on `hosts` hosts sharing one token key, and waits
 /// until each is ready. The hosts stop when the servers are dropped.
@@ -137,7 +143,7 @@ pub async fn start_shop(
     backends: &str,
     hosts: usize,
     edit: impl FnOnce(String) -> String,
-) -> Result<(Vec<Server>, Vec<SocketAddr>)> {
+) -> Result<(Vec<Server>, Vec<SocketAddr>, Vec<AdminOf>)> {
     std::fs::create_dir_all(dir)?;
     let text = std::fs::read_to_string(root().join("plugins.toml"))?;
     let components = root().join("target/wasm32-wasip2/component");
@@ -165,9 +171,11 @@ pub async fn start_shop(
     std::fs::write(&config_path, config)?;
     let mut servers = Vec::new();
     let mut addrs: Vec<SocketAddr> = Vec::new();
+    let mut admins = Vec::new();
     for host in 0..hosts {
         let (public, admin) = (free_port(), free_port());
         let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
+        let data = dir.join(format!("data{host}"));
         servers.push(Server(
             Command::new(root().join("target/release/agora"))
                 .arg("up")
@@ -176,7 +184,7 @@ pub async fn start_shop(
                 .args(["--listen", &addr.to_string()])
                 .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
                 .arg("--data")
-                .arg(dir.join(format!("data{host}")))
+                .arg(&data)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -191,8 +199,12 @@ pub async fn start_shop(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         addrs.push(addr);
+        admins.push(AdminOf {
+            addr: format!("127.0.0.1:{admin}").parse()?,
+            data,
+        });
     }
-    Ok((servers, addrs))
+    Ok((servers, addrs, admins))
 }
 
 /// One backend set's run.
@@ -220,7 +232,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
         label.split(' ').next().unwrap_or("x"),
         run.hosts
     ));
-    let (servers, addrs) = start_shop(&dir, &run.backends, run.hosts, |c| c).await?;
+    let (servers, addrs, admins) = start_shop(&dir, &run.backends, run.hosts, |c| c).await?;
     let addr = addrs[0];
     if run.hosts > 1 {
         // Each host has taken its share of the partitions.
@@ -246,11 +258,15 @@ async fn run(run: &Run<'_>) -> Result<()> {
         );
     }
 
+    let counted_before = saga_counts(&admins).await?;
+    let cpu_before = host_cpu_seconds(&servers)?;
+
     // Load: each buyer on its own keep-alive connection.
     let placed = Arc::new(Mutex::new(Vec::<(String, usize, u64)>::new()));
     let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
     let failures = Arc::new(Mutex::new(HashMap::<u16, u64>::new()));
-    let end = Instant::now() + duration;
+    let load_started = Instant::now();
+    let end = load_started + duration;
     let tasks: Vec<_> = buyers
         .iter()
         .enumerate()
@@ -300,6 +316,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
         task.await??;
     }
     let load_ended = Instant::now();
+    let load_cpu = host_cpu_seconds(&servers)? - cpu_before;
     let placed = std::mem::take(&mut *placed.lock().unwrap());
     let acknowledged: HashMap<String, u64> =
         placed.iter().map(|(id, _, at)| (id.clone(), *at)).collect();
@@ -325,8 +342,10 @@ async fn run(run: &Run<'_>) -> Result<()> {
         .map(|(id, buyer, _)| (id, buyer))
         .collect();
     let deadline = load_ended + Duration::from_secs(120);
+    let mut polls = 0;
     while !unpaid.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
+        polls += unpaid.len();
         for (id, buyer) in unpaid {
             let (_, body) = call(
                 addr,
@@ -387,8 +406,106 @@ async fn run(run: &Run<'_>) -> Result<()> {
         delays.len(),
         acknowledged.len()
     );
+
+    // Where an order's CPU goes: the saga's work per order, counted by the
+    // hosts' own metrics over the run, less the bench's status polls (each
+    // one an orders instance).
+    let orders = acknowledged.len().max(1) as f64;
+    let mut counted = saga_counts(&admins).await?;
+    for (name, before) in counted_before {
+        *counted.entry(name).or_default() -= before;
+    }
+    *counted.entry("orders".into()).or_default() -= polls as f64;
+    let per_order = |name: &str| counted.get(name).copied().unwrap_or(0.0) / orders;
+    let instances: Vec<String> = ["orders", "catalog", "payments", "notifications", "identity"]
+        .iter()
+        .map(|c| format!("{c} {:.1}", per_order(c)))
+        .collect();
+    println!(
+        "{:<34} per order: {:.2} ms of host CPU during the load ({:.2} cores); instances made: {}; \
+         events delivered {:.1}; calls between components {:.1}",
+        "",
+        load_cpu * 1e3 / orders,
+        load_cpu / load_ended.duration_since(load_started).as_secs_f64(),
+        instances.join(", "),
+        per_order("delivered"),
+        per_order("linked"),
+    );
     drop(servers);
     Ok(())
+}
+
+/// CPU seconds (user and system) the hosts have used so far, from /proc.
+fn host_cpu_seconds(servers: &[Server]) -> Result<f64> {
+    // Clock ticks per second: 100 on every Linux build this bench meets.
+    const TICKS: f64 = 100.0;
+    let mut ticks = 0u64;
+    for server in servers {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", server.0.id()))?;
+        // Fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("no command name in /proc/<pid>/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        // utime and stime are fields 14 and 15, the 12th and 13th after it.
+        for field in &fields[11..13] {
+            ticks += field.parse::<u64>()?;
+        }
+    }
+    Ok(ticks as f64 / TICKS)
+}
+
+/// The hosts' counts of the saga's work: instances made per component
+/// (by name), events delivered (`delivered`), calls between components
+/// (`linked`), summed over the hosts' `/metrics`.
+async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
+    let mut counts = HashMap::new();
+    for admin in admins {
+        let token = std::fs::read_to_string(admin.data.join("admin.token"))?;
+        let text = admin_get(admin.addr, "/metrics", token.trim()).await?;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            let name = if let Some(labels) =
+                series.strip_prefix("agora_instantiation_duration_seconds_count{")
+            {
+                match labels.split_once("component=\"") {
+                    Some((_, rest)) => rest.split('"').next().unwrap_or("").to_owned(),
+                    None => continue,
+                }
+            } else if series.starts_with("agora_events_delivered_total{") {
+                "delivered".to_owned()
+            } else if series.starts_with("agora_link_calls_total{") {
+                "linked".to_owned()
+            } else {
+                continue;
+            };
+            *counts.entry(name).or_default() += value;
+        }
+    }
+    Ok(counts)
+}
+
+/// A GET on a host's admin listener, with its admin token.
+async fn admin_get(addr: SocketAddr, path: &str, token: &str) -> Result<String> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::get(path)
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("GET {path} on {addr}: {status}");
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// When each order's "paid" notification was stored (ms since the epoch),

@@ -31,7 +31,7 @@ pub async fn products(scratch: &Path, duration: Duration, connections: usize) ->
         ("fresh", &["response_cache = ", "limits = { reuse"][..]),
     ] {
         let dir = scratch.join(format!("products-{label}"));
-        let (_servers, addrs) = start_shop(&dir, "", 1, |config| {
+        let (_servers, addrs, _) = start_shop(&dir, "", 1, |config| {
             config
                 .lines()
                 .filter(|l| !dropped.iter().any(|d| l.starts_with(d)))
