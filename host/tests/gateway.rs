@@ -1110,3 +1110,25 @@ response_cache = [{{ prefix = "/cached-cut", ttl_seconds = 600 }}]
     }
     assert_eq!(get(&host.url("/healthz")).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_the_guest_never_finished_is_an_error_never_a_response() {
+    let unfinished = component("hello-unfinished-body");
+    let host = TestHost::start(move |_, _| {
+        format!(
+            r#"
+[components.unfinished]
+wasm = "{unfinished}"
+routes = ["/unfinished"]
+"#,
+            unfinished = unfinished.display()
+        )
+    });
+    // Every byte it wrote went out, but it returned without `finish`: the
+    // client cannot be told the response is whole.
+    for _ in 0..2 {
+        let answered = try_request("GET", &host.url("/unfinished"), &[], Vec::new()).await;
+        assert!(answered.is_err(), "{:?}", answered.map(|r| r.text()));
+    }
+    assert_eq!(get(&host.url("/healthz")).await.status, 200);
+}

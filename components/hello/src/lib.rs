@@ -23,6 +23,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
             }
             let _ = stream.blocking_write_and_flush(BODY);
         }
+        if cfg!(feature = "unfinished-body") {
+            // Returns holding the body, never finished nor dropped.
+            std::mem::forget(body);
+            return;
+        }
         let _ = OutgoingBody::finish(body, None);
     }
 }
