@@ -173,8 +173,8 @@ pub async fn start_shop(
     let mut addrs: Vec<SocketAddr> = Vec::new();
     let mut admins = Vec::new();
     for host in 0..hosts {
-        let (public, admin) = (free_port(), free_port());
-        let addr: SocketAddr = format!("127.0.0.1:{public}").parse()?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let data = dir.join(format!("data{host}"));
         servers.push(Server(
             Command::new(root().join("target/release/agora"))
@@ -182,7 +182,7 @@ pub async fn start_shop(
                 .arg("--config")
                 .arg(&config_path)
                 .args(["--listen", &addr.to_string()])
-                .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+                .args(["--admin-listen", &admin.to_string()])
                 .arg("--data")
                 .arg(&data)
                 .env("RUST_LOG", "warn")
@@ -199,10 +199,7 @@ pub async fn start_shop(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         addrs.push(addr);
-        admins.push(AdminOf {
-            addr: format!("127.0.0.1:{admin}").parse()?,
-            data,
-        });
+        admins.push(AdminOf { addr: admin, data });
     }
     Ok((servers, addrs, admins))
 }
@@ -464,7 +461,11 @@ async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
     let mut counts = HashMap::new();
     for admin in admins {
         let token = std::fs::read_to_string(admin.data.join("admin.token"))?;
-        let text = admin_get(admin.addr, "/metrics", token.trim()).await?;
+        let (status, text) = request(admin.addr, "GET", "/metrics", Some(token.trim()), "").await?;
+        if status != 200 {
+            bail!("GET /metrics on {}: {status}", admin.addr);
+        }
+        let text = String::from_utf8_lossy(&text);
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -488,24 +489,6 @@ async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
         }
     }
     Ok(counts)
-}
-
-/// A GET on a host's admin listener, with its admin token.
-async fn admin_get(addr: SocketAddr, path: &str, token: &str) -> Result<String> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let request = http::Request::get(path)
-        .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!("GET {path} on {addr}: {status}");
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// When each order's "paid" notification was stored (ms since the epoch),
@@ -570,6 +553,22 @@ pub async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> Result<(u16, Value)> {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let (status, bytes) = request(addr, method, path, token, &body).await?;
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
+}
+
+/// One request on a connection of its own: status and body.
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Result<(u16, Bytes)> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -581,16 +580,11 @@ pub async fn call(
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
     let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
+        .send_request(request.body(Full::new(Bytes::from(body.to_owned())))?)
         .await?;
     let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok((
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    ))
+    Ok((status, response.into_body().collect().await?.to_bytes()))
 }
 
 /// Drops the bench's PostgreSQL roles and schemas, through psql (best effort).

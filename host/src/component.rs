@@ -48,7 +48,6 @@ use wasmtime::component::{Component, Instance, InstancePre, Linker, Val};
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p2::bindings::ProxyIndices;
-use wasmtime_wasi_http::p2::body::{HostOutgoingBody, StreamContext};
 use wasmtime_wasi_http::WasiHttpView;
 
 use crate::bindings::messaging::Message;
@@ -398,14 +397,9 @@ impl ComponentVersion {
     /// instance is given back, a failure counted by kind.
     fn settle<T>(
         &self,
-        mut lease: Lease,
+        lease: Lease,
         ran: Result<wasmtime::Result<T>, Failure>,
     ) -> Result<T, Failure> {
-        let aborted = abort_unfinished_bodies(&mut lease.store.data_mut().table);
-        if aborted > 0 {
-            tracing::warn!(component = %self.name, bodies = aborted,
-                "the guest ended without finishing its outgoing bodies: they were aborted");
-        }
         match ran {
             Ok(Ok(value)) => {
                 self.give_back(lease);
@@ -796,27 +790,6 @@ fn arm_deadline(store: &mut Store<InstanceState>, deadline: Instant) {
     });
 }
 
-/// Aborts the outgoing bodies (of its response, of its outgoing requests)
-/// that a guest ended without finishing, and says how many there were.
-/// wasi-http aborts a body the guest drops, but one still in the guest's
-/// table when its store is dropped ends like a finished one: the client,
-/// or the remote server of an outgoing request, would take what was
-/// written for all of it. Aborted, the response's connection is cut (see
-/// [`GuestBody`]) and the request fails.
-fn abort_unfinished_bodies(table: &mut wasmtime::component::ResourceTable) -> usize {
-    let mut aborted = 0;
-    for entry in table.iter_mut() {
-        if let Some(body) = entry.downcast_mut::<HostOutgoingBody>() {
-            // `abort` takes the body; an unused one stands in until the
-            // store drops the table.
-            let (unused, _) = HostOutgoingBody::new(StreamContext::Response, None, 1, 1);
-            std::mem::replace(body, unused).abort();
-            aborted += 1;
-        }
-    }
-    aborted
-}
-
 /// A guest's HTTP call, run on the task of its request until the response
 /// head is out: most guests (hello world, any handler whose body fits the
 /// stream's buffer) return by then, and a task of their own would cost
@@ -887,7 +860,8 @@ impl Drop for GuestRun {
 /// the guest calls `finish`, before it returns, so `failed` not set means a
 /// finished body: waiting for the guest to return would cost every
 /// response a wakeup. A guest that returns still holding its body has it
-/// aborted ([`abort_unfinished_bodies`]), which ends it with an error too.
+/// aborted when its store is dropped (see `InstanceState`'s `Drop`), which
+/// ends it with an error too.
 struct GuestBody {
     body: Body,
     failed: Arc<AtomicBool>,

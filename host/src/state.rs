@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::body::{HostOutgoingBody, StreamContext};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::capability::ComponentCaps;
@@ -58,6 +59,32 @@ impl InstanceState {
     pub fn set_trace(&mut self, trace: opentelemetry::Context) {
         self.outbound.trace = trace.clone();
         self.trace = trace;
+    }
+}
+
+/// Aborts the outgoing bodies (of its response, of its outgoing requests)
+/// that the guest left unfinished, whichever way the store ends (returned,
+/// trapped, out of time, dropped at shutdown). wasi-http aborts a body the
+/// guest drops, but one still in the table when the table is dropped ends
+/// like a finished one: the client, or the remote server of an outgoing
+/// request, would take what was written for all of it. Aborted, the
+/// response's connection is cut and the request fails.
+impl Drop for InstanceState {
+    fn drop(&mut self) {
+        let mut aborted = 0;
+        for entry in self.table.iter_mut() {
+            if let Some(body) = entry.downcast_mut::<HostOutgoingBody>() {
+                // `abort` takes the body; an unused one stands in until
+                // the table is dropped.
+                let (unused, _) = HostOutgoingBody::new(StreamContext::Response, None, 1, 1);
+                std::mem::replace(body, unused).abort();
+                aborted += 1;
+            }
+        }
+        if aborted > 0 {
+            tracing::warn!(component = %self.caps.name, bodies = aborted,
+                "the guest ended without finishing its outgoing bodies: they were aborted");
+        }
     }
 }
 
