@@ -21,10 +21,10 @@
 //!    Redis (+ Kafka, one host and two) (`checkout.rs`).
 //!
 //! Usage: `agora-bench [seconds per HTTP run] [connections]` (default 10, 32);
-//! `agora-bench storage` runs section 4 alone, `agora-bench start` section 5,
-//! `agora-bench products [seconds]
-//! [connections]` section 6, and `agora-bench checkout [seconds] [buyers]`
-//! section 7.
+//! `agora-bench http [seconds] [connections]` runs section 2 alone,
+//! `agora-bench storage` section 4, `agora-bench start` section 5,
+//! `agora-bench products [seconds] [connections]` section 6, and
+//! `agora-bench checkout [seconds] [buyers]` section 7.
 
 mod checkout;
 mod products;
@@ -76,7 +76,7 @@ fn main() -> Result<()> {
     let only = args
         .get(1)
         .map(String::as_str)
-        .filter(|a| matches!(*a, "checkout" | "products" | "start" | "storage"))
+        .filter(|a| matches!(*a, "checkout" | "http" | "products" | "start" | "storage"))
         .map(str::to_owned);
     let args = &args[usize::from(only.is_some())..];
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
@@ -90,6 +90,7 @@ fn main() -> Result<()> {
                 "checkout" => checkout::checkouts(&scratch, duration, connections).await,
                 "start" => checkout::ready_and_idle_memory(&scratch.join("ready")).await,
                 "storage" => storage(&scratch.join("storage")).await,
+                "http" => http(&hello_config(&scratch)?, &scratch, duration, connections).await,
                 _ => products::products(&scratch, duration, connections).await,
             }
         });
@@ -101,18 +102,7 @@ fn main() -> Result<()> {
 
 async fn run(duration: Duration, connections: usize) -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("agora-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)?;
-    let config = scratch.join("plugins.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[components.hello]\nwasm = \"{}\"\nroutes = [\"/\"]\n\n\
-             [components.probe]\nwasm = \"{}\"\nroutes = [\"/probe\"]\n\
-             grants = [\"storage\", \"cache\", \"messaging\", \"tokens\", \"tokens-issue\", \"config\", \"http-out\"]\n",
-            component("hello").display(),
-            component("probe").display()
-        ),
-    )?;
+    let config = hello_config(&scratch)?;
 
     instantiation(&config, &scratch.join("in-process")).await?;
 
@@ -124,6 +114,24 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
     checkout::checkouts(&scratch, duration, connections).await?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// The plugins.toml of the hello-world runs: hello world on `/`, and the
+/// probe, whose host calls the swap and instantiation runs use.
+fn hello_config(scratch: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(scratch)?;
+    let config = scratch.join("plugins.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[components.hello]\nwasm = \"{}\"\nroutes = [\"/\"]\n\n\
+             [components.probe]\nwasm = \"{}\"\nroutes = [\"/probe\"]\n\
+             grants = [\"storage\", \"cache\", \"messaging\", \"tokens\", \"tokens-issue\", \"config\", \"http-out\"]\n",
+            component("hello").display(),
+            component("probe").display()
+        ),
+    )?;
+    Ok(config)
 }
 
 /// Rounds of the HTTP comparison: the servers take turns, so a machine
