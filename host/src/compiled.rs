@@ -40,6 +40,25 @@ const KEPT_ARTIFACTS: usize = 64;
 
 const EXTENSION: &str = "cwasm";
 
+/// Where wasmtime's own cache kept compiled code in this directory, for
+/// hosts before these artifacts.
+const SUPERSEDED_CACHE: &str = "modules";
+
+/// The SHA-256 of a component's Wasm: it names the component's artifact
+/// and, shortened, its version. Computed once per load.
+pub struct WasmDigest([u8; 32]);
+
+impl WasmDigest {
+    pub fn of(wasm: &[u8]) -> WasmDigest {
+        WasmDigest(Sha256::digest(wasm).into())
+    }
+
+    /// The version a deploy shows: the digest's first 12 hex digits.
+    pub fn version(&self) -> String {
+        self.0.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// The directory of compiled artifacts of one engine, and the engine.
 pub struct CompiledCache {
     engine: Engine,
@@ -56,6 +75,20 @@ impl CompiledCache {
     pub fn new(engine: Engine, dir: PathBuf) -> Result<CompiledCache> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("creating the compiled code directory {}", dir.display()))?;
+        // wasmtime's own cache, which hosts before these artifacts kept
+        // here: nothing reads it any more, and it would hold its megabytes
+        // for good.
+        let superseded = dir.join(SUPERSEDED_CACHE);
+        if superseded.is_dir() {
+            match std::fs::remove_dir_all(&superseded) {
+                Ok(()) => {
+                    tracing::info!(path = %superseded.display(), "deleted wasmtime's old compilation cache")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %superseded.display(), error = %e, "cannot delete wasmtime's old compilation cache")
+                }
+            }
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(CompiledCache {
@@ -69,22 +102,20 @@ impl CompiledCache {
         &self.engine
     }
 
-    fn path_of(&self, wasm: &[u8]) -> PathBuf {
-        let digest: String = Sha256::digest(wasm)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+    fn path_of(&self, digest: &WasmDigest) -> PathBuf {
+        let digest: String = digest.0.iter().map(|b| format!("{b:02x}")).collect();
         self.dir
             .join(format!("{digest}-{}.{EXTENSION}", self.engine_key))
     }
 
-    /// The component compiled from `wasm`: mapped from its artifact if one
-    /// is kept, else compiled (blocking: call it off the async threads),
-    /// kept, and mapped. Says whether it compiled. An artifact that does
-    /// not load (cut short by a crash, say) is compiled again.
-    pub fn load(&self, wasm: &[u8]) -> Result<(Component, bool)> {
+    /// The component compiled from `wasm`, whose digest is `digest`: mapped
+    /// from its artifact if one is kept, else compiled (blocking: call it
+    /// off the async threads), kept, and mapped. Says whether it compiled.
+    /// An artifact that does not load (cut short by a crash, say) is
+    /// compiled again.
+    pub fn load(&self, wasm: &[u8], digest: &WasmDigest) -> Result<(Component, bool)> {
         let engine = &self.engine;
-        let path = self.path_of(wasm);
+        let path = self.path_of(digest);
         if path.exists() {
             // SAFETY: the artifact was written by `precompile_component`
             // of an engine with these settings (its name says so) into the
@@ -157,6 +188,11 @@ mod tests {
         wasm
     }
 
+    /// Loads `wasm` from `cache`; true if it had to be compiled.
+    fn compiles(cache: &CompiledCache, wasm: &[u8]) -> bool {
+        cache.load(wasm, &WasmDigest::of(wasm)).unwrap().1
+    }
+
     fn artifacts(dir: &Path) -> Vec<PathBuf> {
         let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
@@ -173,23 +209,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = CompiledCache::new(Engine::default(), dir.path().into()).unwrap();
         let wasm = component(b'a');
-        assert!(cache.load(&wasm).unwrap().1, "compiled the first time");
-        assert!(!cache.load(&wasm).unwrap().1, "mapped the second time");
+        assert!(compiles(&cache, &wasm), "compiled the first time");
+        assert!(!compiles(&cache, &wasm), "mapped the second time");
         let [artifact] = artifacts(dir.path()).try_into().unwrap();
 
         std::fs::write(&artifact, b"not an artifact").unwrap();
         assert!(
-            cache.load(&wasm).unwrap().1,
+            compiles(&cache, &wasm),
             "a damaged artifact is compiled again"
         );
-        assert!(!cache.load(&wasm).unwrap().1);
+        assert!(!compiles(&cache, &wasm));
 
         // Another engine's settings never load this engine's code.
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         let other = CompiledCache::new(Engine::new(&config).unwrap(), dir.path().into()).unwrap();
-        assert!(other.load(&wasm).unwrap().1);
+        assert!(compiles(&other, &wasm));
         assert_eq!(artifacts(dir.path()).len(), 2);
+    }
+
+    #[test]
+    fn the_compilation_cache_of_earlier_hosts_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(SUPERSEDED_CACHE).join("wasmtime-48.0.8");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("mod-1234"), b"compressed code").unwrap();
+        let cache = CompiledCache::new(Engine::default(), dir.path().into()).unwrap();
+        assert!(!dir.path().join(SUPERSEDED_CACHE).exists());
+        assert!(compiles(&cache, &component(b'a')));
     }
 
     #[test]
@@ -197,20 +244,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = CompiledCache::new(Engine::default(), dir.path().into()).unwrap();
         let first = component(0);
-        cache.load(&first).unwrap();
+        compiles(&cache, &first);
         for tag in 1..=KEPT_ARTIFACTS as u8 {
-            cache.load(&component(tag)).unwrap();
+            compiles(&cache, &component(tag));
             if tag == 1 {
                 // Used again after the second was written: the second is
                 // now the least recently used.
                 std::thread::sleep(std::time::Duration::from_millis(10));
-                assert!(!cache.load(&first).unwrap().1);
+                assert!(!compiles(&cache, &first));
             }
         }
         assert_eq!(artifacts(dir.path()).len(), KEPT_ARTIFACTS);
-        assert!(!cache.load(&first).unwrap().1, "kept: used recently");
+        assert!(!compiles(&cache, &first), "kept: used recently");
         assert!(
-            cache.load(&component(1)).unwrap().1,
+            compiles(&cache, &component(1)),
             "deleted: least recently used"
         );
     }

@@ -41,7 +41,6 @@ use futures_util::FutureExt;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
-use sha2::{Digest, Sha256};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::timeout_at;
 use wasmtime::component::{Component, Instance, InstancePre, Linker, Val};
@@ -53,7 +52,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
-use crate::compiled::CompiledCache;
+use crate::compiled::{CompiledCache, WasmDigest};
 use crate::links;
 use crate::metrics::{CacheResult, InstanceMetrics, NotKept, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
@@ -207,11 +206,12 @@ async fn compile(
     compiled: &Arc<CompiledCache>,
     name: &str,
     wasm: &Arc<[u8]>,
+    digest: WasmDigest,
 ) -> Result<Result<Component>> {
     let started = Instant::now();
     let compiling = {
         let (compiled, wasm) = (compiled.clone(), wasm.clone());
-        tokio::task::spawn_blocking(move || compiled.load(&wasm).map(|(c, _)| c))
+        tokio::task::spawn_blocking(move || compiled.load(&wasm, &digest).map(|(c, _)| c))
     };
     tokio::pin!(compiling);
     let mut notice = tokio::time::interval_at(
@@ -237,11 +237,7 @@ async fn compile(
 }
 
 pub fn version_of(wasm: &[u8]) -> String {
-    Sha256::digest(wasm)
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    WasmDigest::of(wasm).version()
 }
 
 impl ComponentVersion {
@@ -257,9 +253,10 @@ impl ComponentVersion {
         spec: &ComponentSpec,
         wasm: Arc<[u8]>,
     ) -> Result<ComponentVersion> {
-        let version = version_of(&wasm);
+        let digest = WasmDigest::of(&wasm);
+        let version = digest.version();
         let engine = compiled.engine();
-        let component = compile(compiled, name, &wasm)
+        let component = compile(compiled, name, &wasm, digest)
             .await?
             .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?;
         Capabilities::check_imports(engine, name, &component, spec)?;
