@@ -117,7 +117,7 @@ async fn run(duration: Duration, connections: usize) -> Result<()> {
 }
 
 /// The plugins.toml of the hello-world runs: hello world on `/`, and the
-/// probe, whose host calls the swap and instantiation runs use.
+/// probe with every grant, which the swap run redeploys.
 fn hello_config(scratch: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(scratch)?;
     let config = scratch.join("plugins.toml");

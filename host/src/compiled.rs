@@ -45,7 +45,9 @@ const EXTENSION: &str = "cwasm";
 const SUPERSEDED_CACHE: &str = "modules";
 
 /// The SHA-256 of a component's Wasm: it names the component's artifact
-/// and, shortened, its version. Computed once per load.
+/// and, shortened, its version. A new version's Wasm is hashed once for
+/// both (a reload also hashes a running component's Wasm to tell whether
+/// it changed).
 pub struct WasmDigest([u8; 32]);
 
 impl WasmDigest {
@@ -53,9 +55,13 @@ impl WasmDigest {
         WasmDigest(Sha256::digest(wasm).into())
     }
 
+    fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The version a deploy shows: the digest's first 12 hex digits.
     pub fn version(&self) -> String {
-        self.0.iter().take(6).map(|b| format!("{b:02x}")).collect()
+        self.hex()[..12].to_owned()
     }
 }
 
@@ -103,12 +109,12 @@ impl CompiledCache {
     }
 
     fn path_of(&self, digest: &WasmDigest) -> PathBuf {
-        let digest: String = digest.0.iter().map(|b| format!("{b:02x}")).collect();
         self.dir
-            .join(format!("{digest}-{}.{EXTENSION}", self.engine_key))
+            .join(format!("{}-{}.{EXTENSION}", digest.hex(), self.engine_key))
     }
 
-    /// The component compiled from `wasm`, whose digest is `digest`: mapped
+    /// The component compiled from `wasm`, whose digest is `digest`
+    /// (`WasmDigest::of(wasm)`: another would map another's code): mapped
     /// from its artifact if one is kept, else compiled (blocking: call it
     /// off the async threads), kept, and mapped. Says whether it compiled.
     /// An artifact that does not load (cut short by a crash, say) is
@@ -244,9 +250,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = CompiledCache::new(Engine::default(), dir.path().into()).unwrap();
         let first = component(0);
-        compiles(&cache, &first);
+        let _ = compiles(&cache, &first);
         for tag in 1..=KEPT_ARTIFACTS as u8 {
-            compiles(&cache, &component(tag));
+            let _ = compiles(&cache, &component(tag));
             if tag == 1 {
                 // Used again after the second was written: the second is
                 // now the least recently used.
