@@ -26,6 +26,7 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
@@ -44,19 +45,29 @@ const EXTENSION: &str = "cwasm";
 /// hosts before these artifacts.
 const SUPERSEDED_CACHE: &str = "modules";
 
-/// The SHA-256 of a component's Wasm: it names the component's artifact
-/// and, shortened, its version. A new version's Wasm is hashed once for
-/// both (a reload also hashes a running component's Wasm to tell whether
-/// it changed).
-pub struct WasmDigest([u8; 32]);
+/// A component's Wasm and its SHA-256, hashed once where the Wasm arrives
+/// (read from plugins.toml's path or deployed): the digest names the
+/// artifact and, shortened, the version, and a reload compares it to tell
+/// whether a running component changed. Built only by hashing, so a
+/// digest never stands for other bytes.
+#[derive(Clone)]
+pub struct Wasm {
+    bytes: Arc<[u8]>,
+    digest: [u8; 32],
+}
 
-impl WasmDigest {
-    pub fn of(wasm: &[u8]) -> WasmDigest {
-        WasmDigest(Sha256::digest(wasm).into())
+impl Wasm {
+    pub fn new(bytes: Arc<[u8]>) -> Wasm {
+        let digest = Sha256::digest(&bytes).into();
+        Wasm { bytes, digest }
+    }
+
+    pub fn bytes(&self) -> &Arc<[u8]> {
+        &self.bytes
     }
 
     fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        self.digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The version a deploy shows: the digest's first 12 hex digits.
@@ -108,20 +119,18 @@ impl CompiledCache {
         &self.engine
     }
 
-    fn path_of(&self, digest: &WasmDigest) -> PathBuf {
+    fn path_of(&self, wasm: &Wasm) -> PathBuf {
         self.dir
-            .join(format!("{}-{}.{EXTENSION}", digest.hex(), self.engine_key))
+            .join(format!("{}-{}.{EXTENSION}", wasm.hex(), self.engine_key))
     }
 
-    /// The component compiled from `wasm`, whose digest is `digest`
-    /// (`WasmDigest::of(wasm)`: another would map another's code): mapped
-    /// from its artifact if one is kept, else compiled (blocking: call it
-    /// off the async threads), kept, and mapped. Says whether it compiled.
-    /// An artifact that does not load (cut short by a crash, say) is
-    /// compiled again.
-    pub fn load(&self, wasm: &[u8], digest: &WasmDigest) -> Result<(Component, bool)> {
+    /// The component compiled from `wasm`: mapped from its artifact if one
+    /// is kept, else compiled (blocking: call it off the async threads),
+    /// kept, and mapped. Says whether it compiled. An artifact that does
+    /// not load (cut short by a crash, say) is compiled again.
+    pub fn load(&self, wasm: &Wasm) -> Result<(Component, bool)> {
         let engine = &self.engine;
-        let path = self.path_of(digest);
+        let path = self.path_of(wasm);
         if path.exists() {
             // SAFETY: the artifact was written by `precompile_component`
             // of an engine with these settings (its name says so) into the
@@ -138,7 +147,7 @@ impl CompiledCache {
                 ),
             }
         }
-        let artifact = engine.precompile_component(wasm)?;
+        let artifact = engine.precompile_component(&wasm.bytes)?;
         let temporary = self.dir.join(format!(
             ".{}.{}.tmp",
             std::process::id(),
@@ -196,7 +205,7 @@ mod tests {
 
     /// Loads `wasm` from `cache`; true if it had to be compiled.
     fn compiles(cache: &CompiledCache, wasm: &[u8]) -> bool {
-        cache.load(wasm, &WasmDigest::of(wasm)).unwrap().1
+        cache.load(&Wasm::new(wasm.into())).unwrap().1
     }
 
     fn artifacts(dir: &Path) -> Vec<PathBuf> {

@@ -52,7 +52,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::bindings::messaging::Message;
 use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
-use crate::compiled::{CompiledCache, WasmDigest};
+use crate::compiled::{CompiledCache, Wasm};
 use crate::links;
 use crate::metrics::{CacheResult, InstanceMetrics, NotKept, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
@@ -205,13 +205,12 @@ const COMPILE_NOTICE: Duration = Duration::from_secs(2);
 async fn compile(
     compiled: &Arc<CompiledCache>,
     name: &str,
-    wasm: &Arc<[u8]>,
-    digest: WasmDigest,
+    wasm: &Wasm,
 ) -> Result<Result<Component>> {
     let started = Instant::now();
     let compiling = {
         let (compiled, wasm) = (compiled.clone(), wasm.clone());
-        tokio::task::spawn_blocking(move || compiled.load(&wasm, &digest).map(|(c, _)| c))
+        tokio::task::spawn_blocking(move || compiled.load(&wasm).map(|(c, _)| c))
     };
     tokio::pin!(compiling);
     let mut notice = tokio::time::interval_at(
@@ -228,16 +227,12 @@ async fn compile(
             }
             _ = notice.tick() => tracing::info!(
                 component = %name,
-                bytes = wasm.len(),
+                bytes = wasm.bytes().len(),
                 "compiling to native code ({} s so far; cached afterwards)",
                 started.elapsed().as_secs()
             ),
         }
     }
-}
-
-pub fn version_of(wasm: &[u8]) -> String {
-    WasmDigest::of(wasm).version()
 }
 
 impl ComponentVersion {
@@ -251,12 +246,11 @@ impl ComponentVersion {
         runtime: &Weak<Runtime>,
         name: &str,
         spec: &ComponentSpec,
-        wasm: Arc<[u8]>,
+        wasm: Wasm,
     ) -> Result<ComponentVersion> {
-        let digest = WasmDigest::of(&wasm);
-        let version = digest.version();
+        let version = wasm.version();
         let engine = compiled.engine();
-        let component = compile(compiled, name, &wasm, digest)
+        let component = compile(compiled, name, &wasm)
             .await?
             .map_err(|e| anyhow!("component `{name}` is not a valid component: {e:#}"))?;
         Capabilities::check_imports(engine, name, &component, spec)?;
@@ -279,7 +273,7 @@ impl ComponentVersion {
             name: name.to_owned(),
             version,
             spec: spec.clone(),
-            wasm,
+            wasm: wasm.bytes().clone(),
             pre,
             http,
             subscriber,

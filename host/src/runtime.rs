@@ -36,7 +36,8 @@ use crate::accounts::Accounts;
 use crate::bindings::messaging::Message;
 use crate::capability::Capabilities;
 use crate::compiled::CompiledCache;
-use crate::component::{version_of, ComponentVersion};
+use crate::compiled::Wasm;
+use crate::component::ComponentVersion;
 use crate::engine;
 use crate::gateway::Proxies;
 use crate::messaging::Deliver;
@@ -212,7 +213,7 @@ impl Runtime {
         &self,
         name: &str,
         spec: &ComponentSpec,
-        wasm: Arc<[u8]>,
+        wasm: Wasm,
     ) -> Result<Arc<ComponentVersion>> {
         let version = ComponentVersion::load(
             &self.compiled,
@@ -239,11 +240,11 @@ impl Runtime {
         let mut components = BTreeMap::new();
         let mut fresh = Vec::new();
         for (name, spec) in &plugins.components {
-            let wasm = self.read_source(plugins, name, spec)?;
+            let wasm = Wasm::new(self.read_source(plugins, name, spec)?);
             let running = current
                 .components
                 .get(name)
-                .filter(|c| c.spec == *spec && c.version == version_of(&wasm));
+                .filter(|c| c.spec == *spec && c.version == wasm.version());
             let version = match running {
                 Some(running) => running.clone(),
                 None => {
@@ -349,7 +350,9 @@ impl Runtime {
             .components
             .get(name)
             .ok_or_else(|| anyhow!("no component named `{name}` is running"))?;
-        let version = self.load(name, &running.spec.clone(), wasm.into()).await?;
+        let version = self
+            .load(name, &running.spec.clone(), Wasm::new(wasm.into()))
+            .await?;
         let next = current.with(version.clone());
         check_links(&next.components)?;
         version.migrate().await?;
