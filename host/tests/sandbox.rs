@@ -708,6 +708,56 @@ async fn sql_cannot_make_the_host_hold_unbounded_memory() {
     assert_eq!(get(&host.url("/products")).await.status, 200);
 }
 
+/// A statement stops at its deadline whatever it calls. SQLite's own
+/// `LIKE`, `GLOB`, `instr`, `replace` and `trim(x, set)` each did work
+/// quadratic in their arguments inside one instruction of its VM, where
+/// the deadline's interrupt does not reach: one call on megabytes ran for
+/// minutes, holding a core and, in `execute`, the component's write
+/// connection.
+#[tokio::test]
+async fn a_statement_stops_at_its_deadline_whatever_it_calls() {
+    let host = shop_and_hostile();
+    let long = "WITH t(x, y, p) AS (SELECT printf('%.*c', 8000000, 'a'), \
+                printf('%.*c', 2000000, 'a') || 'b', printf('%.*c', 40000, 'a')) ";
+    let slow = [
+        "x LIKE '%' || p || 'b%'",
+        "x GLOB '*' || p || 'b*'",
+        "x LIKE '%' || p || '_b' ESCAPE '!'",
+    ];
+    for expr in slow {
+        let write = format!("{long} INSERT INTO kv (key, value) SELECT 'q', {expr} FROM t");
+        let reply = sql(&host, "execute", &write).await;
+        assert_error(&reply, 504, "deadline_exceeded");
+        // The write connection is free again: the statement has stopped.
+        let after = "INSERT OR REPLACE INTO kv (key, value) VALUES ('after', 'v')";
+        let reply = sql(&host, "execute", after).await;
+        assert_eq!(reply.status, 200, "after {expr}: {}", reply.text());
+        let reply = sql(&host, "query", &format!("{long} SELECT {expr} FROM t")).await;
+        assert_error(&reply, 504, "deadline_exceeded");
+    }
+    // These are linear now, and answer well within the deadline.
+    let fast = [
+        ("instr(x || 'b', y)", 6_000_001),
+        ("length(replace(x || 'b', y, ''))", 6_000_000),
+        (
+            "length(trim(x || 'b', printf('%.*c', 40000, 'c') || 'a'))",
+            1,
+        ),
+    ];
+    for (expr, expected) in fast {
+        let rows = query_rows(&host, &format!("{long} SELECT {expr} FROM t")).await;
+        assert_eq!(rows, json!([[expected]]), "{expr}");
+    }
+    // Nothing runs on: the host is idle again.
+    let before = host.cpu_time();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = host.cpu_time() - before;
+    assert!(
+        used < Duration::from_secs(1),
+        "the idle host used {used:?} of CPU in 3 s"
+    );
+}
+
 /// One component cannot fill the disk the others share: its database stops
 /// at the backend's `max_size_mib`, with a clear error, and the others
 /// write on.

@@ -36,6 +36,7 @@
 
 #[cfg(test)]
 mod contract;
+mod functions;
 mod ledger;
 mod postgres;
 mod sandbox;

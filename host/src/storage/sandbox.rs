@@ -88,7 +88,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
 use rusqlite::{Batch, Connection, ErrorCode, OpenFlags};
 
-use super::Error;
+use super::{functions, Error};
 
 /// PRAGMAs a component may run, and only to read: each describes the
 /// component's own schema or reports a setting, and none shows a path or
@@ -232,6 +232,7 @@ impl Sandboxed {
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
         conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
         conn.set_limit(Limit::SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_BYTES)?;
+        functions::install(&conn)?;
         let guard = Arc::new(Guard::default());
         let shared = guard.clone();
         conn.authorizer(Some(move |ctx: AuthContext<'_>| {

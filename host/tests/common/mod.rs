@@ -372,6 +372,22 @@ impl TestHost {
         self.memory_kib("VmHWM")
     }
 
+    /// The CPU time the host process has used so far (user and system),
+    /// from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.as_ref().expect("the host runs").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command, which is in parentheses and may hold
+        // spaces: utime and stime are the 12th and 13th, in clock ticks.
+        let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        // SAFETY: sysconf only reads a setting.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis((fields[11] + fields[12]) * 1000 / ticks)
+    }
+
     fn memory_kib(&self, field: &str) -> u64 {
         let pid = self.child.as_ref().expect("the host runs").id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
