@@ -888,7 +888,7 @@ mod tests {
             let args: Vec<Value> = (0..arity).map(|_| random.value(max)).collect();
             let mut statement = sql.to_owned();
             for i in 1..=arity {
-                let arg = if random.next() % 2 == 0 {
+                let arg = if random.next().is_multiple_of(2) {
                     format!("?{i}")
                 } else {
                     format!("CAST(?{i} AS TEXT)")

@@ -52,11 +52,11 @@
 //!   cap on what a `query` result may carry (`sqlite.rs`). A statement
 //!   past them fails with an error; the host's memory stays bounded
 //!   however many run at once. Runaway CPU is bounded by the request's
-//!   deadline, which interrupts the statement, but only between SQLite's
-//!   instructions: one call of `instr`, `replace`, `trim` with a set of
-//!   characters, `LIKE` or `GLOB` is quadratic in its arguments' lengths
-//!   and on megabytes runs on past the deadline (a known gap, stated in
-//!   the README's table of the sandbox);
+//!   deadline, which interrupts the statement at the bottom of SQLite's
+//!   loops; SQLite's quadratic string functions, which ran for minutes in
+//!   one instruction, are replaced (`functions.rs`). A loop-free statement
+//!   of many expensive terms still runs until its text is done (a known
+//!   gap, stated in the README's table of the sandbox);
 //! - `SQLITE_LIMIT_ATTACHED = 0`, so no database can be attached even past
 //!   the authorizer;
 //! - `SQLITE_DBCONFIG_DEFENSIVE`, which forbids editing the schema table or
