@@ -94,6 +94,7 @@ enum Outcome {
     Owned(*mut u8, usize),
     Error(&'static CStr),
     TooBig,
+    NoMemory,
 }
 
 /// How much work a function does between two looks at the interrupt
@@ -119,6 +120,15 @@ impl Budget {
             return Err(Interrupted);
         }
         Ok(())
+    }
+
+    /// [`read_char`], charged by the bytes it read: one malformed
+    /// character can run on for megabytes of continuation bytes.
+    fn read(&mut self, s: &[u8], at: &mut usize) -> Result<u32, Interrupted> {
+        let start = *at;
+        let c = read_char(s, at);
+        self.spend(1 + *at - start)?;
+        Ok(c)
     }
 }
 
@@ -233,6 +243,7 @@ unsafe fn call(
         ),
         Ok(Ok(Outcome::Error(message))) => ffi::sqlite3_result_error(ctx, message.as_ptr(), -1),
         Ok(Ok(Outcome::TooBig)) => ffi::sqlite3_result_error_toobig(ctx),
+        Ok(Ok(Outcome::NoMemory)) => ffi::sqlite3_result_error_nomem(ctx),
         Ok(Err(Interrupted)) => ffi::sqlite3_result_error_code(ctx, ffi::SQLITE_INTERRUPT),
         Err(_) => {
             let message = format!(
@@ -270,13 +281,13 @@ unsafe extern "C" fn instr(
         } else if !args.is_blob(0) && !args.is_blob(1) {
             match (args.text(0), args.text(1)) {
                 (Some(h), Some(n)) => (h, n, true),
-                _ => return Ok(Outcome::Error(c"out of memory")),
+                _ => return Ok(Outcome::NoMemory),
             }
         } else {
             text_copies = (Copy::of(args.value(0)), Copy::of(args.value(1)));
             match (text_copies.0.text(), text_copies.1.text()) {
                 (Some(h), Some(n)) => (h, n, true),
-                _ => return Ok(Outcome::Error(c"out of memory")),
+                _ => return Ok(Outcome::NoMemory),
             }
         };
         let Some(&first) = needle.first() else {
@@ -357,19 +368,25 @@ unsafe extern "C" fn replace(
         // to SQLite, which frees it, once filled.
         let out = unsafe { ffi::sqlite3_malloc64(len as u64 + 1) }.cast::<u8>();
         if out.is_null() {
-            return Ok(Outcome::Error(c"out of memory"));
+            return Ok(Outcome::NoMemory);
         }
-        let written = unsafe { std::slice::from_raw_parts_mut(out, len) };
-        let (mut from, mut to) = (0, 0);
+        // The allocation is uninitialised, so it is written through its
+        // pointer; the pieces add up to `len` by the count above.
+        let mut to = 0;
+        let mut put = |piece: &[u8]| {
+            assert!(to + piece.len() <= len);
+            // SAFETY: in bounds (just checked), and `piece` is another
+            // allocation's.
+            unsafe { std::ptr::copy_nonoverlapping(piece.as_ptr(), out.add(to), piece.len()) };
+            to += piece.len();
+        };
+        let mut from = 0;
         for at in finder.find_iter(text) {
-            let kept = &text[from..at];
-            written[to..to + kept.len()].copy_from_slice(kept);
-            to += kept.len();
-            written[to..to + replacement.len()].copy_from_slice(replacement);
-            to += replacement.len();
+            put(&text[from..at]);
+            put(replacement);
             from = at + pattern.len();
         }
-        written[to..].copy_from_slice(&text[from..]);
+        put(&text[from..]);
         Ok(Outcome::Owned(out, len))
     })
 }
@@ -610,7 +627,7 @@ impl Wildcard {
                 while self.from < text.len() {
                     let end = text.len().min(self.from + WORK_BETWEEN_CHECKS);
                     let found = memchr::memchr2(a, b, &text[self.from..end]);
-                    budget.spend(found.unwrap_or(end - self.from))?;
+                    budget.spend(found.map_or(end - self.from, |at| at + 1))?;
                     if let Some(at) = found {
                         self.from += at + 1;
                         return Ok(Some(self.from));
@@ -620,8 +637,7 @@ impl Wildcard {
                 Ok(None)
             }
             Resume::Char(c) => loop {
-                budget.spend(1)?;
-                match read_char(text, &mut self.from) {
+                match budget.read(text, &mut self.from)? {
                     0 => return Ok(None),
                     found if found == c => return Ok(Some(self.from)),
                     _ => {}
@@ -633,7 +649,7 @@ impl Wildcard {
                 }
                 let at = self.from;
                 skip_char(text, &mut self.from);
-                budget.spend(1)?;
+                budget.spend(self.from - at)?;
                 Ok(Some(at))
             }
         }
@@ -662,9 +678,8 @@ fn pattern_matches(
     // One past the last escaped character of the pattern (`zEscaped`).
     let mut escaped = usize::MAX;
     loop {
-        budget.spend(1)?;
         let mismatch = 'step: {
-            let c = read_char(pattern, &mut p);
+            let c = budget.read(pattern, &mut p)?;
             if c == 0 {
                 if t == text.len() {
                     return Ok(true);
@@ -674,13 +689,12 @@ fn pattern_matches(
             if c == rules.any {
                 let mut c;
                 loop {
-                    budget.spend(1)?;
-                    c = read_char(pattern, &mut p);
+                    c = budget.read(pattern, &mut p)?;
                     if c == rules.any {
                         continue;
                     }
                     if c == rules.one && rules.one != 0 {
-                        if read_char(text, &mut t) == 0 {
+                        if budget.read(text, &mut t)? == 0 {
                             return Ok(false);
                         }
                         continue;
@@ -696,7 +710,7 @@ fn pattern_matches(
                     Resume::Any
                 } else {
                     let c = if c == escape {
-                        match read_char(pattern, &mut p) {
+                        match budget.read(pattern, &mut p)? {
                             0 => return Ok(false),
                             c => c,
                         }
@@ -721,7 +735,7 @@ fn pattern_matches(
             let mut c = c;
             if c == escape {
                 if rules.set == 0 {
-                    c = read_char(pattern, &mut p);
+                    c = budget.read(pattern, &mut p)?;
                     if c == 0 {
                         break 'step true;
                     }
@@ -730,7 +744,7 @@ fn pattern_matches(
                     break 'step !matches_set(pattern, &mut p, text, &mut t, budget)?;
                 }
             }
-            let c2 = read_char(text, &mut t);
+            let c2 = budget.read(text, &mut t)?;
             if c == c2 {
                 break 'step false;
             }
@@ -762,26 +776,25 @@ fn matches_set(
     t: &mut usize,
     budget: &mut Budget,
 ) -> Result<bool, Interrupted> {
-    let c = read_char(text, t);
+    let c = budget.read(text, t)?;
     if c == 0 {
         return Ok(false);
     }
     let (mut seen, mut invert) = (false, false);
-    let mut c2 = read_char(pattern, p);
+    let mut c2 = budget.read(pattern, p)?;
     if c2 == u32::from(b'^') {
         invert = true;
-        c2 = read_char(pattern, p);
+        c2 = budget.read(pattern, p)?;
     }
     if c2 == u32::from(b']') {
         seen = c == u32::from(b']');
-        c2 = read_char(pattern, p);
+        c2 = budget.read(pattern, p)?;
     }
     let mut prior = 0;
     while c2 != 0 && c2 != u32::from(b']') {
-        budget.spend(1)?;
         let next = pattern.get(*p).copied();
         if c2 == u32::from(b'-') && next.is_some_and(|b| b != b']') && prior > 0 {
-            c2 = read_char(pattern, p);
+            c2 = budget.read(pattern, p)?;
             if c >= prior && c <= c2 {
                 seen = true;
             }
@@ -792,7 +805,7 @@ fn matches_set(
             }
             prior = c2;
         }
-        c2 = read_char(pattern, p);
+        c2 = budget.read(pattern, p)?;
     }
     Ok(c2 != 0 && seen != invert)
 }
@@ -946,10 +959,16 @@ mod tests {
         let conn = replaced();
         // Each tries the 40,000-character rest of the pattern at each of
         // four million offsets: many minutes of work.
+        // The last is one malformed character of 49,001 bytes after the
+        // wildcard, read again at each offset: work between two looks at
+        // the interrupt is counted in bytes, not characters.
+        let malformed = "CAST(unhex('C3' || replace(hex(zeroblob(49000)), '00', '80')) AS TEXT)";
+        let long_char = format!("x LIKE '%a' || {malformed}");
         for expr in [
             "x LIKE '%' || p || 'c%'",
             "x GLOB '*' || p || 'c*'",
             "x LIKE '%' || p || '_c'",
+            long_char.as_str(),
         ] {
             let started = std::time::Instant::now();
             let stopper = std::thread::spawn({
