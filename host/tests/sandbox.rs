@@ -758,6 +758,60 @@ async fn a_statement_stops_at_its_deadline_whatever_it_calls() {
     );
 }
 
+/// A statement without a loop, where SQLite never looks at the interrupt
+/// (one row of thousands of terms), also stops at its deadline: at its next
+/// large allocation or call of a replaced function. Each of these ran for
+/// half a minute or more past the 2 s deadline before, holding a core and,
+/// through `execute`, the component's write connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_without_a_loop_stops_at_its_deadline() {
+    let host = shop_and_hostile();
+    let big = "INSERT OR REPLACE INTO kv (key, value) VALUES ('big', printf('%.*c', 8000000, 'a'))";
+    assert_eq!(sql(&host, "execute", big).await.status, 200);
+    // 4,000 terms, 500 to a column (SQLite's expression depth is 1,000).
+    let terms = |term: &str| -> String {
+        let column = vec![term; 500].join(" + ");
+        vec![column; 8].join(", ")
+    };
+    let from_big = "FROM kv WHERE key = 'big'";
+    let statements = [
+        // Each allocates its 8 MB result: stopped by the allocator.
+        (terms("octet_length(randomblob(8000000))"), ""),
+        (terms("unicode(upper(value))"), from_big),
+        // This walks the value without allocating: stopped by the replaced
+        // function's look at the interrupt.
+        (terms("unicode(substr(value, 7999999))"), from_big),
+    ];
+    for (columns, from) in &statements {
+        let head = &columns[..30];
+        let reply = sql(&host, "query", &format!("SELECT {columns} {from}")).await;
+        assert_error(&reply, 504, "deadline_exceeded");
+        // The next query, on the reader just given back, may make large
+        // allocations: only the abandoned call's are refused.
+        let padded = format!("SELECT length('{}')", "x".repeat(20_000));
+        assert_eq!(
+            query_rows(&host, &padded).await,
+            json!([[20_000]]),
+            "after {head}"
+        );
+        let write = format!("INSERT INTO kv (key, value) SELECT 'q', json_array({columns}) {from}");
+        let reply = sql(&host, "execute", &write).await;
+        assert_error(&reply, 504, "deadline_exceeded");
+        // The write connection is free again: the statement has stopped.
+        let after = "INSERT OR REPLACE INTO kv (key, value) VALUES ('after', 'v')";
+        let reply = sql(&host, "execute", after).await;
+        assert_eq!(reply.status, 200, "after {head}: {}", reply.text());
+    }
+    // Nothing runs on: the host is idle again.
+    let before = host.cpu_time();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = host.cpu_time() - before;
+    assert!(
+        used < Duration::from_secs(1),
+        "the idle host used {used:?} of CPU in 3 s"
+    );
+}
+
 /// One component cannot fill the disk the others share: its database stops
 /// at the backend's `max_size_mib`, with a clear error, and the others
 /// write on.

@@ -421,7 +421,7 @@ mod tests {
     async fn an_unpartitioned_log_is_upgraded_and_topics_grow() {
         let dir = tempfile::TempDir::new().unwrap();
         {
-            let c = Connection::open(dir.path().join("log.db")).unwrap();
+            let c = SharedConnection::open_file(&dir.path().join("log.db")).unwrap();
             c.execute_batch(
                 "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
                      id TEXT NOT NULL, key TEXT, payload BLOB NOT NULL, headers TEXT NOT NULL,

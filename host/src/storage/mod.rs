@@ -34,6 +34,7 @@
 //!   far survive a machine crash, which the outbox relay does before an
 //!   event leaves the component.
 
+mod allocator;
 #[cfg(test)]
 mod contract;
 mod functions;

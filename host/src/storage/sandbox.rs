@@ -54,9 +54,11 @@
 //!   however many run at once. Runaway CPU is bounded by the request's
 //!   deadline, which interrupts the statement at the bottom of SQLite's
 //!   loops; SQLite's quadratic string functions, which ran for minutes in
-//!   one instruction, are replaced (`functions.rs`). A loop-free statement
-//!   of many expensive terms still runs until its text is done (a known
-//!   gap, stated in the README's table of the sandbox);
+//!   one instruction, are replaced (`functions.rs`). A statement without a
+//!   loop stops at its next large allocation (`allocator.rs`) or call of a
+//!   replaced function; one of many terms that neither allocate nor call
+//!   (comparisons, numbers from large texts) still runs until its text is
+//!   done (a known gap, stated in the README's table of the sandbox);
 //! - `SQLITE_LIMIT_ATTACHED = 0`, so no database can be attached even past
 //!   the authorizer;
 //! - `SQLITE_DBCONFIG_DEFENSIVE`, which forbids editing the schema table or
@@ -88,7 +90,7 @@ use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::limits::Limit;
 use rusqlite::{Batch, Connection, ErrorCode, OpenFlags};
 
-use super::{functions, Error};
+use super::{allocator, functions, Error};
 
 /// PRAGMAs a component may run, and only to read: each describes the
 /// component's own schema or reports a setting, and none shows a path or
@@ -201,10 +203,19 @@ impl From<rusqlite::Error> for Failure {
     }
 }
 
-/// Sets SQLite's process-wide heap limits, once (see [`HARD_HEAP_LIMIT`]).
-fn limit_heap() {
-    static LIMITED: Once = Once::new();
-    LIMITED.call_once(|| {
+/// Sets up SQLite for the whole process, once, before any connection
+/// opens: the allocator that stops interrupted statements
+/// (`allocator.rs`), then the heap limits (see [`HARD_HEAP_LIMIT`]), whose
+/// call initializes SQLite. Every connection the host opens calls it.
+pub fn prepare_sqlite() {
+    static PREPARED: Once = Once::new();
+    PREPARED.call_once(|| {
+        if !allocator::install() {
+            tracing::warn!(
+                "SQLite initialized before the host could wrap its allocator: \
+                 an interrupted statement without a loop runs to its end"
+            );
+        }
         // SAFETY: both only set a process-wide limit, are thread-safe, and
         // take any value.
         unsafe {
@@ -219,7 +230,7 @@ impl Sandboxed {
     /// place. `setup` is the host's own PRAGMAs, run before the sandbox
     /// closes.
     pub fn open(path: &Path, access: Access, setup: &str) -> rusqlite::Result<Sandboxed> {
-        limit_heap();
+        prepare_sqlite();
         // Default flags minus SQLITE_OPEN_URI: the path is a plain file name.
         let flags = match access {
             Access::ReadWrite => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,

@@ -46,6 +46,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,9 +56,10 @@ use rusqlite::{params_from_iter, Connection, InterruptHandle};
 use serde::Deserialize;
 use tokio::sync::OwnedMutexGuard;
 
+use super::allocator::Running;
 use super::ledger::{self, Pending};
 use super::message;
-use super::sandbox::{Access, Failure, Sandboxed};
+use super::sandbox::{prepare_sqlite, Access, Failure, Sandboxed};
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
@@ -153,6 +155,7 @@ impl SharedConnection {
     /// failing at once with "database is locked". Set before any setup
     /// statement, which may meet that lock too.
     pub fn open_file(path: &Path) -> rusqlite::Result<Connection> {
+        prepare_sqlite();
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         Ok(conn)
@@ -389,13 +392,16 @@ impl Held for OwnedMutexGuard<Sandboxed> {
 /// pool and hands the connection back with the result. If the caller stops
 /// waiting, the statement `f` is running is interrupted; only while `f`
 /// runs, because afterwards the connection may serve someone else, whose
-/// statement must not be stopped.
+/// statement must not be stopped. The thread is marked as running `f` for
+/// this caller meanwhile, so an abandoned statement also stops at its next
+/// large allocation (`allocator.rs`), loop or not.
 async fn on_connection<C: Held, R: Send + 'static>(
     conn: C,
     f: impl FnOnce(&Sandboxed) -> R + Send + 'static,
 ) -> Result<(C, R), Error> {
     struct Abandon {
         interrupt: InterruptHandle,
+        abandoned: Arc<AtomicBool>,
         done: Arc<Mutex<bool>>,
     }
     impl Drop for Abandon {
@@ -403,17 +409,22 @@ async fn on_connection<C: Held, R: Send + 'static>(
             // `f` is marked done under this lock before the connection is
             // handed back, so the interrupt cannot reach its next user.
             if !*self.done.lock().unwrap() {
+                self.abandoned.store(true, Ordering::Relaxed);
                 self.interrupt.interrupt();
             }
         }
     }
     let abandon = Abandon {
         interrupt: conn.get().raw().get_interrupt_handle(),
+        abandoned: Arc::default(),
         done: Arc::default(),
     };
-    let done = abandon.done.clone();
+    let (abandoned, done) = (abandon.abandoned.clone(), abandon.done.clone());
     let joined = tokio::task::spawn_blocking(move || {
-        let result = f(conn.get());
+        let result = {
+            let _running = Running::on(abandoned);
+            f(conn.get())
+        };
         *done.lock().unwrap() = true;
         (conn, result)
     })

@@ -1,0 +1,146 @@
+//! SQLite's allocator, wrapped so that an abandoned statement stops at its
+//! next large allocation, not only at the bottom of a loop.
+//!
+//! A deadline reaches a statement through `sqlite3_interrupt`, which the
+//! VM looks at only where it jumps back (the bottom of a loop). A statement
+//! without a loop (one row of many terms) never jumps back, so it ran its
+//! whole text after its deadline: 2,000 terms of
+//! `octet_length(randomblob(8e6))` are half a minute of a core, holding a
+//! blocking thread and the component's write connection. Almost every term
+//! whose work grows with its input allocates its result (`randomblob`,
+//! `upper`, `||`, `printf`, `hex`, a JSON parse), so this wrapper makes
+//! each allocation a checkpoint: once the caller of the component SQL a
+//! thread runs has stopped waiting (and interrupted it), an allocation of
+//! [`CHECKED_FROM`] bytes or more on that thread fails, and SQLite ends the
+//! statement with SQLITE_NOMEM, as it would on an exhausted heap. No one
+//! reads that error.
+//!
+//! Why a failed allocation is safe: SQLite handles a failed allocation
+//! anywhere (its test suite fails every allocation in turn), rolling the
+//! statement or its transaction back, and the pager's own allocations are
+//! below the threshold, so a rollback gets the pages it reads back. The
+//! host's own connections (the message log, the coordination offsets)
+//! never mark a thread, so nothing of theirs fails.
+//!
+//! What it does not catch (stated in the README's table of the sandbox):
+//! terms that work on a large value without allocating, such as comparing,
+//! turning text into a number or a JSON lookup in a blob; the replaced
+//! functions (`functions.rs`) look at the interrupt themselves. `v + 0` on
+//! 8 MB of digits costs 26 ms a term, and 1 MiB of SQL holds 100,000 terms:
+//! many minutes. Only SQLite looking at the interrupt at every instruction
+//! (a patched build) or component SQL in a process the host can kill would
+//! close that; this wrapper takes the terms that allocate, which the first
+//! attacks used, at no cost to statements that finish.
+//!
+//! The wrapper must be in place before SQLite initializes, which the first
+//! connection of the process does, so [`install`] runs before any
+//! connection is opened (`sandbox::prepare_sqlite`).
+
+use std::cell::Cell;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use rusqlite::ffi;
+
+/// Allocations from this size up fail once the caller has stopped waiting.
+/// 16 KiB: above every allocation of the pager's own (a page and its
+/// header, just over 4 KiB; the WAL's checksum buffer; the page cache's
+/// hash table), which a statement's rollback may need and so never fail;
+/// while a term below it costs tens of microseconds, so even 50,000 of them
+/// (its 1 MiB of SQL) end within a second or two.
+const CHECKED_FROM: c_int = 16 << 10;
+
+type Malloc = unsafe extern "C" fn(c_int) -> *mut c_void;
+type Realloc = unsafe extern "C" fn(*mut c_void, c_int) -> *mut c_void;
+
+/// SQLite's own `xMalloc` and `xRealloc`, which the wrapper calls.
+static SQLITE_ALLOCATOR: OnceLock<(Malloc, Realloc)> = OnceLock::new();
+
+thread_local! {
+    /// Whether the caller of the component SQL this thread runs has
+    /// stopped waiting; null while it runs none.
+    static ABANDONED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Wraps SQLite's allocator; false if SQLite had initialized already (then
+/// only loops stop at an interrupt).
+pub fn install() -> bool {
+    let mut own = ffi::sqlite3_mem_methods {
+        xMalloc: None,
+        xFree: None,
+        xRealloc: None,
+        xSize: None,
+        xRoundup: None,
+        xInit: None,
+        xShutdown: None,
+        pAppData: std::ptr::null_mut(),
+    };
+    // SAFETY: GETMALLOC fills the struct it is given; MALLOC copies the
+    // struct it is given, and both are refused (SQLITE_MISUSE) once SQLite
+    // has initialized, when its allocator can no longer change.
+    unsafe {
+        if ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETMALLOC, &mut own) != ffi::SQLITE_OK {
+            return false;
+        }
+        let (Some(malloc_of_sqlite), Some(realloc_of_sqlite)) = (own.xMalloc, own.xRealloc) else {
+            return false;
+        };
+        let _ = SQLITE_ALLOCATOR.set((malloc_of_sqlite, realloc_of_sqlite));
+        let wrapped = ffi::sqlite3_mem_methods {
+            xMalloc: Some(malloc),
+            xRealloc: Some(realloc),
+            ..own
+        };
+        ffi::sqlite3_config(ffi::SQLITE_CONFIG_MALLOC, &wrapped) == ffi::SQLITE_OK
+    }
+}
+
+/// Marks the calling thread as running component SQL for a caller who
+/// sets `abandoned` when it stops waiting, until dropped. The flag is the
+/// call's own, not the connection's: SQLite leaves a connection's
+/// interrupt flag set after the statement it stopped, until the next one
+/// runs, and the next user's SQL text and parameters are copied before
+/// that.
+pub struct Running {
+    /// Keeps alive the flag the thread-local points to.
+    _flag: Arc<AtomicBool>,
+}
+
+impl Running {
+    pub fn on(abandoned: Arc<AtomicBool>) -> Running {
+        ABANDONED.set(Arc::as_ptr(&abandoned));
+        Running { _flag: abandoned }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        ABANDONED.set(std::ptr::null());
+    }
+}
+
+/// Whether an allocation of `size` bytes fails: it is large, and the
+/// thread's caller has stopped waiting.
+fn refused(size: c_int) -> bool {
+    if size < CHECKED_FROM {
+        return false;
+    }
+    let abandoned = ABANDONED.get();
+    // SAFETY: a set pointer is the `Running` guard's, alive while set.
+    !abandoned.is_null() && unsafe { (*abandoned).load(Ordering::Relaxed) }
+}
+
+unsafe extern "C" fn malloc(size: c_int) -> *mut c_void {
+    match SQLITE_ALLOCATOR.get() {
+        Some((malloc, _)) if !refused(size) => malloc(size),
+        _ => std::ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn realloc(old: *mut c_void, size: c_int) -> *mut c_void {
+    match SQLITE_ALLOCATOR.get() {
+        Some((_, realloc)) if !refused(size) => realloc(old, size),
+        _ => std::ptr::null_mut(),
+    }
+}
