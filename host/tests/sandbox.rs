@@ -708,6 +708,28 @@ async fn sql_cannot_make_the_host_hold_unbounded_memory() {
     assert_eq!(get(&host.url("/products")).await.status, 200);
 }
 
+/// Runs `write` through `execute`, which must end at the deadline, and
+/// then a small write, which must succeed at once: the write connection
+/// is free, so the statement has stopped.
+async fn assert_write_stops_at_deadline(host: &TestHost, write: &str, what: &str) {
+    let reply = sql(host, "execute", write).await;
+    assert_error(&reply, 504, "deadline_exceeded");
+    let after = "INSERT OR REPLACE INTO kv (key, value) VALUES ('after', 'v')";
+    let reply = sql(host, "execute", after).await;
+    assert_eq!(reply.status, 200, "after {what}: {}", reply.text());
+}
+
+/// Nothing runs on after a deadline: the host is idle.
+async fn assert_idle(host: &TestHost) {
+    let before = host.cpu_time();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = host.cpu_time() - before;
+    assert!(
+        used < Duration::from_secs(1),
+        "the idle host used {used:?} of CPU in 3 s"
+    );
+}
+
 /// A statement stops at its deadline whatever it calls. SQLite's own
 /// `LIKE`, `GLOB`, `instr`, `replace` and `trim(x, set)` each did work
 /// quadratic in their arguments inside one instruction of its VM, where
@@ -726,12 +748,7 @@ async fn a_statement_stops_at_its_deadline_whatever_it_calls() {
     ];
     for expr in slow {
         let write = format!("{long} INSERT INTO kv (key, value) SELECT 'q', {expr} FROM t");
-        let reply = sql(&host, "execute", &write).await;
-        assert_error(&reply, 504, "deadline_exceeded");
-        // The write connection is free again: the statement has stopped.
-        let after = "INSERT OR REPLACE INTO kv (key, value) VALUES ('after', 'v')";
-        let reply = sql(&host, "execute", after).await;
-        assert_eq!(reply.status, 200, "after {expr}: {}", reply.text());
+        assert_write_stops_at_deadline(&host, &write, expr).await;
         let reply = sql(&host, "query", &format!("{long} SELECT {expr} FROM t")).await;
         assert_error(&reply, 504, "deadline_exceeded");
     }
@@ -748,14 +765,7 @@ async fn a_statement_stops_at_its_deadline_whatever_it_calls() {
         let rows = query_rows(&host, &format!("{long} SELECT {expr} FROM t")).await;
         assert_eq!(rows, json!([[expected]]), "{expr}");
     }
-    // Nothing runs on: the host is idle again.
-    let before = host.cpu_time();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = host.cpu_time() - before;
-    assert!(
-        used < Duration::from_secs(1),
-        "the idle host used {used:?} of CPU in 3 s"
-    );
+    assert_idle(&host).await;
 }
 
 /// A statement without a loop, where SQLite never looks at the interrupt
@@ -795,21 +805,9 @@ async fn a_statement_without_a_loop_stops_at_its_deadline() {
             "after {head}"
         );
         let write = format!("INSERT INTO kv (key, value) SELECT 'q', json_array({columns}) {from}");
-        let reply = sql(&host, "execute", &write).await;
-        assert_error(&reply, 504, "deadline_exceeded");
-        // The write connection is free again: the statement has stopped.
-        let after = "INSERT OR REPLACE INTO kv (key, value) VALUES ('after', 'v')";
-        let reply = sql(&host, "execute", after).await;
-        assert_eq!(reply.status, 200, "after {head}: {}", reply.text());
+        assert_write_stops_at_deadline(&host, &write, head).await;
     }
-    // Nothing runs on: the host is idle again.
-    let before = host.cpu_time();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = host.cpu_time() - before;
-    assert!(
-        used < Duration::from_secs(1),
-        "the idle host used {used:?} of CPU in 3 s"
-    );
+    assert_idle(&host).await;
 }
 
 /// One component cannot fill the disk the others share: its database stops
