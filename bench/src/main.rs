@@ -79,8 +79,18 @@ fn main() -> Result<()> {
         .filter(|a| matches!(*a, "checkout" | "http" | "products" | "start" | "storage"))
         .map(str::to_owned);
     let args = &args[usize::from(only.is_some())..];
-    let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
-    let connections: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(32);
+    let number = |at: usize, what: &str, default: u64| -> Result<u64> {
+        args.get(at).map_or(Ok(default), |s| {
+            s.parse().with_context(|| {
+                format!(
+                    "{what} must be a whole number, not `{s}`\n\
+                     usage: agora-bench [checkout|http|products|start|storage] [seconds] [connections]"
+                )
+            })
+        })
+    };
+    let seconds = number(1, "seconds", 10)?;
+    let connections = number(2, "connections", 32)? as usize;
     let rt = tokio::runtime::Runtime::new()?;
     let duration = Duration::from_secs(seconds);
     if let Some(only) = only {
