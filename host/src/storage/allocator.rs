@@ -20,7 +20,9 @@
 //! statement or its transaction back, and the pager's own allocations are
 //! below the threshold, so a rollback gets the pages it reads back. The
 //! host's own connections (the message log, the coordination offsets)
-//! never mark a thread, so nothing of theirs fails.
+//! never mark a thread, so nothing of theirs fails. One refusal costs the
+//! others a little: SQLite answers a failed allocation by releasing that
+//! much of the shared page cache before it gives up.
 //!
 //! What it does not catch (stated in the README's table of the sandbox):
 //! terms that work on a large value without allocating, such as comparing,

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,12 +29,23 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
+/// A free loopback port, from below Linux's ephemeral range (32768 up).
+/// A port from `bind(0)` is in that range, where every client socket on
+/// the machine takes its own port too, so one could take it between this
+/// check and the host's bind: the host then failed to start ("Address
+/// already in use"). Each test process starts at its own offset, and
+/// takes the ports in turn from there.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id().wrapping_mul(2_654_435_761) % COUNT;
+    loop {
+        let port = (FIRST + (offset + TAKEN.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The backend set every host of this run uses, from
