@@ -796,8 +796,8 @@ async fn a_statement_without_a_loop_stops_at_its_deadline() {
         let head = &columns[..30];
         let reply = sql(&host, "query", &format!("SELECT {columns} {from}")).await;
         assert_error(&reply, 504, "deadline_exceeded");
-        // The next query, on the reader just given back, may make large
-        // allocations: only the abandoned call's are refused.
+        // Only the abandoned call's large allocations are refused: the next
+        // query, maybe on the same blocking thread, makes its own.
         let padded = format!("SELECT length('{}')", "x".repeat(20_000));
         assert_eq!(
             query_rows(&host, &padded).await,
