@@ -211,9 +211,10 @@ pub fn prepare_sqlite() {
     static PREPARED: Once = Once::new();
     PREPARED.call_once(|| {
         if !allocator::install() {
-            tracing::warn!(
+            // A security bound lost, not a failure to serve: said loudly.
+            tracing::error!(
                 "SQLite initialized before the host could wrap its allocator: \
-                 an interrupted statement without a loop runs to its end"
+                 an abandoned statement without a loop runs to its end"
             );
         }
         // SAFETY: both only set a process-wide limit, are thread-safe, and
