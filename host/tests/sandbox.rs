@@ -810,6 +810,54 @@ async fn a_statement_without_a_loop_stops_at_its_deadline() {
     assert_idle(&host).await;
 }
 
+/// A statement that outruns every checkpoint, terms that walk a large
+/// value without allocating, cannot take the CPU from the rest of the
+/// host: past its deadline it runs on only at idle priority, and the
+/// component's next statements are refused while two of its own run on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_that_outruns_its_deadline_gets_only_idle_cpu() {
+    let host = shop_and_hostile();
+    let digits =
+        "INSERT OR REPLACE INTO kv (key, value) VALUES ('digits', printf('%.*c', 8000000, '7'))";
+    assert_eq!(sql(&host, "execute", digits).await.status, 200);
+    // 26 ms a term: 2,000 terms are most of a minute of a core.
+    let column = vec!["(value + 0)"; 250].join(" + ");
+    let outrun = format!(
+        "SELECT {} FROM kv WHERE key = 'digits'",
+        vec![column; 8].join(", ")
+    );
+    for _ in 0..2 {
+        let reply = sql(&host, "query", &outrun).await;
+        assert_error(&reply, 504, "deadline_exceeded");
+    }
+    // Lowered 100 ms after the deadline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = host.threads();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = host.threads();
+    let lowered = after
+        .values()
+        .filter(|(_, policy)| *policy == libc::SCHED_IDLE as u64)
+        .count();
+    assert_eq!(lowered, 2, "threads at idle priority");
+    for (tid, (cpu, policy)) in &after {
+        let used = *cpu - before.get(tid).map_or(Duration::ZERO, |(cpu, _)| *cpu);
+        assert!(
+            *policy == libc::SCHED_IDLE as u64 || used < Duration::from_millis(300),
+            "thread {tid} (policy {policy}) used {used:?} of CPU in 2 s"
+        );
+    }
+    let reply = sql(&host, "query", "SELECT 1").await;
+    assert_refused(
+        &host,
+        "a third statement",
+        &reply,
+        "still running long after",
+    );
+    // The others' storage is not held up.
+    assert_eq!(get(&host.url("/products")).await.status, 200);
+}
+
 /// One component cannot fill the disk the others share: its database stops
 /// at the backend's `max_size_mib`, with a clear error, and the others
 /// write on.

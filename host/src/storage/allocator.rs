@@ -24,15 +24,16 @@
 //! others a little: SQLite answers a failed allocation by releasing that
 //! much of the shared page cache before it gives up.
 //!
-//! What it does not catch (stated in the README's table of the sandbox):
-//! terms that work on a large value without allocating, such as comparing,
-//! turning text into a number or a JSON lookup in a blob; the replaced
-//! functions (`functions.rs`) look at the interrupt themselves. `v + 0` on
-//! 8 MB of digits costs 26 ms a term, and 1 MiB of SQL holds 100,000 terms:
-//! many minutes. Only SQLite looking at the interrupt at every instruction
-//! (a patched build) or component SQL in a process the host can kill would
-//! close that; this wrapper takes the terms that allocate, which the first
-//! attacks used, at no cost to statements that finish.
+//! What it does not catch: terms that work on a large value without
+//! allocating, such as comparing, turning text into a number or a JSON
+//! lookup in a blob (the replaced functions of `functions.rs` look at the
+//! interrupt themselves). `v + 0` on 8 MB of digits costs 26 ms a term, and
+//! 1 MiB of SQL holds 100,000 terms: many minutes. Only SQLite looking at
+//! the interrupt at every instruction (a patched build) or component SQL in
+//! a process the host can kill would stop those; instead their thread is
+//! lowered to idle priority (`threads.rs`). This wrapper takes the terms
+//! that allocate, which the first attacks used, at no cost to statements
+//! that finish, so that what is left to run on idle CPU is rare.
 //!
 //! The wrapper must be in place before SQLite initializes, which the first
 //! connection of the process does, so [`install`] runs before any

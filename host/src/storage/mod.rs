@@ -42,6 +42,7 @@ mod ledger;
 mod postgres;
 mod sandbox;
 mod sqlite;
+mod threads;
 
 use std::fmt::Debug;
 use std::path::Path;

@@ -57,8 +57,9 @@
 //!   one instruction, are replaced (`functions.rs`). A statement without a
 //!   loop stops at its next large allocation (`allocator.rs`) or call of a
 //!   replaced function; one of many terms that neither allocate nor call
-//!   (comparisons, numbers from large texts) still runs until its text is
-//!   done (a known gap, stated in the README's table of the sandbox);
+//!   (comparisons, numbers from large texts) runs on until its text is
+//!   done, but only on idle CPU, and holds back only its own component
+//!   (`threads.rs`);
 //! - `SQLITE_LIMIT_ATTACHED = 0`, so no database can be attached even past
 //!   the authorizer;
 //! - `SQLITE_DBCONFIG_DEFENSIVE`, which forbids editing the schema table or

@@ -30,7 +30,8 @@
 //!
 //! Abandoned work: a caller that stops waiting (its request's deadline
 //! passed, its instance was dropped) interrupts the statement it started,
-//! so a runaway query does not hold a connection or a blocking thread; and
+//! so a runaway query does not hold a connection or a thread (one that
+//! outruns its interrupt runs on at idle priority: `threads.rs`); and
 //! whoever takes the write connection next first rolls back any
 //! transaction left open on it, so an abandoned transaction can neither
 //! swallow nor undo someone else's write.
@@ -42,7 +43,9 @@
 //! (`machine-crash`) fsyncs the WAL at every commit. [`Database::sync`]
 //! fsyncs the WAL on demand, which covers every commit before it.
 //!
-//! rusqlite is blocking, so every call runs on tokio's blocking pool.
+//! rusqlite is blocking, so every call runs off the async threads: the
+//! component's on storage threads (`threads.rs`), the host's own on tokio's
+//! blocking pool.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -52,7 +55,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::{Value as SqlValue, ValueRef};
-use rusqlite::{params_from_iter, Connection, InterruptHandle};
+use rusqlite::{params_from_iter, Connection};
 use serde::Deserialize;
 use tokio::sync::OwnedMutexGuard;
 
@@ -60,6 +63,7 @@ use super::allocator::Running;
 use super::ledger::{self, Pending};
 use super::message;
 use super::sandbox::{prepare_sqlite, Access, Failure, Sandboxed};
+use super::threads::{self, Overruns};
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
@@ -227,6 +231,7 @@ struct SqliteDatabase {
     settings: Settings,
     writer: Arc<tokio::sync::Mutex<Sandboxed>>,
     readers: Arc<Mutex<Vec<Sandboxed>>>,
+    overruns: Overruns,
 }
 
 /// Read connections kept open per database; more are opened under load and
@@ -311,6 +316,7 @@ impl SqliteDatabase {
             settings,
             writer: Arc::new(tokio::sync::Mutex::new(conn)),
             readers: Arc::default(),
+            overruns: Overruns::default(),
         })
     }
 
@@ -321,7 +327,7 @@ impl SqliteDatabase {
         f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
         let conn = self.writer.clone().lock_owned().await;
-        let (_conn, result) = on_connection(conn, move |c| {
+        let (_conn, result) = on_connection(&self.overruns, conn, move |c| {
             roll_back_abandoned(c)?;
             f(c)
         })
@@ -342,7 +348,7 @@ impl SqliteDatabase {
                 blocking(move || connect(&component, &path, settings, Access::ReadOnly)).await?
             }
         };
-        let (conn, result) = on_connection(conn, f).await?;
+        let (conn, result) = on_connection(&self.overruns, conn, f).await?;
         let mut idle = self.readers.lock().unwrap();
         if idle.len() < IDLE_READERS {
             idle.push(conn);
@@ -388,49 +394,37 @@ impl Held for OwnedMutexGuard<Sandboxed> {
     }
 }
 
-/// Runs `f` on a connection on the blocking
-/// pool and hands the connection back with the result. If the caller stops
-/// waiting, the statement `f` is running is interrupted; only while `f`
-/// runs, because afterwards the connection may serve someone else, whose
-/// statement must not be stopped. The thread is marked as running `f` for
-/// this caller meanwhile, so an abandoned statement also stops at its next
-/// large allocation (`allocator.rs`), loop or not.
+/// Runs `f` on a connection on a storage thread (`threads.rs`) and hands
+/// the connection back with the result. If the caller stops waiting, the
+/// statement `f` is running is interrupted; only while `f` runs, because
+/// afterwards the connection may serve someone else, whose statement must
+/// not be stopped. The thread is marked as running `f` for this caller
+/// meanwhile, so an abandoned statement also stops at its next large
+/// allocation (`allocator.rs`), loop or not; one that stops at neither
+/// runs on at idle priority.
 async fn on_connection<C: Held, R: Send + 'static>(
+    overruns: &Overruns,
     conn: C,
     f: impl FnOnce(&Sandboxed) -> R + Send + 'static,
 ) -> Result<(C, R), Error> {
-    struct Abandon {
-        interrupt: InterruptHandle,
-        abandoned: Arc<AtomicBool>,
-        done: Arc<Mutex<bool>>,
-    }
-    impl Drop for Abandon {
-        fn drop(&mut self) {
-            // `f` is marked done under this lock before the connection is
-            // handed back, so the interrupt cannot reach its next user.
-            if !*self.done.lock().unwrap() {
-                self.abandoned.store(true, Ordering::Relaxed);
-                self.interrupt.interrupt();
-            }
-        }
-    }
-    let abandon = Abandon {
-        interrupt: conn.get().raw().get_interrupt_handle(),
-        abandoned: Arc::default(),
-        done: Arc::default(),
-    };
-    let (abandoned, done) = (abandon.abandoned.clone(), abandon.done.clone());
-    let joined = tokio::task::spawn_blocking(move || {
-        let result = {
-            let _running = Running::on(abandoned);
-            f(conn.get())
-        };
-        *done.lock().unwrap() = true;
-        (conn, result)
-    })
-    .await;
-    drop(abandon);
-    joined.map_err(|e| Error::Unavailable(format!("storage task failed: {e}")))
+    let interrupt = conn.get().raw().get_interrupt_handle();
+    let abandoned = Arc::<AtomicBool>::default();
+    let running = abandoned.clone();
+    threads::run(
+        overruns,
+        move || {
+            let result = {
+                let _running = Running::on(running);
+                f(conn.get())
+            };
+            (conn, result)
+        },
+        move || {
+            abandoned.store(true, Ordering::Relaxed);
+            interrupt.interrupt();
+        },
+    )
+    .await
 }
 
 #[async_trait]
@@ -449,7 +443,7 @@ impl Database for SqliteDatabase {
 
     async fn begin(&self) -> Result<Box<dyn Transaction>, Error> {
         let conn = self.writer.clone().lock_owned().await;
-        let (conn, begun) = on_connection(conn, |c| {
+        let (conn, begun) = on_connection(&self.overruns, conn, |c| {
             roll_back_abandoned(c)?;
             c.host(|c| c.execute_batch("BEGIN IMMEDIATE"))
         })
@@ -457,6 +451,7 @@ impl Database for SqliteDatabase {
         begun?;
         Ok(Box::new(SqliteTransaction {
             conn: Some(conn),
+            overruns: self.overruns.clone(),
             rolled_back: None,
         }))
     }
@@ -614,6 +609,7 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
 /// Owns the write connection from `BEGIN` until commit or drop.
 struct SqliteTransaction {
     conn: Option<OwnedMutexGuard<Sandboxed>>,
+    overruns: Overruns,
     /// The error after which SQLite rolled the transaction back by itself.
     rolled_back: Option<Error>,
 }
@@ -645,7 +641,7 @@ impl SqliteTransaction {
             .ok_or_else(|| Error::InvalidQuery("the transaction has ended".into()))?;
         // If this is cancelled, the connection is released with the
         // transaction open; its next user rolls it back.
-        let (conn, (result, ended)) = on_connection(conn, |c| {
+        let (conn, (result, ended)) = on_connection(&self.overruns, conn, |c| {
             let result = f(c);
             (result, c.raw().is_autocommit())
         })

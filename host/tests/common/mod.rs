@@ -388,16 +388,25 @@ impl TestHost {
     /// from /proc.
     pub fn cpu_time(&self) -> Duration {
         let pid = self.child.as_ref().expect("the host runs").id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        // Fields after the command, which is in parentheses and may hold
-        // spaces: utime and stime are the 12th and 13th, in clock ticks.
-        let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
-            .split(' ')
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        // SAFETY: sysconf only reads a setting.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-        Duration::from_millis((fields[11] + fields[12]) * 1000 / ticks)
+        ProcStat::read(&format!("/proc/{pid}/stat"))
+            .expect("the host runs")
+            .cpu_time()
+    }
+
+    /// Each thread of the host by its id: the CPU time it has used so far
+    /// and its scheduling policy (`libc::SCHED_*`).
+    pub fn threads(&self) -> std::collections::HashMap<u64, (Duration, u64)> {
+        let pid = self.child.as_ref().expect("the host runs").id();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        tasks
+            .filter_map(|task| {
+                let task = task.ok()?.path();
+                let tid = task.file_name()?.to_str()?.parse().ok()?;
+                // A thread may end between the listing and the read.
+                let stat = ProcStat::read(task.join("stat").to_str()?)?;
+                Some((tid, (stat.cpu_time(), stat.field(41))))
+            })
+            .collect()
     }
 
     fn memory_kib(&self, field: &str) -> u64 {
@@ -568,6 +577,31 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str) {
         "{}",
         reply.text()
     );
+}
+
+/// A process's or thread's `stat` file in /proc.
+struct ProcStat(Vec<u64>);
+
+impl ProcStat {
+    fn read(path: &str) -> Option<ProcStat> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        // The fields after the command, which is in parentheses and may
+        // hold spaces; the state, the 3rd field, comes first.
+        let fields = stat[stat.rfind(')')? + 2..].split(' ');
+        Some(ProcStat(fields.map(|f| f.parse().unwrap_or(0)).collect()))
+    }
+
+    /// The `n`th field, counted from 1 as proc(5) does.
+    fn field(&self, n: usize) -> u64 {
+        self.0[n - 3]
+    }
+
+    /// utime and stime, the 14th and 15th fields, in clock ticks.
+    fn cpu_time(&self) -> Duration {
+        // SAFETY: sysconf only reads a setting.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        Duration::from_millis((self.field(14) + self.field(15)) * 1000 / ticks)
+    }
 }
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
