@@ -13,7 +13,10 @@
 //! thread runs has stopped waiting (and interrupted it), an allocation of
 //! [`CHECKED_FROM`] bytes or more on that thread fails, and SQLite ends the
 //! statement with SQLITE_NOMEM, as it would on an exhausted heap. No one
-//! reads that error.
+//! reads that error. Once the statement has also outrun its grace and its
+//! thread is lowered (`threads.rs`), every allocation on it fails: a
+//! thread at idle priority must not be holding SQLite's allocator mutex,
+//! which every connection takes, when it is preempted.
 //!
 //! Why a failed allocation is safe: SQLite handles a failed allocation
 //! anywhere (its test suite fails every allocation in turn), rolling the
@@ -41,7 +44,7 @@
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rusqlite::ffi;
@@ -60,10 +63,17 @@ type Realloc = unsafe extern "C" fn(*mut c_void, c_int) -> *mut c_void;
 /// SQLite's own `xMalloc` and `xRealloc`, which the wrapper calls.
 static SQLITE_ALLOCATOR: OnceLock<(Malloc, Realloc)> = OnceLock::new();
 
+/// Where the call a thread runs stands, in [`Running`]'s flag.
+pub const WAITED_FOR: u8 = 0;
+/// Its caller stopped waiting: large allocations fail.
+pub const ABANDONED: u8 = 1;
+/// It outran its grace and runs at idle priority: every allocation fails.
+pub const LOWERED: u8 = 2;
+
 thread_local! {
-    /// Whether the caller of the component SQL this thread runs has
-    /// stopped waiting; null while it runs none.
-    static ABANDONED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+    /// Where the call of component SQL this thread runs stands; null while
+    /// it runs none.
+    static CALL: Cell<*const AtomicU8> = const { Cell::new(std::ptr::null()) };
 }
 
 /// Wraps SQLite's allocator; false if SQLite had initialized already (then
@@ -100,38 +110,42 @@ pub fn install() -> bool {
 }
 
 /// Marks the calling thread as running component SQL for a caller who
-/// sets `abandoned` when it stops waiting, until dropped. The flag is the
+/// moves `call` on from [`WAITED_FOR`] when it stops waiting, until dropped. The flag is the
 /// call's own, not the connection's: SQLite leaves a connection's
 /// interrupt flag set after the statement it stopped, until the next one
 /// runs, and the next user's SQL text and parameters are copied before
 /// that.
 pub struct Running {
     /// Keeps alive the flag the thread-local points to.
-    _flag: Arc<AtomicBool>,
+    _flag: Arc<AtomicU8>,
 }
 
 impl Running {
-    pub fn on(abandoned: Arc<AtomicBool>) -> Running {
-        ABANDONED.set(Arc::as_ptr(&abandoned));
-        Running { _flag: abandoned }
+    pub fn on(call: Arc<AtomicU8>) -> Running {
+        CALL.set(Arc::as_ptr(&call));
+        Running { _flag: call }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        ABANDONED.set(std::ptr::null());
+        CALL.set(std::ptr::null());
     }
 }
 
-/// Whether an allocation of `size` bytes fails: it is large, and the
-/// thread's caller has stopped waiting.
+/// Whether an allocation of `size` bytes fails: the thread's caller has
+/// stopped waiting, and it is large or the thread was lowered.
 fn refused(size: c_int) -> bool {
-    if size < CHECKED_FROM {
+    let call = CALL.get();
+    if call.is_null() {
         return false;
     }
-    let abandoned = ABANDONED.get();
     // SAFETY: a set pointer is the `Running` guard's, alive while set.
-    !abandoned.is_null() && unsafe { (*abandoned).load(Ordering::Relaxed) }
+    match unsafe { (*call).load(Ordering::Relaxed) } {
+        WAITED_FOR => false,
+        ABANDONED => size >= CHECKED_FROM,
+        _ => true,
+    }
 }
 
 unsafe extern "C" fn malloc(size: c_int) -> *mut c_void {

@@ -48,8 +48,9 @@
 //! blocking pool.
 
 use std::collections::HashMap;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,13 +58,13 @@ use async_trait::async_trait;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params_from_iter, Connection};
 use serde::Deserialize;
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use super::allocator::Running;
+use super::allocator::{self, Running};
 use super::ledger::{self, Pending};
 use super::message;
 use super::sandbox::{prepare_sqlite, Access, Failure, Sandboxed};
-use super::threads::{self, Overruns};
+use super::threads::{self, OnAbandon, Overruns};
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
     Value, MAX_RESULT_BYTES,
@@ -231,12 +232,19 @@ struct SqliteDatabase {
     settings: Settings,
     writer: Arc<tokio::sync::Mutex<Sandboxed>>,
     readers: Arc<Mutex<Vec<Sandboxed>>>,
+    /// One per component query running: at most [`READERS`].
+    reader_slots: Arc<Semaphore>,
     overruns: Overruns,
 }
 
-/// Read connections kept open per database; more are opened under load and
-/// closed afterwards.
-const IDLE_READERS: usize = 4;
+/// Read connections kept open per database, and how many component queries
+/// of one database run at once (more wait for a slot). Reads take
+/// microseconds on two cores, so more at once would only queue on the
+/// CPU; and a statement that outruns its deadline keeps its slot while it
+/// runs on at idle priority (`threads.rs`), so this also bounds how many
+/// of those one component can make, however many requests it starts at
+/// once. The host's own reads (its outbox) take no slot.
+const READERS: usize = 4;
 
 /// The host's tables in every component's database
 /// ([`HOST_TABLES`](super::sandbox::HOST_TABLES)),
@@ -316,6 +324,7 @@ impl SqliteDatabase {
             settings,
             writer: Arc::new(tokio::sync::Mutex::new(conn)),
             readers: Arc::default(),
+            reader_slots: Arc::new(Semaphore::new(READERS)),
             overruns: Overruns::default(),
         })
     }
@@ -335,8 +344,29 @@ impl SqliteDatabase {
         result
     }
 
+    /// Runs the host's `f` on a read connection.
     async fn with_reader<R: Send + 'static>(
         &self,
+        f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
+    ) -> Result<R, Error> {
+        self.on_reader(None, f).await
+    }
+
+    /// Runs component SQL on a read connection, once one of the
+    /// [`READERS`] slots is free.
+    async fn with_component_reader<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
+    ) -> Result<R, Error> {
+        self.overruns.admit()?;
+        let slot = self.reader_slots.clone().acquire_owned().await;
+        let slot = slot.map_err(|_| Error::Unavailable("the database is closed".into()))?;
+        self.on_reader(Some(slot), f).await
+    }
+
+    async fn on_reader<R: Send + 'static>(
+        &self,
+        slot: Option<OwnedSemaphorePermit>,
         f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
         let pooled = self.readers.lock().unwrap().pop();
@@ -348,10 +378,11 @@ impl SqliteDatabase {
                 blocking(move || connect(&component, &path, settings, Access::ReadOnly)).await?
             }
         };
-        let (conn, result) = on_connection(&self.overruns, conn, f).await?;
+        let reader = Reader { conn, _slot: slot };
+        let (reader, result) = on_connection(&self.overruns, reader, f).await?;
         let mut idle = self.readers.lock().unwrap();
-        if idle.len() < IDLE_READERS {
-            idle.push(conn);
+        if idle.len() < READERS {
+            idle.push(reader.conn);
         }
         result
     }
@@ -382,9 +413,16 @@ trait Held: Send + 'static {
     fn get(&self) -> &Sandboxed;
 }
 
-impl Held for Sandboxed {
+/// A read connection and, for component SQL, its slot: a call abandoned
+/// while it runs keeps both until it ends.
+struct Reader {
+    conn: Sandboxed,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Held for Reader {
     fn get(&self) -> &Sandboxed {
-        self
+        &self.conn
     }
 }
 
@@ -408,34 +446,47 @@ async fn on_connection<C: Held, R: Send + 'static>(
     f: impl FnOnce(&Sandboxed) -> R + Send + 'static,
 ) -> Result<(C, R), Error> {
     let interrupt = conn.get().raw().get_interrupt_handle();
-    let abandoned = Arc::<AtomicBool>::default();
-    let running = abandoned.clone();
-    threads::run(
+    let call = Arc::new(AtomicU8::new(allocator::WAITED_FOR));
+    let (running, lowered) = (call.clone(), call.clone());
+    let on_abandon = OnAbandon {
+        stop: Box::new(move || {
+            call.store(allocator::ABANDONED, Ordering::Relaxed);
+            interrupt.interrupt();
+        }),
+        lowered: Box::new(move || lowered.store(allocator::LOWERED, Ordering::Relaxed)),
+    };
+    let (conn, result) = threads::run(
         overruns,
         move || {
             let result = {
                 let _running = Running::on(running);
-                f(conn.get())
+                // Caught here, so that the connection is handed back (and
+                // dropped) only once the call is done.
+                panic::catch_unwind(AssertUnwindSafe(|| f(conn.get())))
             };
             (conn, result)
         },
-        move || {
-            abandoned.store(true, Ordering::Relaxed);
-            interrupt.interrupt();
-        },
+        on_abandon,
     )
-    .await
+    .await?;
+    match result {
+        Ok(result) => Ok((conn, result)),
+        Err(_) => Err(Error::Unavailable(
+            "a storage call failed; see the host's log".into(),
+        )),
+    }
 }
 
 #[async_trait]
 impl Database for SqliteDatabase {
     async fn query(&self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error> {
         let sql = adapt_placeholders(sql);
-        self.with_reader(move |c| c.component(|c| run_query(c, &sql, &params)))
+        self.with_component_reader(move |c| c.component(|c| run_query(c, &sql, &params)))
             .await
     }
 
     async fn execute(&self, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
+        self.overruns.admit()?;
         let sql = adapt_placeholders(sql);
         self.with_writer(move |c| c.component_write(|c| run_execute(c, &sql, &params)))
             .await
@@ -673,12 +724,14 @@ fn reworded(e: &Error, message: String) -> Error {
 #[async_trait]
 impl Transaction for SqliteTransaction {
     async fn query(&mut self, sql: &str, params: Vec<Value>) -> Result<RowSet, Error> {
+        self.overruns.admit()?;
         let sql = adapt_placeholders(sql);
         self.run(move |c| c.component(|c| run_query(c, &sql, &params)))
             .await
     }
 
     async fn execute(&mut self, sql: &str, params: Vec<Value>) -> Result<u64, Error> {
+        self.overruns.admit()?;
         let sql = adapt_placeholders(sql);
         self.run(move |c| c.component_write(|c| run_execute(c, &sql, &params)))
             .await

@@ -11,7 +11,10 @@
 //! cannot be killed. What the host can choose is who pays: 100 ms
 //! ([`GRACE`]) after its caller stopped waiting, a statement still running
 //! has its thread lowered to `SCHED_IDLE`, so it runs on only on CPU no one
-//! else wants, and the component's next statements are refused while
+//! else wants, and from then on every SQLite allocation on that thread
+//! fails (`allocator.rs`), ending it at its next one: a preempted thread
+//! at idle priority must not hold the allocator's mutex, which every
+//! connection takes. The component's next statements are refused while
 //! [`MAX_OVERRUNS`] of its own run on like that. The grace keeps the
 //! lowering from statements that stop at their interrupt anyway: lowered
 //! while it unwinds a transaction, a writer would keep its component's
@@ -25,11 +28,17 @@
 //! or starts one, and a thread idle for [`KEEP_ALIVE`] ends.
 //!
 //! What a statement running on holds meanwhile, besides idle CPU: its
-//! memory, within the heap limit of `sandbox.rs`; a read connection, or in
-//! `execute` and transactions its component's write connection, so that
-//! component's writes wait (the others' do not). Where the OS has no
-//! `SCHED_IDLE` (not Linux), a statement runs on at full priority.
+//! memory, within the heap limit of `sandbox.rs`; a read connection and
+//! one of its database's few query slots (`sqlite.rs`), or in `execute`
+//! and transactions its component's write connection, so that component's
+//! queries or writes wait (the others' do not). The slots bound how many
+//! one component can have running on, however many requests it starts at
+//! once. Idle CPU is not free everywhere: under a CPU quota (a cgroup's
+//! `cpu.max`, a container's CPU limit) it counts against the host's
+//! quota like any other. Where the OS has no `SCHED_IDLE` (not Linux), a
+//! statement runs on at full priority.
 
+use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -46,10 +55,10 @@ use super::Error;
 pub const GRACE: Duration = Duration::from_millis(100);
 
 /// How many of one database's statements may run on past their caller's
-/// wait before its new statements are refused. Only SQL written to outrun
-/// its interrupt gets here, so there is no need to allow many: 2 bounds
-/// what a component holds this way at 2 threads and their memory, and the
-/// refusal tells it why.
+/// wait before its component's new statements are refused, with an error
+/// that says why. Only SQL written to outrun its interrupt gets here, so
+/// there is no need to allow many; statements already started when the
+/// count is reached may still join it, up to the database's query slots.
 pub const MAX_OVERRUNS: usize = 2;
 
 /// How long a thread with nothing to run stays for the next call, as
@@ -61,37 +70,60 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 #[derive(Clone, Default)]
 pub struct Overruns(Arc<AtomicUsize>);
 
-/// Runs `job` on a statement thread, unless `overruns` holds
-/// [`MAX_OVERRUNS`] already. If the returned future is dropped while `job`
-/// runs, `stop` is called, and [`GRACE`] later the thread is lowered if
-/// `job` still runs; if dropped before `job` started, `job` never runs. A
-/// result is only handed back once `job` is marked done, so `stop` never
-/// reaches what runs after it on the same connection.
+impl Overruns {
+    /// Refuses component SQL while [`MAX_OVERRUNS`] of the database's
+    /// statements run on. The host's own statements (its outbox, a
+    /// deploy's migrations) are not asked, so they go on.
+    pub fn admit(&self) -> Result<(), Error> {
+        let running = self.0.load(Ordering::Relaxed);
+        if running >= MAX_OVERRUNS {
+            return Err(Error::Unavailable(format!(
+                "{running} statements of this database are still running long after their \
+                 callers stopped waiting (SQL that outran its deadline); new ones run once they end"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// What becomes of a call whose caller stopped waiting while it ran: `stop`
+/// at once, `lowered` once [`GRACE`] later it still runs and its thread is
+/// lowered.
+pub struct OnAbandon {
+    pub stop: Box<dyn FnOnce() + Send>,
+    pub lowered: Box<dyn FnOnce() + Send>,
+}
+
+/// Runs `job` on a storage thread, counting it in `overruns` if it runs on
+/// past its caller's wait. If the returned future is dropped while `job`
+/// runs, `on_abandon` says what follows; if dropped before `job` started,
+/// `job` never runs. A result is only handed back once `job` is marked
+/// done, so `stop` never reaches what runs after it on the same connection.
+/// A `job` that panics must hand back nothing of its own: it ends as an
+/// error, and what it captured is dropped while it still counts as running.
 pub async fn run<R: Send + 'static>(
     overruns: &Overruns,
     job: impl FnOnce() -> R + Send + 'static,
-    stop: impl FnOnce() + Send + 'static,
+    on_abandon: OnAbandon,
 ) -> Result<R, Error> {
-    let running = overruns.0.load(Ordering::Relaxed);
-    if running >= MAX_OVERRUNS {
-        return Err(Error::Unavailable(format!(
-            "{running} statements of this database are still running long after their \
-             callers stopped waiting (SQL that outran its deadline); new ones run once they end"
-        )));
-    }
     let call = Arc::new(Call {
         state: Mutex::new(State::Queued),
         overruns: overruns.clone(),
+        lowered: Mutex::new(Some(on_abandon.lowered)),
     });
     let (answer, answered) = oneshot::channel();
     let on_thread = call.clone();
-    POOL.spawn(Box::new(move || {
+    POOL.spawn(Box::new(move |idle: &dyn Fn()| {
         if !on_thread.start() {
             return Fate::Serve;
         }
-        // A job that panicked has no answer; its caller gets an error.
         let result = panic::catch_unwind(AssertUnwindSafe(job));
         let fate = on_thread.finish();
+        if fate == Fate::Serve {
+            // Before the answer, so that the caller's next call finds this
+            // thread idle rather than starting another.
+            idle();
+        }
         if let Ok(result) = result {
             let _ = answer.send(result);
         }
@@ -99,11 +131,11 @@ pub async fn run<R: Send + 'static>(
     }))?;
     let waiting = Waiting {
         call,
-        stop: Some(Box::new(stop)),
+        stop: Some(on_abandon.stop),
     };
     let result = answered.await;
     drop(waiting);
-    result.map_err(|_| Error::Unavailable("a storage thread ended without an answer".into()))
+    result.map_err(|_| Error::Unavailable("a storage call failed; see the host's log".into()))
 }
 
 /// The caller's side of a call: dropping it before the answer stops the job.
@@ -140,6 +172,7 @@ impl Drop for Waiting {
 struct Call {
     state: Mutex<State>,
     overruns: Overruns,
+    lowered: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 enum State {
@@ -189,6 +222,9 @@ impl Call {
             self.overruns.0.fetch_add(1, Ordering::Relaxed);
             *state = State::Lowered;
             thread.lower();
+            if let Some(lowered) = self.lowered.lock().unwrap().take() {
+                lowered();
+            }
             tracing::warn!(
                 grace = ?GRACE,
                 "a statement runs on past its caller's deadline; its thread now gets only idle CPU"
@@ -239,7 +275,9 @@ impl Thread {
     }
 }
 
-type Job = Box<dyn FnOnce() -> Fate + Send>;
+/// A job is given how to put its thread on the idle list, which it does
+/// before it answers if the thread is to serve again.
+type Job = Box<dyn FnOnce(&dyn Fn()) -> Fate + Send>;
 
 static POOL: Pool = Pool {
     idle: Mutex::new(Vec::new()),
@@ -276,13 +314,19 @@ impl Pool {
     fn work(&self, id: u64, mut job: Job) {
         let (sender, jobs) = mpsc::channel();
         loop {
-            if job() == Fate::End {
+            let listed = Cell::new(false);
+            let idle = || {
+                if !listed.replace(true) {
+                    self.idle.lock().unwrap().push(Idle {
+                        id,
+                        jobs: sender.clone(),
+                    });
+                }
+            };
+            if job(&idle) == Fate::End {
                 return;
             }
-            self.idle.lock().unwrap().push(Idle {
-                id,
-                jobs: sender.clone(),
-            });
+            idle();
             job = match jobs.recv_timeout(KEEP_ALIVE) {
                 Ok(next) => next,
                 Err(_) => {
@@ -303,6 +347,8 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     /// The scheduling policy of a thread of this process (`SCHED_*`).
@@ -313,22 +359,45 @@ mod tests {
         fields[41 - 3].parse().unwrap()
     }
 
+    fn tid() -> i32 {
+        // SAFETY: gettid only reads the calling thread's id.
+        unsafe { libc::gettid() }
+    }
+
+    fn unheeded() -> OnAbandon {
+        OnAbandon {
+            stop: Box::new(|| {}),
+            lowered: Box::new(|| {}),
+        }
+    }
+
+    /// Polls `done` for up to 10 s: a lowered thread may wait long for CPU
+    /// on a busy machine.
+    async fn within_10s(mut done: impl FnMut() -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// A job that says which thread it runs on and then waits to be let go.
     fn held() -> (
         impl FnOnce() -> i32 + Send + 'static,
         mpsc::Receiver<i32>,
         mpsc::Sender<()>,
     ) {
-        let (started, tid) = mpsc::channel();
+        let (started, running_on) = mpsc::channel();
         let (release, released) = mpsc::channel::<()>();
         let job = move || {
-            // SAFETY: gettid only reads the calling thread's id.
-            let me = unsafe { libc::gettid() };
-            started.send(me).unwrap();
+            started.send(tid()).unwrap();
             let _ = released.recv();
-            me
+            tid()
         };
-        (job, tid, release)
+        (job, running_on, release)
     }
 
     #[tokio::test]
@@ -336,9 +405,10 @@ mod tests {
         let overruns = Overruns::default();
         let mut threads = std::collections::HashSet::new();
         for _ in 0..20 {
-            // SAFETY: gettid only reads the calling thread's id.
-            let tid = run(&overruns, || unsafe { libc::gettid() }, || {}).await;
-            threads.insert(tid.unwrap());
+            let job = || (tid(), policy(tid()));
+            let (tid, policy) = run(&overruns, job, unheeded()).await.unwrap();
+            assert_eq!(policy, libc::SCHED_OTHER);
+            threads.insert(tid);
         }
         // Other tests share the pool, and may take the idle thread between
         // two of these calls; they do not make a thread a call.
@@ -347,85 +417,69 @@ mod tests {
             "20 calls took {} threads",
             threads.len()
         );
-        for tid in threads {
-            assert_eq!(policy(tid), libc::SCHED_OTHER);
-        }
     }
 
     // Multi-threaded: the test blocks on its jobs while its calls run.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_job_its_caller_left_is_stopped_then_lowered() {
         let overruns = Overruns::default();
-        let (job, tid, release) = held();
+        let (job, running_on, release) = held();
         let (stopped, was_stopped) = mpsc::channel();
+        let (lowered, was_lowered) = mpsc::channel();
+        let on_abandon = OnAbandon {
+            stop: Box::new(move || stopped.send(()).unwrap()),
+            lowered: Box::new(move || lowered.send(()).unwrap()),
+        };
         let call = tokio::spawn({
             let overruns = overruns.clone();
-            async move { run(&overruns, job, move || stopped.send(()).unwrap()).await }
+            async move { run(&overruns, job, on_abandon).await }
         });
-        let tid = tid.recv().unwrap();
+        let tid = running_on.recv().unwrap();
         call.abort();
         let _ = call.await;
         was_stopped.recv().unwrap();
-        assert_eq!(policy(tid), libc::SCHED_OTHER, "lowered within its grace");
-        tokio::time::sleep(GRACE * 3).await;
+        was_lowered.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(policy(tid), libc::SCHED_IDLE);
         assert_eq!(overruns.0.load(Ordering::Relaxed), 1);
 
         release.send(()).unwrap();
-        let ended = format!("/proc/self/task/{tid}");
-        for _ in 0..100 {
-            if !std::path::Path::new(&ended).exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(
-            !std::path::Path::new(&ended).exists(),
-            "a lowered thread ends"
-        );
+        let task = format!("/proc/self/task/{tid}");
+        let ended = within_10s(|| !std::path::Path::new(&task).exists()).await;
+        assert!(ended, "a lowered thread ends with its job");
         assert_eq!(overruns.0.load(Ordering::Relaxed), 0);
     }
 
-    // Multi-threaded: the test blocks on its jobs while its calls run.
     #[tokio::test(flavor = "multi_thread")]
     async fn a_database_with_statements_running_on_is_refused_until_they_end() {
         let overruns = Overruns::default();
         let mut releases = Vec::new();
         for _ in 0..MAX_OVERRUNS {
-            let (job, tid, release) = held();
+            let (job, running_on, release) = held();
             let call = tokio::spawn({
                 let overruns = overruns.clone();
-                async move { run(&overruns, job, || {}).await }
+                async move { run(&overruns, job, unheeded()).await }
             });
-            tid.recv().unwrap();
+            running_on.recv().unwrap();
             call.abort();
             releases.push(release);
         }
-        tokio::time::sleep(GRACE * 3).await;
-        let refused = run(&overruns, || (), || {}).await.unwrap_err();
+        let lowered = within_10s(|| overruns.0.load(Ordering::Relaxed) == MAX_OVERRUNS).await;
+        assert!(lowered);
+        let refused = overruns.admit().unwrap_err();
         assert!(
             refused.to_string().contains("still running long after"),
             "{refused}"
         );
-        assert!(
-            run(&Overruns::default(), || (), || {}).await.is_ok(),
-            "others run"
-        );
+        assert!(Overruns::default().admit().is_ok(), "others run");
         for release in releases {
             release.send(()).unwrap();
         }
-        for _ in 0..100 {
-            if run(&overruns, || (), || {}).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("still refused once its statements ended");
+        assert!(within_10s(|| overruns.admit().is_ok()).await);
     }
 
     #[tokio::test]
     async fn a_job_that_panics_is_an_error() {
-        let failed = run(&Overruns::default(), || panic!("boom"), || {}).await;
+        let failed = run(&Overruns::default(), || panic!("boom"), unheeded()).await;
         assert!(failed.is_err());
     }
 }
