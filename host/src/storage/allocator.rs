@@ -14,14 +14,18 @@
 //! [`CHECKED_FROM`] bytes or more on that thread fails, and SQLite ends the
 //! statement with SQLITE_NOMEM, as it would on an exhausted heap. No one
 //! reads that error. Once the statement has also outrun its grace and its
-//! thread is lowered (`threads.rs`), every allocation on it fails: a
-//! thread at idle priority must not be holding SQLite's allocator mutex,
-//! which every connection takes, when it is preempted.
+//! thread is lowered (`threads.rs`), every allocation on it fails, so that
+//! a thread at idle priority takes SQLite's process-wide locks as seldom
+//! as possible.
 //!
 //! Why a failed allocation is safe: SQLite handles a failed allocation
 //! anywhere (its test suite fails every allocation in turn), rolling the
 //! statement or its transaction back, and the pager's own allocations are
-//! below the threshold, so a rollback gets the pages it reads back. The
+//! below the threshold, so a rollback gets the pages it reads back. Once
+//! the thread is lowered those fail too, and the statement may end with its
+//! savepoint or transaction still open: the write connection's next user
+//! rolls that back (`roll_back_abandoned` in `sqlite.rs`), and a read
+//! connection whose caller is gone is closed, never reused. The
 //! host's own connections (the message log, the coordination offsets)
 //! never mark a thread, so nothing of theirs fails. One refusal costs the
 //! others a little: SQLite answers a failed allocation by releasing that

@@ -58,8 +58,8 @@
 //!   loop stops at its next large allocation (`allocator.rs`) or call of a
 //!   replaced function; one of many terms that neither allocate nor call
 //!   (comparisons, numbers from large texts) runs on until its text is
-//!   done, but only on idle CPU, and holds back only its own component
-//!   (`threads.rs`);
+//!   done, but only on idle CPU, while its own component's SQL is refused
+//!   (`threads.rs`, which says what it still holds);
 //! - `SQLITE_LIMIT_ATTACHED = 0`, so no database can be attached even past
 //!   the authorizer;
 //! - `SQLITE_DBCONFIG_DEFENSIVE`, which forbids editing the schema table or

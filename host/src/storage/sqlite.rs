@@ -361,6 +361,8 @@ impl SqliteDatabase {
         self.overruns.admit()?;
         let slot = self.reader_slots.clone().acquire_owned().await;
         let slot = slot.map_err(|_| Error::Unavailable("the database is closed".into()))?;
+        // Again: the slot may have been freed by a statement that ran on.
+        self.overruns.admit()?;
         self.on_reader(Some(slot), f).await
     }
 

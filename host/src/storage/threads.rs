@@ -12,9 +12,13 @@
 //! ([`GRACE`]) after its caller stopped waiting, a statement still running
 //! has its thread lowered to `SCHED_IDLE`, so it runs on only on CPU no one
 //! else wants, and from then on every SQLite allocation on that thread
-//! fails (`allocator.rs`), ending it at its next one: a preempted thread
-//! at idle priority must not hold the allocator's mutex, which every
-//! connection takes. The component's next statements are refused while
+//! fails (`allocator.rs`), ending it at its next one. That keeps it from
+//! SQLite's process-wide locks (the allocator's, the shared page cache's)
+//! as far as the host can: a thread preempted at idle priority while it
+//! holds one stalls every connection until it runs again. It still takes
+//! them for the one allocation that fails and for the frees of its
+//! unwinding; the connection it leaves is closed on tokio's blocking pool,
+//! not on the lowered thread. The component's statements are refused while
 //! [`MAX_OVERRUNS`] of its own run on like that. The grace keeps the
 //! lowering from statements that stop at their interrupt anyway: lowered
 //! while it unwinds a transaction, a writer would keep its component's
@@ -57,9 +61,12 @@ pub const GRACE: Duration = Duration::from_millis(100);
 /// How many of one database's statements may run on past their caller's
 /// wait before its component's new statements are refused, with an error
 /// that says why. Only SQL written to outrun its interrupt gets here, so
-/// there is no need to allow many; statements already started when the
-/// count is reached may still join it, up to the database's query slots.
-pub const MAX_OVERRUNS: usize = 2;
+/// one is enough. And no fewer would do: a query running on keeps its read
+/// snapshot, so SQLite cannot restart its WAL, and writes beside it would
+/// grow that file past the database's size limit for as long as it runs.
+/// Statements already started when the count is reached may still join
+/// it, up to the database's query slots and its one writer.
+pub const MAX_OVERRUNS: usize = 1;
 
 /// How long a thread with nothing to run stays for the next call, as
 /// tokio's blocking pool does: starting a thread costs tens of
@@ -113,6 +120,7 @@ pub async fn run<R: Send + 'static>(
     });
     let (answer, answered) = oneshot::channel();
     let on_thread = call.clone();
+    let runtime = tokio::runtime::Handle::current();
     POOL.spawn(Box::new(move |idle: &dyn Fn()| {
         if !on_thread.start() {
             return Fate::Serve;
@@ -125,7 +133,13 @@ pub async fn run<R: Send + 'static>(
             idle();
         }
         if let Ok(result) = result {
-            let _ = answer.send(result);
+            if let Err(unheard) = answer.send(result) {
+                if fate == Fate::End {
+                    // Dropping it may close a connection, which takes
+                    // SQLite's shared locks: not at idle priority.
+                    runtime.spawn_blocking(move || drop(unheard));
+                }
+            }
         }
         fate
     }))?;
@@ -221,10 +235,12 @@ impl Call {
             // refusal still bounds how many run on.
             self.overruns.0.fetch_add(1, Ordering::Relaxed);
             *state = State::Lowered;
-            thread.lower();
+            // Before the thread slows down, so that it does not take
+            // another lock at idle priority first.
             if let Some(lowered) = self.lowered.lock().unwrap().take() {
                 lowered();
             }
+            thread.lower();
             tracing::warn!(
                 grace = ?GRACE,
                 "a statement runs on past its caller's deadline; its thread now gets only idle CPU"
@@ -439,7 +455,8 @@ mod tests {
         let _ = call.await;
         was_stopped.recv().unwrap();
         was_lowered.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert_eq!(policy(tid), libc::SCHED_IDLE);
+        // Told just before the thread is lowered.
+        assert!(within_10s(|| policy(tid) == libc::SCHED_IDLE).await);
         assert_eq!(overruns.0.load(Ordering::Relaxed), 1);
 
         release.send(()).unwrap();
