@@ -114,11 +114,11 @@ pub fn install() -> bool {
 }
 
 /// Marks the calling thread as running component SQL for a caller who
-/// moves `call` on from [`WAITED_FOR`] when it stops waiting, until dropped. The flag is the
-/// call's own, not the connection's: SQLite leaves a connection's
-/// interrupt flag set after the statement it stopped, until the next one
-/// runs, and the next user's SQL text and parameters are copied before
-/// that.
+/// moves `call` on from [`WAITED_FOR`] when it stops waiting, until
+/// dropped. The flag is the call's own, not the connection's: SQLite
+/// leaves a connection's interrupt flag set after the statement it
+/// stopped, until the next one runs, and the next user's SQL text and
+/// parameters are copied before that.
 pub struct Running {
     /// Keeps alive the flag the thread-local points to.
     _flag: Arc<AtomicU8>,

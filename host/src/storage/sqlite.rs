@@ -471,12 +471,8 @@ async fn on_connection<C: Held, R: Send + 'static>(
         on_abandon,
     )
     .await?;
-    match result {
-        Ok(result) => Ok((conn, result)),
-        Err(_) => Err(Error::Unavailable(
-            "a storage call failed; see the host's log".into(),
-        )),
-    }
+    let result = result.map_err(|_| threads::failed())?;
+    Ok((conn, result))
 }
 
 #[async_trait]

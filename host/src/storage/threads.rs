@@ -149,7 +149,12 @@ pub async fn run<R: Send + 'static>(
     };
     let result = answered.await;
     drop(waiting);
-    result.map_err(|_| Error::Unavailable("a storage call failed; see the host's log".into()))
+    result.map_err(|_| failed())
+}
+
+/// The error of a call that panicked (the panic is in the host's log).
+pub fn failed() -> Error {
+    Error::Unavailable("a storage call failed; see the host's log".into())
 }
 
 /// The caller's side of a call: dropping it before the answer stops the job.
