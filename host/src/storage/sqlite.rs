@@ -63,7 +63,7 @@ use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 use super::allocator::{self, Running};
 use super::ledger::{self, Pending};
 use super::message;
-use super::sandbox::{prepare_sqlite, Access, Failure, Sandboxed};
+use super::sandbox::{prepare_sqlite, stable_plans, Access, Failure, Sandboxed};
 use super::threads::{self, OnAbandon, Overruns};
 use super::{
     Database, Error, Migration, OutboxRow, RowSet, StorageBackend, StorageSettings, Transaction,
@@ -163,6 +163,7 @@ impl SharedConnection {
         prepare_sqlite();
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        stable_plans(&conn)?;
         Ok(conn)
     }
 
