@@ -317,6 +317,64 @@ async fn migrations_apply_once_together_or_not_at_all() {
 }
 
 #[tokio::test]
+async fn a_transactions_records_and_statements_commit_together_in_order() {
+    for subject in subjects().await {
+        let db = with_table(&subject).await;
+        // More than a backend may hold back before it writes them.
+        let records: Vec<String> = (0..40)
+            .map(|i| format!("{i:02}{}", "x".repeat(10_000)))
+            .collect();
+        let mut tx = db.begin().await.unwrap();
+        for record in &records {
+            tx.enqueue(record).await.unwrap();
+        }
+        tx.execute("INSERT INTO t (id) VALUES (1)", vec![])
+            .await
+            .unwrap();
+        tx.enqueue("last").await.unwrap();
+        tx.commit().await.unwrap();
+        let pending = db.outbox_pending(0, 100).await.unwrap();
+        let written: Vec<&[u8]> = pending
+            .iter()
+            .map(|row| row.record.as_deref().unwrap())
+            .collect();
+        let mut expected: Vec<&[u8]> = records.iter().map(|r| r.as_bytes()).collect();
+        expected.push(b"last");
+        assert!(
+            written == expected,
+            "{}: records out of order or missing",
+            subject.name
+        );
+        assert_eq!(all_ids(&*db).await, [1], "{}", subject.name);
+
+        // A failed statement after an enqueue, then a drop: nothing of it.
+        let mut tx = db.begin().await.unwrap();
+        tx.enqueue("dropped").await.unwrap();
+        let failed = tx.execute("INSERT INTO t (id) VALUES (1)", vec![]).await;
+        assert!(
+            matches!(failed, Err(Error::ConstraintViolation(_))),
+            "{}",
+            subject.name
+        );
+        drop(tx);
+        assert_eq!(
+            db.outbox_pending(0, 100).await.unwrap().len(),
+            41,
+            "{}",
+            subject.name
+        );
+
+        // A transaction that does nothing commits, and the next one works.
+        db.begin().await.unwrap().commit().await.unwrap();
+        db.execute("INSERT INTO t (id) VALUES (2)", vec![])
+            .await
+            .unwrap();
+        assert_eq!(all_ids(&*db).await, [1, 2], "{}", subject.name);
+        subject.clean_up().await;
+    }
+}
+
+#[tokio::test]
 async fn outbox_records_come_out_in_commit_order_and_only_when_committed() {
     for subject in subjects().await {
         let db = with_table(&subject).await;

@@ -491,18 +491,17 @@ impl Database for SqliteDatabase {
             .await
     }
 
+    /// Takes the write connection only: `BEGIN` runs with the first
+    /// statement (see [`SqliteTransaction`]).
     async fn begin(&self) -> Result<Box<dyn Transaction>, Error> {
         let conn = self.writer.clone().lock_owned().await;
-        let (conn, begun) = on_connection(&self.overruns, conn, |c| {
-            roll_back_abandoned(c)?;
-            c.host(|c| c.execute_batch("BEGIN IMMEDIATE"))
-        })
-        .await?;
-        begun?;
         Ok(Box::new(SqliteTransaction {
             conn: Some(conn),
             overruns: self.overruns.clone(),
             rolled_back: None,
+            begun: false,
+            outbox: Vec::new(),
+            outbox_bytes: 0,
         }))
     }
 
@@ -657,12 +656,34 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
 }
 
 /// Owns the write connection from `BEGIN` until commit or drop.
+/// A transaction on the write connection, held from `begin` to the end.
+///
+/// Every call is a hand-off to a storage thread and back, and on two cores
+/// those thread switches cost more than the statements of a checkout. So a
+/// transaction makes no hand-off of its own: `BEGIN IMMEDIATE` runs with
+/// its first statement, and the outbox records it enqueues are written
+/// with its next statement or its commit, in order. What a caller sees
+/// changes only in when an error appears: a `BEGIN` that fails (the file
+/// locked by another process past the busy timeout) fails the first
+/// statement, which is then the transaction's end. A transaction that ran
+/// nothing and enqueued nothing commits without touching the database.
 struct SqliteTransaction {
     conn: Option<OwnedMutexGuard<Sandboxed>>,
     overruns: Overruns,
     /// The error after which SQLite rolled the transaction back by itself.
     rolled_back: Option<Error>,
+    /// Whether `BEGIN` has been sent.
+    begun: bool,
+    /// Outbox records not yet written, and their size: written sooner, in
+    /// a hand-off of their own, past [`OUTBOX_BUFFER_BYTES`].
+    outbox: Vec<String>,
+    outbox_bytes: usize,
 }
+
+/// Enqueued outbox records held in the host before they are written: a
+/// bound on what a transaction publishing in a loop keeps outside SQLite,
+/// whose size limit (`max_size_mib`) then stops it as before.
+const OUTBOX_BUFFER_BYTES: usize = 256 * 1024;
 
 impl SqliteTransaction {
     /// Runs `f` in the transaction, and checks it is still open afterwards.
@@ -676,23 +697,18 @@ impl SqliteTransaction {
         &mut self,
         f: impl FnOnce(&Sandboxed) -> Result<R, Error> + Send + 'static,
     ) -> Result<R, Error> {
-        if let Some(cause) = &self.rolled_back {
-            return Err(reworded(
-                cause,
-                format!(
-                    "the transaction was rolled back by the database after an earlier error: {}",
-                    message(cause)
-                ),
-            ));
-        }
+        self.open()?;
         let conn = self
             .conn
             .take()
             .ok_or_else(|| Error::InvalidQuery("the transaction has ended".into()))?;
+        let begin = !std::mem::replace(&mut self.begun, true);
+        let records = std::mem::take(&mut self.outbox);
+        self.outbox_bytes = 0;
         // If this is cancelled, the connection is released with the
         // transaction open; its next user rolls it back.
-        let (conn, (result, ended)) = on_connection(&self.overruns, conn, |c| {
-            let result = f(c);
+        let (conn, (result, ended)) = on_connection(&self.overruns, conn, move |c| {
+            let result = catch_up(c, begin, records).and_then(|()| f(c));
             (result, c.raw().is_autocommit())
         })
         .await?;
@@ -709,6 +725,35 @@ impl SqliteTransaction {
             result => result,
         }
     }
+
+    /// Fails if the transaction can take no more statements.
+    fn open(&self) -> Result<(), Error> {
+        match (&self.rolled_back, &self.conn) {
+            (Some(cause), _) => Err(reworded(
+                cause,
+                format!(
+                    "the transaction was rolled back by the database after an earlier error: {}",
+                    message(cause)
+                ),
+            )),
+            (None, None) => Err(Error::InvalidQuery("the transaction has ended".into())),
+            (None, Some(_)) => Ok(()),
+        }
+    }
+}
+
+/// What a transaction deferred, run ahead of its next statement: `BEGIN`
+/// (after rolling back what a cancelled owner left open), then the outbox
+/// records enqueued since.
+fn catch_up(conn: &Sandboxed, begin: bool, records: Vec<String>) -> Result<(), Error> {
+    if begin {
+        roll_back_abandoned(conn)?;
+        conn.host(|c| c.execute_batch("BEGIN IMMEDIATE"))?;
+    }
+    for record in records {
+        conn.host(|c| c.execute("INSERT INTO _agora_outbox (event) VALUES (?1)", [record]))?;
+    }
+    Ok(())
 }
 
 /// `e` with another message, of the same kind.
@@ -737,16 +782,20 @@ impl Transaction for SqliteTransaction {
     }
 
     async fn enqueue(&mut self, record: &str) -> Result<(), Error> {
-        let record = record.to_owned();
-        self.run(move |c| {
-            c.host(|c| c.execute("INSERT INTO _agora_outbox (event) VALUES (?1)", [record]))
-                .map(|_| ())
-        })
-        .await
+        self.open()?;
+        self.outbox_bytes += record.len();
+        self.outbox.push(record.to_owned());
+        if self.outbox_bytes > OUTBOX_BUFFER_BYTES {
+            self.run(|_| Ok(())).await?;
+        }
+        Ok(())
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), Error> {
-        self.run(|c| c.host(|c| c.execute_batch("COMMIT"))).await?;
+        self.open()?;
+        if self.begun || !self.outbox.is_empty() {
+            self.run(|c| c.host(|c| c.execute_batch("COMMIT"))).await?;
+        }
         // Committed: release the connection without the rollback in `drop`.
         self.conn.take();
         Ok(())
