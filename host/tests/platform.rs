@@ -283,6 +283,53 @@ async fn events_are_delivered_retried_and_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_slow_event_does_not_hold_up_other_keys_of_its_partition() {
+    let host = TestHost::standard();
+    // Two keys on one of test.events' 4 partitions.
+    let partition = |key: &str| {
+        let event = agora_host::messaging::Envelope {
+            id: String::new(),
+            topic: "test.events".into(),
+            key: Some(key.into()),
+            payload: Vec::new(),
+            headers: Vec::new(),
+            published_at: 0,
+        };
+        agora_host::messaging::partition_of(&event, 4)
+    };
+    let other = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| partition(k) == partition("slow"))
+        .unwrap();
+    let events = json!([
+        {"topic": "test.events", "key": "slow", "payload": "slow-5s"},
+        {"topic": "test.events", "key": other, "payload": "quick"},
+    ]);
+    let reply = post_json(&host.url("/probe/publish-together"), &events).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let payloads = || async {
+        let received = get(&host.url("/probe/received")).await.json();
+        received
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["payload"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    // One at a time, "quick" would wait the 5 s of the event before it.
+    let first = eventually("the quick event", Duration::from_secs(15), || async {
+        let got = payloads().await;
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(first, ["\"quick\""], "the slow event held up the other key");
+    eventually("the slow event", Duration::from_secs(15), || async {
+        (payloads().await.len() == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_event_published_in_a_rolled_back_transaction_is_never_delivered() {
     let host = TestHost::standard();
     let publish = |payload: &str, commit: bool| json!({"topic": "test.events", "key": "k", "payload": payload, "commit": commit});

@@ -25,6 +25,7 @@ impl Service for Probe {
             .get("/probe/counted/{key}", counted)
             .post("/probe/invalidate", invalidate)
             .post("/probe/publish", publish)
+            .post("/probe/publish-together", publish_together)
             .get("/probe/received", received)
             .get("/probe/config/{key}", setting)
             .get("/probe/env/{name}", variable)
@@ -81,6 +82,9 @@ impl Service for Probe {
         }
         if payload.contains("fail-once") && message.attempt == 1 {
             return Err("the first attempt fails".into());
+        }
+        if payload.contains("slow-5s") {
+            std::thread::sleep(Duration::from_secs(5));
         }
         // A bug that v2 fixes: its dead letters can be replayed.
         if payload.contains("fail-before-v2") && VERSION == "v1" {
@@ -207,6 +211,25 @@ fn publish(req: &Request) -> Result<Response> {
         }
     };
     Ok(Response::created(&json!({ "id": id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Event {
+    topic: String,
+    key: Option<String>,
+    payload: serde_json::Value,
+}
+
+/// Publishes events in one transaction: they reach the log together.
+fn publish_together(req: &Request) -> Result<Response> {
+    let events: Vec<Event> = req.json()?;
+    let tx = storage::begin()?;
+    for event in &events {
+        tx.publish(&event.topic, event.key.as_deref(), &event.payload)?;
+    }
+    tx.commit()?;
+    Ok(Response::created(&json!({ "published": events.len() })))
 }
 
 fn received(_: &Request) -> Result<Response> {

@@ -12,20 +12,32 @@
 //! expire on the server (one heartbeat of margin), and resume when it
 //! renews them.
 //!
-//! A consumer handles its partition's events one at a time, in log order,
-//! with long fetches (nothing in-process wakes it, so events appended by any
-//! host reach it), and commits its offset after each batch, only past
-//! events whose handler succeeded or that went to the dead-letter topic. A
-//! crash or hand-over in between redelivers the rest of that batch, which is
-//! why handlers are idempotent on the event id. Sequential handling is what
-//! makes per-key order hold; throughput comes from partitions, not from
-//! concurrency within one.
+//! A consumer reads its partition in batches, with long fetches (nothing
+//! in-process wakes it, so events appended by any host reach it). Within a
+//! batch, each key's events are handled one at a time, in log order, and
+//! different keys at once, up to [`KEYS_IN_PARALLEL`]; an event without a
+//! key is a key of its own. The next batch starts when the whole batch is
+//! done with, so per-key order holds across batches too. The offset is
+//! committed after each batch, only past events whose handler succeeded or
+//! that went to the dead-letter topic: up to the first event cut short (by
+//! a stop or a lapsed lease), else the batch's end. A crash or hand-over in
+//! between redelivers the rest of that batch, events of other keys already
+//! handled included, which is why handlers are idempotent on the event id.
+//!
+//! Keys in parallel rather than one event at a time: a partition's events
+//! mostly belong to different keys (an order each, in the shop), and one at
+//! a time a subscriber could not keep up with its publishers under load. A
+//! checkout run's saga fell seconds behind while orders were being placed,
+//! each event waiting for the one before it to finish its storage calls. A
+//! slow or failing key now holds up its own events and the next batch,
+//! not the events beside it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::{stream, StreamExt};
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
 use tokio::sync::watch;
@@ -50,6 +62,11 @@ pub trait Deliver: Send + Sync {
 
 /// Events fetched per read, and so at most redelivered after a crash.
 const BATCH: usize = 64;
+/// Keys of one batch handled at once, per consumer: enough to keep a
+/// partition's events moving while each waits on storage or the broker,
+/// and few enough that one partition takes a quarter of its subscriber's
+/// instance slots at most (`limits.max_concurrency`, 64 by default).
+const KEYS_IN_PARALLEL: usize = 16;
 /// The longest wait between retries of a failed delivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// The wait before trying a failed broker or coordination call again.
@@ -400,23 +417,24 @@ impl Consumer {
 
     /// `call`, again after a pause until it succeeds; `None` if the
     /// consumer is stopped first.
-    async fn retried<T, Fut>(&mut self, what: &str, mut call: impl FnMut() -> Fut) -> Option<T>
+    async fn retried<T, Fut>(&self, what: &str, mut call: impl FnMut() -> Fut) -> Option<T>
     where
         Fut: std::future::Future<Output = anyhow::Result<T>>,
     {
+        let mut stop = self.stop.clone();
         loop {
             match call().await {
                 Ok(value) => return Some(value),
                 Err(e) => self.warn(what, &e),
             }
-            if !pause(&mut self.stop, RETRY_PAUSE).await {
+            if !pause(&mut stop, RETRY_PAUSE).await {
                 return None;
             }
         }
     }
 
     /// The committed offset, retried until read (or stopped).
-    async fn committed(&mut self) -> Option<u64> {
+    async fn committed(&self) -> Option<u64> {
         let (shared, claim) = (self.shared.clone(), self.claim.clone());
         self.retried("reading the offset", || {
             shared.coordinator.committed(&claim)
@@ -469,13 +487,7 @@ impl Consumer {
                 }
                 continue;
             }
-            let mut handled = next;
-            for (offset, event) in batch {
-                if self.stopped() || !self.shared.clock.valid() || !self.handle(event).await {
-                    break;
-                }
-                handled = offset + 1;
-            }
+            let handled = self.handle_batch(batch, next).await;
             if handled == next {
                 continue;
             }
@@ -510,9 +522,50 @@ impl Consumer {
         }
     }
 
+    /// Handles a batch read from `from`, keys in parallel and each key's
+    /// events in order; returns the offset up to which every event is done
+    /// with: the batch's end, or the first event cut short.
+    async fn handle_batch(&self, batch: Vec<(u64, Envelope)>, from: u64) -> u64 {
+        let end = batch.last().map_or(from, |(offset, _)| offset + 1);
+        let mut keys: Vec<Vec<(u64, Envelope)>> = Vec::new();
+        let mut of_key: HashMap<String, usize> = HashMap::new();
+        for (offset, event) in batch {
+            let at = match &event.key {
+                Some(key) => *of_key.entry(key.clone()).or_insert_with(|| {
+                    keys.push(Vec::new());
+                    keys.len() - 1
+                }),
+                None => {
+                    keys.push(Vec::new());
+                    keys.len() - 1
+                }
+            };
+            keys[at].push((offset, event));
+        }
+        stream::iter(keys)
+            .map(|events| self.handle_in_order(events))
+            .buffer_unordered(KEYS_IN_PARALLEL)
+            .fold(end, |handled, cut| async move {
+                cut.map_or(handled, |at| handled.min(at))
+            })
+            .await
+    }
+
+    /// One key's events, one after the other; the offset of the first not
+    /// done with, if any.
+    async fn handle_in_order(&self, events: Vec<(u64, Envelope)>) -> Option<u64> {
+        for (offset, event) in events {
+            if self.stopped() || !self.shared.clock.valid() || !self.handle(event).await {
+                return Some(offset);
+            }
+        }
+        None
+    }
+
     /// Delivers with retries; dead-letters the event when they run out.
     /// False when stopped before the event was done with.
-    async fn handle(&mut self, event: Envelope) -> bool {
+    async fn handle(&self, event: Envelope) -> bool {
+        let mut stop = self.stop.clone();
         let mut backoff = Duration::from_millis(self.retry.backoff_ms);
         let mut last_error = String::new();
         let component = self.claim.subscriber.clone();
@@ -589,7 +642,7 @@ impl Consumer {
             }
             if attempt < self.retry.max_attempts {
                 self.metrics.retried.inc();
-                if !pause(&mut self.stop, backoff).await {
+                if !pause(&mut stop, backoff).await {
                     return false;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -25,9 +25,9 @@
 //!   is removed only once the broker's copy is (the relay's appends survive
 //!   a machine crash whatever the setting): the crash can duplicate an
 //!   event, never lose one or deliver one whose transaction it undid;
-//! - each subscriber gets each event at least once, in order per partition
-//!   (so per key), its progress committed only after its handler returned
-//!   ok; failures are retried with exponential backoff, then the event moves
+//! - each subscriber gets each event at least once, in order per key
+//!   (different keys of a partition in parallel, see `delivery.rs`), its
+//!   progress committed only after its handler returned ok; failures are retried with exponential backoff, then the event moves
 //!   to `dead-letter.<component>` with the error in its headers.
 //!
 //! Backends implement [`Broker`]: an append-only log of partitioned topics,

@@ -127,7 +127,9 @@ pub struct PostgresConfig {
     pub max_connections_per_component: usize,
     /// Connections all components together may have in use. 64: well
     /// under PostgreSQL's default `max_connections` of 100, leaving room
-    /// for the host's own pool, other hosts and an operator's psql.
+    /// for the host's own pool and an operator's psql. Not room for a
+    /// second host under load: several hosts on one server need its
+    /// `max_connections` raised (compose.yaml sets 300) or smaller pools.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// How long connecting, or waiting for a free connection, may take

@@ -974,9 +974,13 @@ impl Outage {
 /// and coordination on the PostgreSQL, the cache on the Redis, messaging on
 /// the Kafka at `brokers` (under a topic prefix of the namespace's), as
 /// `scripts/services` sets them up. `coordination` adds settings to its table.
+/// Pools of 4 per component: several hosts of the shop's six components
+/// share one server of PostgreSQL's default 100 connections here (compose
+/// raises it to 300), and under load each pool fills up.
 pub fn server_backends(namespace: &str, brokers: &str, coordination: &str) -> String {
     format!(
         "[backends.storage]\nkind = \"postgres\"\nurl = \"{POSTGRES_URL}\"\nnamespace = \"{namespace}\"\n\
+         max_connections_per_component = 4\n\
          [backends.cache]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nkey_prefix = \"{namespace}/\"\n\
          [backends.messaging]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\n\
          topic_prefix = \"{namespace}.\"\nfetch_max_wait_ms = 20\n\
