@@ -261,8 +261,8 @@ pub async fn handle(admin: Arc<Admin>, request: Request<Incoming>) -> Response<B
                 Ok(partitions) => {
                     let partitions: Vec<_> = partitions
                         .into_iter()
-                        .map(|(partition, next, end)| {
-                            json!({"partition": partition, "next": next, "end": end, "caught_up": next >= end})
+                        .map(|p| {
+                            json!({"partition": p.partition, "next": p.next, "end": p.end, "lag": p.lag, "caught_up": p.lag == 0})
                         })
                         .collect();
                     response::json(

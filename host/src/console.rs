@@ -39,7 +39,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::bindings::messaging::Message;
-use crate::messaging::{ATTEMPTS_HEADER, DEAD_LETTER_PREFIX, ERROR_HEADER, ORIGINAL_TOPIC_HEADER};
+use crate::messaging::{
+    Progress, ATTEMPTS_HEADER, DEAD_LETTER_PREFIX, ERROR_HEADER, ORIGINAL_TOPIC_HEADER,
+};
 use crate::response::{self, Body};
 use crate::runtime::Runtime;
 use crate::server::read_body;
@@ -562,8 +564,13 @@ async fn subscribers_section(runtime: &Runtime) -> String {
                 .await
             {
                 Ok(partitions) => {
-                    for (partition, next, end) in partitions {
-                        let lag = end.saturating_sub(next);
+                    for Progress {
+                        partition,
+                        next,
+                        end,
+                        lag,
+                    } in partitions
+                    {
                         let _ = write!(
                             html,
                             r#"<tr class="{}"><td>{}</td><td>{}</td><td>{partition}</td><td>{next}</td><td>{end}</td><td>{lag}</td></tr>"#,

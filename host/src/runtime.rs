@@ -451,14 +451,14 @@ impl Runtime {
                 let messaging = &self.capabilities.messaging;
                 match messaging.progress(&component.name, topic).await {
                     Ok(partitions) => {
-                        for (partition, next, end) in partitions {
+                        for progress in partitions {
                             m.consumer_lag
                                 .get_or_create(&PartitionLabels {
                                     subscriber: component.name.clone(),
                                     topic: topic.clone(),
-                                    partition: partition.to_string(),
+                                    partition: progress.partition.to_string(),
                                 })
-                                .set(end.saturating_sub(next) as i64);
+                                .set(progress.lag as i64);
                         }
                     }
                     Err(e) => tracing::debug!(component = %component.name, %topic, error = %format!("{e:#}"), "consumer lag unknown"),

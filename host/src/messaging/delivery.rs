@@ -15,7 +15,8 @@
 //! A consumer reads its partition in batches, with long fetches (nothing
 //! in-process wakes it, so events appended by any host reach it). Within a
 //! batch, each key's events are handled one at a time, in log order, and
-//! different keys at once, up to [`KEYS_IN_PARALLEL`]; an event without a
+//! different keys at once, up to [`KEYS_IN_PARALLEL`] per subscriber over
+//! all its consumers on this host; an event without a
 //! key is a key of its own. The next batch starts when the whole batch is
 //! done with, so per-key order holds across batches too. The offset is
 //! committed after each batch, only past events whose handler succeeded or
@@ -40,7 +41,7 @@ use async_trait::async_trait;
 use futures_util::{stream, StreamExt};
 use opentelemetry::trace::SpanKind;
 use opentelemetry::KeyValue;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::{
@@ -62,10 +63,12 @@ pub trait Deliver: Send + Sync {
 
 /// Events fetched per read, and so at most redelivered after a crash.
 const BATCH: usize = 64;
-/// Keys of one batch handled at once, per consumer: enough to keep a
-/// partition's events moving while each waits on storage or the broker,
-/// and few enough that one partition takes a quarter of its subscriber's
-/// instance slots at most (`limits.max_concurrency`, 64 by default).
+/// Keys handled at once per subscriber on this host, over all its
+/// partitions and topics: enough to keep its events moving while each
+/// waits on storage or the broker, and few enough that its deliveries take
+/// a quarter of its instance slots at most (`limits.max_concurrency`, 64
+/// by default), however many distinct keys a publisher floods it with, so
+/// its HTTP requests still find slots.
 const KEYS_IN_PARALLEL: usize = 16;
 /// The longest wait between retries of a failed delivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -136,6 +139,7 @@ impl Supervisor {
             coordinator,
             deliver,
             clock: LeaseClock::default(),
+            in_parallel: Mutex::default(),
         });
         let task = tokio::spawn(supervise(shared, wanted, stop));
         Supervisor {
@@ -168,6 +172,20 @@ struct Shared {
     coordinator: Arc<dyn Coordinator>,
     deliver: Arc<dyn Deliver>,
     clock: LeaseClock,
+    /// Per subscriber, the keys its consumers may handle at once, shared
+    /// by all its partitions and topics (see [`KEYS_IN_PARALLEL`]).
+    in_parallel: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Shared {
+    fn in_parallel(&self, subscriber: &str) -> Arc<Semaphore> {
+        self.in_parallel
+            .lock()
+            .unwrap()
+            .entry(subscriber.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(KEYS_IN_PARALLEL)))
+            .clone()
+    }
 }
 
 /// A consumer task and how to stop it.
@@ -554,6 +572,8 @@ impl Consumer {
     /// One key's events, one after the other; the offset of the first not
     /// done with, if any.
     async fn handle_in_order(&self, events: Vec<(u64, Envelope)>) -> Option<u64> {
+        let slots = self.shared.in_parallel(&self.claim.subscriber);
+        let _slot = slots.acquire().await.expect("never closed");
         for (offset, event) in events {
             if self.stopped() || !self.shared.clock.valid() || !self.handle(event).await {
                 return Some(offset);

@@ -314,6 +314,24 @@ impl Broker for EmbeddedLog {
         Ok(last.map_or(0, |seq| seq as u64 + 1))
     }
 
+    /// Counted: offsets are the log's sequence numbers, shared by every
+    /// topic and partition, so the end less `from` would count other
+    /// partitions' events too.
+    async fn behind(&self, topic: &str, partition: u32, from: u64) -> Result<u64> {
+        let topic = topic.to_owned();
+        let behind = self
+            .conn
+            .with(move |c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM events WHERE topic = ?1 AND partition = ?2 AND seq >= ?3",
+                    params![topic, partition, from as i64],
+                    |r| r.get::<_, i64>(0),
+                )
+            })
+            .await?;
+        Ok(behind as u64)
+    }
+
     async fn ping(&self) -> Result<()> {
         self.conn
             .with(|c| c.query_row("SELECT 1", [], |_| Ok(())))

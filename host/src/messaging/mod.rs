@@ -95,6 +95,19 @@ impl BackendRegistry for dyn MessagingSettings {
     }
 }
 
+/// How far a subscriber got in one partition of a topic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    pub partition: u32,
+    /// The offset it handles next.
+    pub next: u64,
+    /// The offset the partition's next event will get.
+    pub end: u64,
+    /// Events not yet handled. Not `end - next`: the embedded log numbers
+    /// events across all topics and partitions.
+    pub lag: u64,
+}
+
 /// An event as stored and relayed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Envelope {
@@ -139,6 +152,11 @@ pub trait Broker: Send + Sync {
     ) -> Result<Vec<(u64, Envelope)>>;
     /// The offset the next event of a partition will get.
     async fn end(&self, topic: &str, partition: u32) -> Result<u64>;
+    /// How many events of a partition are at offset `from` or after: the
+    /// end less `from` where a partition's offsets are dense (Kafka's).
+    async fn behind(&self, topic: &str, partition: u32, from: u64) -> Result<u64> {
+        Ok(self.end(topic, partition).await?.saturating_sub(from))
+    }
     async fn ping(&self) -> Result<()>;
 }
 
@@ -333,12 +351,17 @@ impl MessagingCapability {
 
     /// Where a subscriber stands on each partition: (partition, next offset
     /// it will handle, end of the partition). Caught up when next >= end.
-    pub async fn progress(&self, component: &str, topic: &str) -> Result<Vec<(u32, u64, u64)>> {
+    pub async fn progress(&self, component: &str, topic: &str) -> Result<Vec<Progress>> {
         let mut partitions = Vec::new();
         for partition in 0..self.broker.partitions(topic).await? {
             let claim = Self::claim(component, topic, partition);
             let next = self.coordinator.committed(&claim).await?;
-            partitions.push((partition, next, self.broker.end(topic, partition).await?));
+            partitions.push(Progress {
+                partition,
+                next,
+                end: self.broker.end(topic, partition).await?,
+                lag: self.broker.behind(topic, partition, next).await?,
+            });
         }
         Ok(partitions)
     }

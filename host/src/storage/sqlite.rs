@@ -655,7 +655,6 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
     Ok(new.iter().map(|p| p.migration.name.clone()).collect())
 }
 
-/// Owns the write connection from `BEGIN` until commit or drop.
 /// A transaction on the write connection, held from `begin` to the end.
 ///
 /// Every call is a hand-off to a storage thread and back, and on two cores
@@ -665,7 +664,9 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
 /// with its next statement or its commit, in order. What a caller sees
 /// changes only in when an error appears: a `BEGIN` that fails (the file
 /// locked by another process past the busy timeout) fails the first
-/// statement, which is then the transaction's end. A transaction that ran
+/// statement, which is then the transaction's end; so does any failure to
+/// write what was deferred, which rolls the transaction back, since its
+/// commit would lack events a `publish` reported as done. A transaction that ran
 /// nothing and enqueued nothing commits without touching the database.
 struct SqliteTransaction {
     conn: Option<OwnedMutexGuard<Sandboxed>>,
@@ -708,7 +709,18 @@ impl SqliteTransaction {
         // If this is cancelled, the connection is released with the
         // transaction open; its next user rolls it back.
         let (conn, (result, ended)) = on_connection(&self.overruns, conn, move |c| {
-            let result = catch_up(c, begin, records).and_then(|()| f(c));
+            if let Err(e) = catch_up(c, begin, records) {
+                // Not all it deferred happened (a record past the size
+                // limit, say): committed now, the transaction would lack
+                // events its caller was told were published.
+                if !c.raw().is_autocommit() {
+                    if let Err(e) = c.host(|c| c.execute_batch("ROLLBACK")) {
+                        tracing::warn!(error = ?e, "rollback failed");
+                    }
+                }
+                return (Err(e), true);
+            }
+            let result = f(c);
             (result, c.raw().is_autocommit())
         })
         .await?;
@@ -1170,5 +1182,44 @@ mod tests {
         db.execute("INSERT INTO t VALUES (randomblob(1000))", vec![])
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_transaction_whose_held_events_cannot_be_written_cannot_commit() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let settings = Settings {
+            durability: Durability::ProcessCrash,
+            max_size_mib: 1,
+        };
+        let db = SqliteDatabase::open("c".into(), dir.path().join("c.db"), settings).unwrap();
+        db.execute("CREATE TABLE t (x)", vec![]).await.unwrap();
+        let mut tx = db.begin().await.unwrap();
+        tx.execute("INSERT INTO t VALUES (1)", vec![])
+            .await
+            .unwrap();
+        // Held in the host, then written: more than the database may hold.
+        let record = "e".repeat(200_000);
+        let mut failed = None;
+        for _ in 0..8 {
+            if let Err(e) = tx.enqueue(&record).await {
+                failed = Some(e);
+                break;
+            }
+        }
+        let failed = failed.expect("8 events of 200 KB fit in 1 MiB");
+        assert!(
+            matches!(&failed, Error::Unavailable(m) if m.contains("size limit")),
+            "{failed:?}"
+        );
+        // A guest that ignores the error cannot commit the events it kept.
+        let statement = tx.execute("INSERT INTO t VALUES (2)", vec![]).await;
+        assert!(
+            matches!(&statement, Err(e) if message(e).contains("rolled back")),
+            "{statement:?}"
+        );
+        assert!(tx.commit().await.is_err());
+        assert!(db.outbox_pending(0, 10).await.unwrap().is_empty());
+        let rows = db.query("SELECT x FROM t", vec![]).await.unwrap();
+        assert!(rows.rows.is_empty(), "the transaction's row was committed");
     }
 }
