@@ -1161,15 +1161,21 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_database_stops_growing_at_its_size_limit() {
-        let dir = tempfile::TempDir::new().unwrap();
+    /// A database of at most 1 MiB, with a table `t (x)`.
+    async fn one_mib_with_table(dir: &tempfile::TempDir) -> SqliteDatabase {
         let settings = Settings {
             durability: Durability::ProcessCrash,
             max_size_mib: 1,
         };
         let db = SqliteDatabase::open("c".into(), dir.path().join("c.db"), settings).unwrap();
         db.execute("CREATE TABLE t (x)", vec![]).await.unwrap();
+        db
+    }
+
+    #[tokio::test]
+    async fn a_database_stops_growing_at_its_size_limit() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let db = one_mib_with_table(&dir).await;
         let err = db
             .execute("INSERT INTO t VALUES (randomblob(2000000))", vec![])
             .await
@@ -1187,12 +1193,7 @@ mod tests {
     #[tokio::test]
     async fn a_transaction_whose_held_events_cannot_be_written_cannot_commit() {
         let dir = tempfile::TempDir::new().unwrap();
-        let settings = Settings {
-            durability: Durability::ProcessCrash,
-            max_size_mib: 1,
-        };
-        let db = SqliteDatabase::open("c".into(), dir.path().join("c.db"), settings).unwrap();
-        db.execute("CREATE TABLE t (x)", vec![]).await.unwrap();
+        let db = one_mib_with_table(&dir).await;
         let mut tx = db.begin().await.unwrap();
         tx.execute("INSERT INTO t VALUES (1)", vec![])
             .await
