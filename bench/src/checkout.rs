@@ -281,11 +281,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
                 (placed.clone(), latencies.clone(), failures.clone());
             let addr = addrs[buyer % addrs.len()];
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
+                let mut sender = keep_alive(addr).await?;
                 let order = serde_json::to_vec(
                     &json!({"items": [{"product_id": product, "quantity": 1}]}),
                 )?;
@@ -503,16 +499,24 @@ async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
     Ok(counts)
 }
 
+/// An HTTP/1.1 connection to `addr` for requests one after the other.
+async fn keep_alive(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// The orders of `share` (id, its buyer's token) not yet paid, asked on one
 /// keep-alive connection.
 async fn still_unpaid(
     addr: SocketAddr,
     share: Vec<(String, String)>,
 ) -> Result<Vec<(String, String)>> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = keep_alive(addr).await?;
     let mut still = Vec::new();
     for (id, token) in share {
         let request = http::Request::get(format!("/orders/{id}"))

@@ -16,8 +16,8 @@
 //! in-process wakes it, so events appended by any host reach it). Within a
 //! batch, each key's events are handled one at a time, in log order, and
 //! different keys at once, up to [`KEYS_IN_PARALLEL`] per subscriber over
-//! all its consumers on this host; an event without a
-//! key is a key of its own. The next batch starts when the whole batch is
+//! all its consumers on this host; an event without a key is a key of its
+//! own. The next batch starts when the whole batch is
 //! done with, so per-key order holds across batches too. The offset is
 //! committed after each batch, only past events whose handler succeeded or
 //! that went to the dead-letter topic: up to the first event cut short (by
@@ -386,6 +386,8 @@ struct Consumer {
     retry: RetryPolicy,
     stop: watch::Receiver<bool>,
     metrics: DeliveryMetrics,
+    /// Its subscriber's keys in parallel, shared with its other consumers.
+    in_parallel: Arc<Semaphore>,
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.
@@ -413,6 +415,7 @@ impl Consumer {
         let (stop_sender, stop) = watch::channel(false);
         let consumer = Consumer {
             metrics: DeliveryMetrics::new(&claim.subscriber, &claim.topic),
+            in_parallel: shared.in_parallel(&claim.subscriber),
             shared,
             claim,
             retry,
@@ -572,8 +575,7 @@ impl Consumer {
     /// One key's events, one after the other; the offset of the first not
     /// done with, if any.
     async fn handle_in_order(&self, events: Vec<(u64, Envelope)>) -> Option<u64> {
-        let slots = self.shared.in_parallel(&self.claim.subscriber);
-        let _slot = slots.acquire().await.expect("never closed");
+        let _slot = self.in_parallel.acquire().await.expect("never closed");
         for (offset, event) in events {
             if self.stopped() || !self.shared.clock.valid() || !self.handle(event).await {
                 return Some(offset);

@@ -27,8 +27,9 @@
 //!   event, never lose one or deliver one whose transaction it undid;
 //! - each subscriber gets each event at least once, in order per key
 //!   (different keys of a partition in parallel, see `delivery.rs`), its
-//!   progress committed only after its handler returned ok; failures are retried with exponential backoff, then the event moves
-//!   to `dead-letter.<component>` with the error in its headers.
+//!   progress committed only after its handler returned ok; failures are
+//!   retried with exponential backoff, then the event moves to
+//!   `dead-letter.<component>` with the error in its headers.
 //!
 //! Backends implement [`Broker`]: an append-only log of partitioned topics,
 //! the model Kafka has. Which host consumes which partition, and how far

@@ -403,6 +403,16 @@ fn roll_back_abandoned(conn: &Sandboxed) -> Result<(), Error> {
     Ok(())
 }
 
+/// Rolls back the transaction open on `conn`, if SQLite has not already.
+/// A failure is logged: the connection's next user rolls back again.
+fn roll_back(conn: &Sandboxed) {
+    if !conn.raw().is_autocommit() {
+        if let Err(e) = conn.host(|c| c.execute_batch("ROLLBACK")) {
+            tracing::warn!(error = ?e, "rollback failed");
+        }
+    }
+}
+
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> Result<R, Error> + Send + 'static,
 ) -> Result<R, Error> {
@@ -666,8 +676,9 @@ fn apply_migrations(c: &Sandboxed, new: &[ledger::Pending]) -> Result<Vec<String
 /// locked by another process past the busy timeout) fails the first
 /// statement, which is then the transaction's end; so does any failure to
 /// write what was deferred, which rolls the transaction back, since its
-/// commit would lack events a `publish` reported as done. A transaction that ran
-/// nothing and enqueued nothing commits without touching the database.
+/// commit would lack events a `publish` reported as done. A transaction
+/// that ran nothing and enqueued nothing commits without touching the
+/// database.
 struct SqliteTransaction {
     conn: Option<OwnedMutexGuard<Sandboxed>>,
     overruns: Overruns,
@@ -713,11 +724,7 @@ impl SqliteTransaction {
                 // Not all it deferred happened (a record past the size
                 // limit, say): committed now, the transaction would lack
                 // events its caller was told were published.
-                if !c.raw().is_autocommit() {
-                    if let Err(e) = c.host(|c| c.execute_batch("ROLLBACK")) {
-                        tracing::warn!(error = ?e, "rollback failed");
-                    }
-                }
+                roll_back(c);
                 return (Err(e), true);
             }
             let result = f(c);
@@ -817,13 +824,7 @@ impl Transaction for SqliteTransaction {
 impl Drop for SqliteTransaction {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            // Nothing is left to roll back if SQLite did it already.
-            if conn.raw().is_autocommit() {
-                return;
-            }
-            if let Err(e) = conn.host(|c| c.execute_batch("ROLLBACK")) {
-                tracing::warn!(error = ?e, "rollback failed");
-            }
+            roll_back(&conn);
         }
     }
 }
