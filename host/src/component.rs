@@ -54,6 +54,7 @@ use crate::bindings::{schema, subscriber};
 use crate::capability::{Capabilities, ComponentCaps};
 use crate::compiled::{CompiledCache, Wasm};
 use crate::links;
+use crate::messaging::Undelivered;
 use crate::metrics::{CacheResult, InstanceMetrics, NotKept, RouteMetrics};
 use crate::plugins::{ComponentSpec, HostSettings};
 use crate::registry::prefix_matches;
@@ -170,6 +171,24 @@ const MIB: usize = 1024 * 1024;
 /// the memory and instance-pool slots (shared by every component) that stay
 /// taken until the component is busy again.
 const MAX_WARM: usize = 16;
+
+/// Who waits for an instance slot: that decides whether the wait is bounded
+/// and whether it counts against the instance's deadline.
+#[derive(Clone, Copy, PartialEq)]
+enum Claimant {
+    /// An HTTP request. It holds its body while it waits, so it is refused
+    /// at once when `max_waiting` others already wait; its deadline runs
+    /// from its arrival, which is what its client sees.
+    Request,
+    /// A call from another component, bounded by its caller's deadline
+    /// and by the callers; the wait counts against its own deadline too.
+    Call,
+    /// A delivery, bounded by partitions and the subscriber's keys in
+    /// parallel. Its deadline starts with the slot: a handler that waited
+    /// behind others still gets its whole time, instead of failing an
+    /// attempt for the wait.
+    Delivery,
+}
 
 /// An instance slot: its concurrency permit, held until the instance is
 /// done, and the store with the deadline it must finish by.
@@ -495,29 +514,33 @@ impl ComponentVersion {
         store
     }
 
-    /// Waits, until this version's deadline, for an instance slot (the
-    /// concurrency limit) and makes the store for that instance. With
-    /// `bounded`, refuses at once when `max_waiting` others already wait:
-    /// HTTP requests hold their bodies while they wait, deliveries and
-    /// service calls are bounded by partitions and callers.
-    async fn claim_slot(&self, bounded: bool) -> Result<Slot, Failure> {
+    /// Waits, for up to this version's deadline, for an instance slot (the
+    /// concurrency limit) and makes the store for that instance; how long
+    /// the instance then has depends on the `claimant`.
+    async fn claim_slot(&self, claimant: Claimant) -> Result<Slot, Failure> {
         let deadline = self.deadline();
         let until = tokio::time::Instant::from_std(deadline);
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(TryAcquireError::Closed) => return Err(Failure::Busy),
             Err(TryAcquireError::NoPermits) => {
-                let _waiting = bounded.then(|| self.wait_in_line()).transpose()?;
+                let _waiting = (claimant == Claimant::Request)
+                    .then(|| self.wait_in_line())
+                    .transpose()?;
                 match timeout_at(until, self.permits.clone().acquire_owned()).await {
                     Ok(Ok(permit)) => permit,
                     _ => return Err(Failure::Busy),
                 }
             }
         };
+        let deadline = match claimant {
+            Claimant::Delivery => self.deadline(),
+            Claimant::Request | Claimant::Call => deadline,
+        };
         Ok(Slot {
             permit,
             lease: self.lease(deadline),
-            deadline: until,
+            deadline: tokio::time::Instant::from_std(deadline),
         })
     }
 
@@ -603,7 +626,7 @@ impl ComponentVersion {
             permit,
             mut lease,
             deadline,
-        } = match self.claim_slot(true).await {
+        } = match self.claim_slot(Claimant::Request).await {
             Ok(slot) => slot,
             Err(failure) => return failure.response(&self.name),
         };
@@ -706,7 +729,7 @@ impl ComponentVersion {
             permit: _permit,
             mut lease,
             deadline,
-        } = match self.claim_slot(false).await {
+        } = match self.claim_slot(Claimant::Call).await {
             Ok(slot) => slot,
             Err(failure) => wasmtime::bail!("{}", failure.message(&self.name)),
         };
@@ -734,19 +757,21 @@ impl ComponentVersion {
     }
 
     /// Hands one message to the `subscriber` export of a fresh (or warm) instance.
-    pub async fn deliver(self: Arc<Self>, message: Message) -> Result<(), String> {
-        let indices = self
-            .subscriber
-            .as_ref()
-            .ok_or_else(|| format!("component `{}` has no subscriber export", self.name))?;
+    pub async fn deliver(self: Arc<Self>, message: Message) -> Result<(), Undelivered> {
+        let indices = self.subscriber.as_ref().ok_or_else(|| {
+            Undelivered::Failed(format!(
+                "component `{}` has no subscriber export",
+                self.name
+            ))
+        })?;
         let Slot {
             permit: _permit,
             mut lease,
             deadline,
         } = self
-            .claim_slot(false)
+            .claim_slot(Claimant::Delivery)
             .await
-            .map_err(|f| f.message(&self.name))?;
+            .map_err(|f| Undelivered::Busy(f.message(&self.name)))?;
         lease
             .store
             .data_mut()
@@ -763,7 +788,8 @@ impl ComponentVersion {
             .map_err(|_| Failure::Timeout);
         // Returned, the guest says whether it handled the message.
         self.settle(lease, ran)
-            .map_err(|failure| failure.message(&self.name))?
+            .map_err(|failure| Undelivered::Failed(failure.message(&self.name)))?
+            .map_err(Undelivered::Failed)
     }
 }
 

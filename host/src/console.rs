@@ -729,7 +729,10 @@ async fn replay(
         published_at: letter.published_at,
         attempt: 1,
     };
-    let result = runtime.deliver_now(component, message).await;
+    let result = runtime
+        .deliver_now(component, message)
+        .await
+        .map_err(|e| e.to_string());
     let notice = match &result {
         Ok(()) => format!("Replayed event {} to {component}", letter.id),
         Err(e) => format!("Replay of event {} to {component} failed: {e}", letter.id),

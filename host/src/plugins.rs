@@ -580,7 +580,9 @@ impl Default for Limits {
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
     /// Deliveries before dead-lettering. Five rides out a brief outage of a
-    /// dependency without holding up the topic for long.
+    /// dependency without holding up the topic for long. A delivery that
+    /// found no free instance slot for a whole deadline ran no handler and
+    /// is not counted: it waits again.
     pub max_attempts: u32,
     /// First backoff; doubled after each failure, capped at 30 s.
     pub backoff_ms: u64,

@@ -40,7 +40,7 @@ use crate::compiled::Wasm;
 use crate::component::ComponentVersion;
 use crate::engine;
 use crate::gateway::Proxies;
-use crate::messaging::Deliver;
+use crate::messaging::{Deliver, Undelivered};
 use crate::metrics::{metrics, ComponentLabels, PartitionLabels};
 use crate::plugins::{ComponentSpec, Plugins};
 use crate::registry::Registry;
@@ -395,13 +395,15 @@ impl Runtime {
     }
 
     /// Hands a message to the component's serving version.
-    pub async fn deliver_now(&self, component: &str, message: Message) -> Result<(), String> {
+    pub async fn deliver_now(&self, component: &str, message: Message) -> Result<(), Undelivered> {
         let version = self
             .registry()
             .components
             .get(component)
             .cloned()
-            .ok_or_else(|| format!("component `{component}` is not running"))?;
+            .ok_or_else(|| {
+                Undelivered::Failed(format!("component `{component}` is not running"))
+            })?;
         version.deliver(message).await
     }
 
@@ -559,8 +561,11 @@ struct Dispatch(Weak<Runtime>);
 
 #[async_trait]
 impl Deliver for Dispatch {
-    async fn deliver(&self, component: &str, message: Message) -> Result<(), String> {
-        let runtime = self.0.upgrade().ok_or("the host is shutting down")?;
+    async fn deliver(&self, component: &str, message: Message) -> Result<(), Undelivered> {
+        let runtime = self
+            .0
+            .upgrade()
+            .ok_or_else(|| Undelivered::Failed("the host is shutting down".into()))?;
         runtime.deliver_now(component, message).await
     }
 }

@@ -302,7 +302,7 @@ async fn a_slow_event_does_not_hold_up_other_keys_of_its_partition() {
         .find(|k| partition(k) == partition("slow"))
         .unwrap();
     let events = json!([
-        {"topic": "test.events", "key": "slow", "payload": "slow-5s"},
+        {"topic": "test.events", "key": "slow", "payload": "slow-5000ms"},
         {"topic": "test.events", "key": other, "payload": "quick"},
     ]);
     let reply = post_json(&host.url("/probe/publish-together"), &events).await;
@@ -327,6 +327,76 @@ async fn a_slow_event_does_not_hold_up_other_keys_of_its_partition() {
         (payloads().await.len() == 2).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_keys_takes_at_most_16_of_a_subscribers_instance_slots() {
+    let host = TestHost::standard();
+    // Distinct keys over test.events' 4 partitions, each handled for 5 s.
+    let events: Vec<_> = (0..20)
+        .map(|i| json!({"topic": "test.events", "key": format!("k{i}"), "payload": format!("slow-5000ms {i}")}))
+        .collect();
+    let reply = post_json(&host.url("/probe/publish-together"), &json!(events)).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let in_use = || async {
+        sample(
+            &scrape(&host).await,
+            r#"agora_instance_slots_in_use{component="probe"}"#,
+        )
+        .unwrap_or(0.0)
+    };
+    eventually("deliveries in hand", Duration::from_secs(10), || async {
+        (in_use().await >= 16.0).then_some(())
+    })
+    .await;
+    let mut most = 0.0f64;
+    for _ in 0..10 {
+        most = most.max(in_use().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The 48 slots left serve HTTP meanwhile.
+    assert_eq!(get(&host.url("/probe/version")).await.status, 200);
+    assert_eq!(most, 16.0, "deliveries running at once, of 20 keys");
+    eventually("all 20 events", Duration::from_secs(30), || async {
+        let received = get(&host.url("/probe/received")).await.json();
+        (received.as_array().unwrap().len() == 20).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_waiting_for_a_busy_subscriber_spend_no_attempt() {
+    // One slot, a 2 s deadline, one attempt. Three keys' events of 1.5 s
+    // each: the second waits 1.5 s for the slot, the third longer than its
+    // deadline. Were the wait counted against the handler's time, or as an
+    // attempt, they would be dead-lettered, never handled.
+    let host = TestHost::start(|ports, _| {
+        standard_config(ports, &component("probe"))
+            .replace(
+                "timeout_ms = 6000, memory_mib = 32",
+                "timeout_ms = 2000, memory_mib = 32, max_concurrency = 1",
+            )
+            .replace("max_attempts = 3", "max_attempts = 1")
+    });
+    let events: Vec<_> = (0..3)
+        .map(|i| json!({"topic": "test.events", "key": format!("k{i}"), "payload": format!("slow-1500ms {i}")}))
+        .collect();
+    let reply = post_json(&host.url("/probe/publish-together"), &json!(events)).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    // Asked while the deliveries hold the one slot, the probe may answer 503.
+    let received = eventually("the three events", Duration::from_secs(20), || async {
+        let received = get(&host.url("/probe/received")).await.json();
+        received.as_array().filter(|r| r.len() == 3).cloned()
+    })
+    .await;
+    for event in &received {
+        assert_eq!(event["attempt"], 1, "waiting spent no attempt: {event}");
+    }
+    assert!(
+        host.log().contains("waited for an instance slot"),
+        "the third event waited past its deadline: {}",
+        host.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -83,8 +83,8 @@ impl Service for Probe {
         if payload.contains("fail-once") && message.attempt == 1 {
             return Err("the first attempt fails".into());
         }
-        if payload.contains("slow-5s") {
-            std::thread::sleep(Duration::from_secs(5));
+        if let Some(ms) = handling_ms(&payload) {
+            std::thread::sleep(Duration::from_millis(ms));
         }
         // A bug that v2 fixes: its dead letters can be replayed.
         if payload.contains("fail-before-v2") && VERSION == "v1" {
@@ -98,6 +98,12 @@ impl Service for Probe {
         .map(|_| ())
         .map_err(|e| e.to_string())
     }
+}
+
+/// How long a payload `slow-<n>ms` asks its handler to take.
+fn handling_ms(payload: &str) -> Option<u64> {
+    let rest = &payload[payload.find("slow-")? + "slow-".len()..];
+    rest[..rest.find("ms")?].parse().ok()
 }
 
 fn version(_: &Request) -> Result<Response> {

@@ -24,6 +24,10 @@
 //! a stop or a lapsed lease), else the batch's end. A crash or hand-over in
 //! between redelivers the rest of that batch, events of other keys already
 //! handled included, which is why handlers are idempotent on the event id.
+//! A failed delivery is retried with backoff, then dead-lettered. A
+//! handler's deadline starts once it has an instance slot; a delivery that
+//! found none free for a whole deadline ran no handler and waits again,
+//! without counting an attempt.
 //!
 //! Keys in parallel rather than one event at a time: a partition's events
 //! mostly belong to different keys (an order each, in the shop), and one at
@@ -58,7 +62,22 @@ use crate::telemetry;
 /// Hands a message to a component's `subscriber` export.
 #[async_trait]
 pub trait Deliver: Send + Sync {
-    async fn deliver(&self, component: &str, message: Message) -> Result<(), String>;
+    async fn deliver(&self, component: &str, message: Message) -> Result<(), Undelivered>;
+}
+
+/// Why a message was not handled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Undelivered {
+    /// Its handler ran and failed: it returned an error, trapped, or ran
+    /// out of time or memory; or no version of it serves. One attempt of
+    /// the subscriber's retry policy.
+    #[error("{0}")]
+    Failed(String),
+    /// No handler ran: every instance slot of the subscriber stayed taken
+    /// for a whole deadline. Not an attempt: a subscriber whose slots its
+    /// HTTP traffic keeps busy must not dead-letter events it never saw.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Events fetched per read, and so at most redelivered after a crash.
@@ -592,7 +611,8 @@ impl Consumer {
         let mut last_error = String::new();
         let component = self.claim.subscriber.clone();
         let published_in = telemetry::from_pairs(&event.headers);
-        for attempt in 1..=self.retry.max_attempts {
+        let mut attempt = 1;
+        while attempt <= self.retry.max_attempts {
             // Each attempt a span, a child of the publisher's; the
             // subscriber sees it as its parent.
             let trace = telemetry::child(&published_in, SpanKind::Consumer, || {
@@ -651,13 +671,21 @@ impl Consumer {
                 telemetry::end(&trace, Some("cut short"));
                 return false;
             };
-            telemetry::end(&trace, delivered.as_ref().err().map(String::as_str));
+            let error = delivered.as_ref().err().map(ToString::to_string);
+            telemetry::end(&trace, error.as_deref());
             match delivered {
                 Ok(()) => {
                     self.metrics.delivered.inc();
                     return true;
                 }
-                Err(e) => {
+                Err(Undelivered::Busy(e)) => {
+                    tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery waited for an instance slot until its deadline; waiting again");
+                    if !pause(&mut stop, RETRY_PAUSE).await {
+                        return false;
+                    }
+                    continue;
+                }
+                Err(Undelivered::Failed(e)) => {
                     tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery failed");
                     last_error = e;
                 }
@@ -669,6 +697,7 @@ impl Consumer {
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
+            attempt += 1;
         }
         let mut dead = event.clone();
         dead.topic = format!("{DEAD_LETTER_PREFIX}{component}");

@@ -66,7 +66,7 @@ use crate::state::InstanceState;
 use crate::storage::{Database, TransactionHandle};
 use crate::telemetry;
 
-pub use delivery::Deliver;
+pub use delivery::{Deliver, Undelivered};
 pub use embedded::{EmbeddedConfig, EmbeddedLog};
 pub use kafka::KafkaConfig;
 
