@@ -675,8 +675,11 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
                 response::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
             )
         }
-        "/readyz" => return (None, readiness(runtime).await),
-        "/openapi.json" => return (None, openapi(runtime).await),
+        // Boxed, as the other rare branches below: a future holds the
+        // largest of the futures it awaits, and hyper moves every request's
+        // future, so one rarely taken branch would cost every request.
+        "/readyz" => return (None, Box::pin(readiness(runtime)).await),
+        "/openapi.json" => return (None, Box::pin(openapi(runtime)).await),
         _ => {}
     }
     let registry = runtime.registry();
@@ -702,7 +705,7 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
             .get::<opentelemetry::Context>()
             .cloned()
             .unwrap_or_default();
-        let provisioned = runtime.accounts.provision(runtime, &user, trace).await;
+        let provisioned = Box::pin(runtime.accounts.provision(runtime, &user, trace)).await;
         if let Err(reason) = provisioned {
             tracing::warn!(user = %user.id, %reason, "a trusted issuer's user could not be provisioned");
             let refused = gateway::Refusal::Unavailable {
@@ -720,7 +723,7 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
     let cached = response_cache::rule_for(&component.spec, &request)
         .map(|rule| (rule, response_cache::key(&component.name, &request)));
     if let Some((_, key)) = &cached {
-        if let Some(hit) = response_cache::lookup(&*cache, key).await {
+        if let Some(hit) = Box::pin(response_cache::lookup(&*cache, key)).await {
             component.observe_cache(routed.1, CacheResult::Hit);
             return (Some(routed), hit);
         }
@@ -732,7 +735,8 @@ async fn route(runtime: &Runtime, mut request: Request<Incoming>) -> (Routed, Re
     };
     let response = match cached {
         Some((rule, key)) => {
-            let (response, result) = response_cache::keep(&*cache, &key, rule, response).await;
+            let (response, result) =
+                Box::pin(response_cache::keep(&*cache, &key, rule, response)).await;
             component.observe_cache(routed.1, result);
             response
         }

@@ -205,7 +205,10 @@ impl Authenticator {
                     "tokens of {issuer:?} are not trusted (tokens.trusted_issuers)"
                 ))
             })?;
-        trusted.verify(token, &header).await
+        // Boxed: checking an external issuer's token may fetch its keys over
+        // HTTP, a future of kilobytes, which would otherwise be part of
+        // every request's future, moved by hyper at each request.
+        Box::pin(trusted.verify(token, &header)).await
     }
 }
 
