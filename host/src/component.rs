@@ -41,7 +41,7 @@ use futures_util::FutureExt;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, SizeHint};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::timeout_at;
 use wasmtime::component::{Component, Instance, InstancePre, Linker, Val};
 use wasmtime::{Store, Trap, UpdateDeadline};
@@ -756,8 +756,13 @@ impl ComponentVersion {
             .map_err(|failure| wasmtime::format_err!("{}", failure.message(&self.name)))
     }
 
-    /// Hands one message to the `subscriber` export of a fresh (or warm) instance.
-    pub async fn deliver(self: Arc<Self>, message: Message) -> Result<(), Undelivered> {
+    /// Hands one message to the `subscriber` export of a fresh (or warm)
+    /// instance; gives up waiting for a slot once `stop` turns true.
+    pub async fn deliver(
+        self: Arc<Self>,
+        message: Message,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), Undelivered> {
         let indices = self.subscriber.as_ref().ok_or_else(|| {
             Undelivered::Failed(format!(
                 "component `{}` has no subscriber export",
@@ -768,10 +773,18 @@ impl ComponentVersion {
             permit: _permit,
             mut lease,
             deadline,
-        } = self
-            .claim_slot(Claimant::Delivery)
-            .await
-            .map_err(|f| Undelivered::Busy(f.message(&self.name)))?;
+        } = tokio::select! {
+            claimed = self.claim_slot(Claimant::Delivery) => {
+                claimed.map_err(|f| Undelivered::Busy(f.message(&self.name)))?
+            }
+            // Nothing of it ran, so a stopping consumer need not wait for it.
+            Ok(_) = stop.wait_for(|stop| *stop) => {
+                return Err(Undelivered::Busy(format!(
+                    "component `{}`: stopped while waiting for an instance slot",
+                    self.name
+                )));
+            }
+        };
         lease
             .store
             .data_mut()

@@ -730,7 +730,8 @@ async fn replay(
         attempt: 1,
     };
     let result = runtime
-        .deliver_now(component, message)
+        // Replayed at the operator's word: nothing stops it but its deadline.
+        .deliver_now(component, message, tokio::sync::watch::channel(false).1)
         .await
         .map_err(|e| e.to_string());
     let notice = match &result {

@@ -150,6 +150,7 @@ pub struct Metrics {
     pub events_published: Family<TopicLabels, Counter>,
     pub events_delivered: Family<TopicLabels, Counter>,
     pub events_retried: Family<TopicLabels, Counter>,
+    pub events_waited: Family<TopicLabels, Counter>,
     pub events_dead_lettered: Family<TopicLabels, Counter>,
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     pub outbox_depth: Family<ComponentLabels, Gauge>,
@@ -176,6 +177,7 @@ impl Metrics {
             events_published: Family::default(),
             events_delivered: Family::default(),
             events_retried: Family::default(),
+            events_waited: Family::default(),
             events_dead_lettered: Family::default(),
             consumer_lag: Family::default(),
             outbox_depth: Family::default(),
@@ -234,6 +236,11 @@ impl Metrics {
             "events_retried",
             "Failed deliveries that were tried again",
             metrics.events_retried.clone(),
+        );
+        r.register(
+            "events_waited",
+            "Deadlines that deliveries spent waiting for a free instance slot, then waited again: no attempt spent",
+            metrics.events_waited.clone(),
         );
         r.register(
             "events_dead_lettered",
@@ -543,6 +550,7 @@ impl InstanceMetrics {
 pub struct DeliveryMetrics {
     pub delivered: Counter,
     pub retried: Counter,
+    pub waited: Counter,
     pub dead_lettered: Counter,
 }
 
@@ -556,6 +564,7 @@ impl DeliveryMetrics {
         DeliveryMetrics {
             delivered: m.events_delivered.get_or_create(&labels).clone(),
             retried: m.events_retried.get_or_create(&labels).clone(),
+            waited: m.events_waited.get_or_create(&labels).clone(),
             dead_lettered: m.events_dead_lettered.get_or_create(&labels).clone(),
         }
     }

@@ -543,11 +543,14 @@ pub struct Limits {
     /// many times over while a memory bomb stops early.
     pub memory_mib: u32,
     /// Wall-clock deadline per request or message, enforced on CPU too
-    /// (epoch interruption), so a tight loop stops. 10 s is far above a
-    /// healthy handler and below a client's patience.
+    /// (epoch interruption), so a tight loop stops. A request's runs from
+    /// its arrival, a message's from when its instance slot is free. 10 s
+    /// is far above a healthy handler and below a client's patience.
     pub timeout_ms: u64,
     /// Instances of this component running at once; further requests wait
-    /// for a slot until their deadline. Bounds memory at `memory_mib` times this.
+    /// for a slot until their deadline, messages for as long as it takes
+    /// (each whole deadline of waiting counted in `events_waited`, no
+    /// attempt spent). Bounds memory at `memory_mib` times this.
     pub max_concurrency: u32,
     /// Largest request body accepted, answered with 413 beyond. 1 MiB fits
     /// any JSON API call; uploads belong elsewhere.

@@ -395,7 +395,12 @@ impl Runtime {
     }
 
     /// Hands a message to the component's serving version.
-    pub async fn deliver_now(&self, component: &str, message: Message) -> Result<(), Undelivered> {
+    pub async fn deliver_now(
+        &self,
+        component: &str,
+        message: Message,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Undelivered> {
         let version = self
             .registry()
             .components
@@ -404,7 +409,7 @@ impl Runtime {
             .ok_or_else(|| {
                 Undelivered::Failed(format!("component `{component}` is not running"))
             })?;
-        version.deliver(message).await
+        version.deliver(message, stop).await
     }
 
     /// Counts a change and keeps it in the history.
@@ -561,11 +566,16 @@ struct Dispatch(Weak<Runtime>);
 
 #[async_trait]
 impl Deliver for Dispatch {
-    async fn deliver(&self, component: &str, message: Message) -> Result<(), Undelivered> {
+    async fn deliver(
+        &self,
+        component: &str,
+        message: Message,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), Undelivered> {
         let runtime = self
             .0
             .upgrade()
             .ok_or_else(|| Undelivered::Failed("the host is shutting down".into()))?;
-        runtime.deliver_now(component, message).await
+        runtime.deliver_now(component, message, stop).await
     }
 }

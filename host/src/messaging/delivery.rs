@@ -62,7 +62,15 @@ use crate::telemetry;
 /// Hands a message to a component's `subscriber` export.
 #[async_trait]
 pub trait Deliver: Send + Sync {
-    async fn deliver(&self, component: &str, message: Message) -> Result<(), Undelivered>;
+    /// Once `stop` turns true, a delivery still waiting for an instance
+    /// slot gives up (`Busy`: nothing of it ran); one whose handler runs
+    /// goes on. A `stop` whose sender is gone never stops it.
+    async fn deliver(
+        &self,
+        component: &str,
+        message: Message,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Undelivered>;
 }
 
 /// Why a message was not handled.
@@ -74,8 +82,9 @@ pub enum Undelivered {
     #[error("{0}")]
     Failed(String),
     /// No handler ran: every instance slot of the subscriber stayed taken
-    /// for a whole deadline. Not an attempt: a subscriber whose slots its
-    /// HTTP traffic keeps busy must not dead-letter events it never saw.
+    /// for a whole deadline, or the consumer was told to stop while it
+    /// waited. Not an attempt: a subscriber whose slots its HTTP traffic
+    /// keeps busy must not dead-letter events it never saw.
     #[error("{0}")]
     Busy(String),
 }
@@ -91,7 +100,8 @@ const BATCH: usize = 64;
 const KEYS_IN_PARALLEL: usize = 16;
 /// The longest wait between retries of a failed delivery.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// The wait before trying a failed broker or coordination call again.
+/// The wait before trying a failed broker or coordination call again, or a
+/// delivery that found no instance slot.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How often an idle consumer re-reads its offset, to see a rewind.
 const IDLE_OFFSET_CHECK: Duration = Duration::from_secs(1);
@@ -653,7 +663,10 @@ impl Consumer {
             // handle one partition at once. The lease is read again as
             // heartbeats renew it, so only a lapse cuts a handler, never
             // its own deadline.
-            let delivery = self.shared.deliver.deliver(&component, message);
+            let delivery = self
+                .shared
+                .deliver
+                .deliver(&component, message, self.stop.clone());
             tokio::pin!(delivery);
             let delivered = loop {
                 let until = self.shared.clock.until().filter(|u| Instant::now() < *u);
@@ -679,6 +692,10 @@ impl Consumer {
                     return true;
                 }
                 Err(Undelivered::Busy(e)) => {
+                    if self.stopped() {
+                        return false;
+                    }
+                    self.metrics.waited.inc();
                     tracing::warn!(%component, topic = %event.topic, event = %event.id, attempt, error = %e, "delivery waited for an instance slot until its deadline; waiting again");
                     if !pause(&mut stop, RETRY_PAUSE).await {
                         return false;
