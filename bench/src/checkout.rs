@@ -341,6 +341,9 @@ async fn run(run: &Run<'_>) -> Result<()> {
     // many keep-alive clients as there were buyers, newest orders first:
     // one client opening a connection per order took longer to look at
     // 4,000 orders (about 2 s) than the saga took to pay them.
+    let sample = placed
+        .last()
+        .map(|(id, buyer, _)| (id.clone(), buyers[*buyer].clone()));
     let mut unpaid: Vec<(String, String)> = placed
         .into_iter()
         .rev()
@@ -414,13 +417,20 @@ async fn run(run: &Run<'_>) -> Result<()> {
 
     // Where an order's CPU goes: the saga's work per order, counted by the
     // hosts' own metrics over the run, less the bench's status polls (each
-    // one an orders instance).
+    // one an orders instance, and the storage calls one more poll makes).
     let orders = acknowledged.len().max(1) as f64;
     let mut counted = saga_counts(&admins).await?;
     for (name, before) in counted_before {
         *counted.entry(name).or_default() -= before;
     }
     *counted.entry("orders".into()).or_default() -= polls as f64;
+    if let Some(sample) = sample {
+        let storage = |counts: &HashMap<String, f64>| counts.get("storage").copied().unwrap_or(0.0);
+        let before = storage(&saga_counts(&admins).await?);
+        still_unpaid(addr, vec![sample]).await?;
+        let per_poll = storage(&saga_counts(&admins).await?) - before;
+        *counted.entry("storage".into()).or_default() -= polls as f64 * per_poll;
+    }
     let per_order = |name: &str| counted.get(name).copied().unwrap_or(0.0) / orders;
     let instances: Vec<String> = ["orders", "catalog", "payments", "notifications", "identity"]
         .iter()
@@ -428,13 +438,14 @@ async fn run(run: &Run<'_>) -> Result<()> {
         .collect();
     println!(
         "{:<34} per order: {:.2} ms of host CPU during the load ({:.2} cores); instances made: {}; \
-         events delivered {:.1}; calls between components {:.1}",
+         events delivered {:.1}; calls between components {:.1}; storage calls {:.1}",
         "",
         load_cpu * 1e3 / orders,
         load_cpu / load_ended.duration_since(load_started).as_secs_f64(),
         instances.join(", "),
         per_order("delivered"),
         per_order("linked"),
+        per_order("storage"),
     );
     drop(servers);
     Ok(())
@@ -464,7 +475,8 @@ fn host_cpu_seconds(servers: &[Server]) -> Result<f64> {
 
 /// The hosts' counts of the saga's work: instances made per component
 /// (by name), events delivered (`delivered`), calls between components
-/// (`linked`), summed over the hosts' `/metrics`.
+/// (`linked`), components' storage calls (`storage`), summed over the
+/// hosts' `/metrics`.
 async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
     let mut counts = HashMap::new();
     for admin in admins {
@@ -490,6 +502,8 @@ async fn saga_counts(admins: &[AdminOf]) -> Result<HashMap<String, f64>> {
                 "delivered".to_owned()
             } else if series.starts_with("agora_link_calls_total{") {
                 "linked".to_owned()
+            } else if series.starts_with("agora_storage_calls_total{") {
+                "storage".to_owned()
             } else {
                 continue;
             };

@@ -265,10 +265,10 @@ impl Capabilities {
         }
         let storage = granted(&self.storage, name, spec).await?;
         let messaging = granted(&self.messaging, name, spec).await?;
-        if let (Some(db), Some(_)) = (&storage, &messaging) {
+        if let (Some(storage), Some(_)) = (&storage, &messaging) {
             // Events written inside this component's transactions leave
             // through its outbox; relay whatever a crash left behind, too.
-            self.messaging.relay_outbox(name, db.clone());
+            self.messaging.relay_outbox(name, storage.db.clone());
         }
         Ok(ComponentCaps {
             name: name.to_owned(),

@@ -370,7 +370,10 @@ impl ComponentVersion {
 
     /// The database holding this component's outbox, if it publishes.
     pub fn outbox(&self) -> Option<&Arc<dyn Database>> {
-        self.caps.messaging.as_ref().and(self.caps.storage.as_ref())
+        self.caps
+            .messaging
+            .as_ref()
+            .and(self.caps.storage.as_ref().map(|s| &s.db))
     }
 
     /// Counts an invocation's failure by kind, and hands it on.
@@ -581,12 +584,16 @@ impl ComponentVersion {
         if self.migrations.is_empty() {
             return Ok(None);
         }
-        self.caps.storage.as_ref().map(Some).ok_or_else(|| {
-            anyhow!(
-                "component `{}` ships migrations but is not granted `storage`",
-                self.name
-            )
-        })
+        self.caps
+            .storage
+            .as_ref()
+            .map(|s| Some(&s.db))
+            .ok_or_else(|| {
+                anyhow!(
+                    "component `{}` ships migrations but is not granted `storage`",
+                    self.name
+                )
+            })
     }
 
     fn migration_failed(&self, e: impl std::fmt::Display) -> anyhow::Error {

@@ -160,6 +160,7 @@ pub struct Metrics {
     pub pool_in_use: Family<PoolLabels, Gauge>,
     pub pool_waiting: Family<PoolLabels, Gauge>,
     pub link_calls: Family<LinkLabels, Counter>,
+    pub storage_calls: Family<ComponentLabels, Counter>,
     pub response_cache: Family<ResponseCacheLabels, Counter>,
     pub instances_not_kept: Family<NotKeptLabels, Counter>,
 }
@@ -187,6 +188,7 @@ impl Metrics {
             pool_in_use: Family::default(),
             pool_waiting: Family::default(),
             link_calls: Family::default(),
+            storage_calls: Family::default(),
             response_cache: Family::default(),
             instances_not_kept: Family::default(),
             registry: Registry::default(),
@@ -286,6 +288,11 @@ impl Metrics {
             "link_calls",
             "Calls from a component's agora:shop import to the component linked to it",
             metrics.link_calls.clone(),
+        );
+        r.register(
+            "storage_calls",
+            "Calls of a component that reach its database: queries, executes and commits",
+            metrics.storage_calls.clone(),
         );
         r.register(
             "response_cache_lookups",

@@ -151,6 +151,15 @@ async fn metrics_count_requests_failures_events_lag_and_deploys() {
         Some(3.0),
         "{metrics}"
     );
+
+    // Each statement a component asks of its database counts, once.
+    let storage_calls = |metrics: &str| {
+        sample(metrics, r#"agora_storage_calls_total{component="probe"}"#).unwrap_or(0.0)
+    };
+    let before = storage_calls(&metrics);
+    assert_eq!(put(&host.url("/probe/kv/counted"), "1").await.status, 204);
+    assert_eq!(get(&host.url("/probe/kv/counted")).await.status, 200);
+    assert_eq!(storage_calls(&scrape(&host).await), before + 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

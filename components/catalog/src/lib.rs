@@ -483,18 +483,23 @@ fn expire_unconfirmed(tx: &storage::Transaction) -> Result<Vec<String>> {
 /// Marks an order's reservation as held by that order. If it expired
 /// meanwhile, takes its stock again, all lines or none.
 fn confirm(order_id: &str) -> Result<(), String> {
+    let held = storage::execute(
+        "UPDATE reservations SET state = 'held' WHERE order_id = $1 AND state = 'reserved'",
+        params![order_id],
+    )
+    .map_err(|e| e.message)?;
+    if held > 0 {
+        return Ok(());
+    }
+    // Nothing was reserved: the reservation expired (or is held already,
+    // for a redelivered event, or never was).
     let retaken = (|| -> Result<Vec<String>> {
         let tx = storage::begin()?;
-        let held = tx.execute(
-            "UPDATE reservations SET state = 'held' WHERE order_id = $1 AND state = 'reserved'",
-            params![order_id],
-        )?;
         let expired = tx.query(
             "SELECT product_id, quantity FROM reservations WHERE order_id = $1 AND state = 'expired'",
             params![order_id],
         )?;
-        if held > 0 || expired.is_empty() {
-            tx.commit()?;
+        if expired.is_empty() {
             return Ok(Vec::new());
         }
         let mut products = Vec::new();

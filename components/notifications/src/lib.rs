@@ -137,6 +137,8 @@ fn compose(topic: &str, event: &Event, name: &str) -> Result<(String, String, St
 }
 
 fn notify(message: &messaging::Message) -> Result<()> {
+    // A redelivered event that was handled needs no user lookup (which
+    // would fail it while identity is away).
     let done = storage::query(
         "SELECT status FROM notifications WHERE id = $1 AND status <> 'pending'",
         params![&message.id],
@@ -144,40 +146,48 @@ fn notify(message: &messaging::Message) -> Result<()> {
     if !done.is_empty() {
         return Ok(());
     }
+    let webhook = config::get("webhook_url").filter(|u| !u.is_empty());
     let event: Event = message.json().map_err(Error::bad_request)?;
     let user = users::get(&event.user_id)
         .ok_or_else(|| Error::not_found(format!("no user {} to notify", event.user_id)))?;
     let (kind, subject, body) = compose(&message.topic, &event, &user.name)?;
-    storage::execute(
-        "INSERT INTO notifications (id, user_id, order_id, kind, channel, recipient, subject, body, status, created_at)
-         VALUES ($1, $2, $3, $4, 'email', $5, $6, $7, 'pending', $8) ON CONFLICT (id) DO NOTHING",
-        params![&message.id, &user.id, event.order_id.as_deref(), &kind, &user.email, &subject, &body, now_millis()],
-    )?;
-    let status = match config::get("webhook_url").filter(|u| !u.is_empty()) {
-        Some(url) => {
-            let email = serde_json::json!({ "to": user.email, "subject": subject, "body": body });
-            let sent = outbound::send(
-                "POST",
-                &url,
-                &[
-                    ("content-type", "application/json"),
-                    ("idempotency-key", &message.id),
-                ],
-                email.to_string().as_bytes(),
-            )?;
-            if !(200..300).contains(&sent.status) {
-                return Err(Error::unavailable(format!(
-                    "the email provider answered {}",
-                    sent.status
-                )));
-            }
-            "sent"
-        }
-        None => "logged",
+    // Without a provider the notification is logged in the one statement;
+    // with one it is written `pending` first, so a send that fails or is
+    // cut short is tried again, under the same idempotency key. A row left
+    // `pending` by a provider since removed is logged now.
+    let first_status = if webhook.is_some() {
+        "pending"
+    } else {
+        "logged"
     };
     storage::execute(
-        "UPDATE notifications SET status = $1 WHERE id = $2",
-        params![status, &message.id],
+        "INSERT INTO notifications (id, user_id, order_id, kind, channel, recipient, subject, body, status, created_at)
+         VALUES ($1, $2, $3, $4, 'email', $5, $6, $7, $8, $9)
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status WHERE notifications.status = 'pending'",
+        params![&message.id, &user.id, event.order_id.as_deref(), &kind, &user.email, &subject, &body, first_status, now_millis()],
+    )?;
+    let Some(url) = webhook else {
+        return Ok(());
+    };
+    let email = serde_json::json!({ "to": user.email, "subject": subject, "body": body });
+    let sent = outbound::send(
+        "POST",
+        &url,
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", &message.id),
+        ],
+        email.to_string().as_bytes(),
+    )?;
+    if !(200..300).contains(&sent.status) {
+        return Err(Error::unavailable(format!(
+            "the email provider answered {}",
+            sent.status
+        )));
+    }
+    storage::execute(
+        "UPDATE notifications SET status = 'sent' WHERE id = $1",
+        params![&message.id],
     )?;
     Ok(())
 }

@@ -423,20 +423,24 @@ fn show_order(req: &Request) -> Result<Response> {
 
 /// Moves a pending order to `status` and settles its stock accordingly.
 fn settle(order_id: &str, status: &str) -> Result<(), String> {
-    storage::execute(
-        "UPDATE orders SET status = $1 WHERE id = $2 AND status = 'pending'",
+    // One statement on the common path: a pending order moves, and one
+    // already at `status` (a redelivery) is matched too, so that its stock
+    // step runs again below.
+    let matched = storage::execute(
+        "UPDATE orders SET status = $1 WHERE id = $2 AND status IN ('pending', $1)",
         params![status, order_id],
     )
     .map_err(|e| e.to_string())?;
-    let current = storage::query("SELECT status FROM orders WHERE id = $1", params![order_id])
-        .map_err(|e| e.to_string())?;
-    let Some(row) = current.first() else {
-        return Err(format!("no order {order_id}"));
-    };
-    let current: String = row.get("status").map_err(|e| e.to_string())?;
-    if current != status {
-        // Settled the other way already; a contradicting event changes nothing.
-        return Ok(());
+    if matched == 0 {
+        let exists = !storage::query("SELECT id FROM orders WHERE id = $1", params![order_id])
+            .map_err(|e| e.to_string())?
+            .is_empty();
+        // Settled the other way already: a contradicting event changes nothing.
+        return if exists {
+            Ok(())
+        } else {
+            Err(format!("no order {order_id}"))
+        };
     }
     // Also on a redelivery: the stock step may be what failed last time,
     // and it is idempotent.

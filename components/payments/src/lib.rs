@@ -77,24 +77,31 @@ enum Outcome {
 }
 
 fn charge(order: &OrderCreated) -> Result<()> {
-    let rows = storage::query(
-        "SELECT status FROM payments WHERE order_id = $1",
-        params![&order.order_id],
+    let started = storage::execute(
+        "INSERT INTO payments (order_id, user_id, amount_cents, currency, status, created_at)
+         VALUES ($1, $2, $3, $4, 'charging', $5) ON CONFLICT (order_id) DO NOTHING",
+        params![
+            &order.order_id,
+            &order.user_id,
+            order.total_cents,
+            &order.currency,
+            now_millis()
+        ],
     )?;
-    match rows
-        .first()
-        .map(|r| r.get::<String>("status"))
-        .transpose()?
-        .as_deref()
-    {
-        Some("succeeded" | "failed") => return Ok(()),
-        Some(_) => {} // A charge was under way when we stopped: ask again.
-        None => {
-            storage::execute(
-                "INSERT INTO payments (order_id, user_id, amount_cents, currency, status, created_at)
-                 VALUES ($1, $2, $3, $4, 'charging', $5) ON CONFLICT (order_id) DO NOTHING",
-                params![&order.order_id, &order.user_id, order.total_cents, &order.currency, now_millis()],
-            )?;
+    if started == 0 {
+        // A redelivered event: done already, or a charge was under way when
+        // we stopped, which asks the provider again.
+        let rows = storage::query(
+            "SELECT status FROM payments WHERE order_id = $1",
+            params![&order.order_id],
+        )?;
+        if let Some("succeeded" | "failed") = rows
+            .first()
+            .map(|r| r.get::<String>("status"))
+            .transpose()?
+            .as_deref()
+        {
+            return Ok(());
         }
     }
     let outcome = match config::get("provider_url").filter(|u| !u.is_empty()) {

@@ -9,7 +9,7 @@
 //! move, as in Kafka) but never shrinks.
 //!
 //! Consumers fetch with a long wait: a fetch that finds nothing waits for
-//! an append to the topic, up to [`FETCH_MAX_WAIT`], inside this backend
+//! an append to its partition, up to [`FETCH_MAX_WAIT`], inside this backend
 //! (Kafka's broker does the same on its side).
 //!
 //! Durability, per the backend's `durability` setting: appends are committed
@@ -99,8 +99,12 @@ pub struct EmbeddedLog {
     config: EmbeddedConfig,
     /// Partition counts of the topics seen, to place events without a read.
     topics: Mutex<HashMap<String, u32>>,
-    /// Per topic, a counter bumped by every append, that waiting fetches watch.
-    appended: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Per topic and partition, a counter bumped by every append to it,
+    /// that waiting fetches watch. Per partition, not per topic: an event
+    /// wakes only the consumers that can read it, not one per partition of
+    /// each subscriber, whose reads (through the log's one connection)
+    /// would find nothing.
+    appended: Mutex<HashMap<(String, u32), watch::Sender<u64>>>,
 }
 
 impl EmbeddedLog {
@@ -157,11 +161,11 @@ impl EmbeddedLog {
         })
     }
 
-    fn appended(&self, topic: &str) -> watch::Sender<u64> {
+    fn appended(&self, topic: &str, partition: u32) -> watch::Sender<u64> {
         self.appended
             .lock()
             .unwrap()
-            .entry(topic.to_owned())
+            .entry((topic.to_owned(), partition))
             .or_insert_with(|| watch::channel(0).0)
             .clone()
     }
@@ -239,8 +243,12 @@ impl Broker for EmbeddedLog {
 
     async fn append(&self, events: &[Envelope], at_least: Durability) -> Result<()> {
         let mut rows = Vec::with_capacity(events.len());
+        let mut woken = Vec::new();
         for event in events {
             let partition = partition_of(event, self.partitions(&event.topic).await?);
+            if !woken.contains(&(&event.topic, partition)) {
+                woken.push((&event.topic, partition));
+            }
             rows.push((
                 event.clone(),
                 partition,
@@ -264,8 +272,8 @@ impl Broker for EmbeddedLog {
             appended
         })
         .await?;
-        for event in events {
-            self.appended(&event.topic)
+        for (topic, partition) in woken {
+            self.appended(topic, partition)
                 .send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(())
@@ -280,12 +288,11 @@ impl Broker for EmbeddedLog {
         wait: bool,
     ) -> Result<Vec<(u64, Envelope)>> {
         // Watching before reading: an append between the two is not missed.
-        let mut appended = self.appended(topic).subscribe();
+        let mut appended = self.appended(topic, partition).subscribe();
         let events = self.read(topic, partition, from, max).await?;
         if !events.is_empty() || !wait {
             return Ok(events);
         }
-        // Appends to the topic's other partitions wake this too.
         let deadline = tokio::time::Instant::now() + FETCH_MAX_WAIT;
         while tokio::time::timeout_at(deadline, appended.changed())
             .await

@@ -478,7 +478,7 @@ impl Capability for MessagingCapability {
                     Grant::Messaging,
                     &caps.name,
                 ),
-                db: caps.storage.as_ref(),
+                db: caps.storage.as_ref().map(|s| &s.db),
                 table: &mut s.table,
                 trace: &s.trace,
             }

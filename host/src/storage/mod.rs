@@ -51,12 +51,13 @@ use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Notify;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::storage::{self as wit, Error, RowSet, Value};
 use crate::capability::{Capability, CapabilityView};
-use crate::metrics::PoolUse;
+use crate::metrics::{metrics, ComponentLabels, PoolUse};
 use crate::plugins::{BackendKind, BackendRegistry, ComponentSpec, Grant};
 use crate::state::InstanceState;
 
@@ -200,6 +201,13 @@ pub struct StorageCapability {
     backend: Arc<dyn StorageBackend>,
 }
 
+/// What a component granted `storage` holds: its database, and the count
+/// of its calls, looked up once per version rather than on every call.
+pub struct ComponentDatabase {
+    pub db: Arc<dyn Database>,
+    calls: Counter,
+}
+
 impl StorageCapability {
     pub async fn init(config: &BackendConfig, data_dir: &Path) -> Result<Self> {
         Ok(StorageCapability {
@@ -216,7 +224,7 @@ impl StorageCapability {
 impl Capability for StorageCapability {
     const GRANT: Grant = Grant::Storage;
     const INTERFACES: &'static [&'static str] = &["agora:platform/storage"];
-    type ComponentState = Arc<dyn Database>;
+    type ComponentState = ComponentDatabase;
 
     fn add_to_linker(linker: &mut Linker<InstanceState>) -> Result<()> {
         Ok(wit::add_to_linker::<_, StorageData>(linker, |s| {
@@ -229,9 +237,18 @@ impl Capability for StorageCapability {
         })?)
     }
 
-    async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<Arc<dyn Database>> {
+    async fn configure(&self, component: &str, spec: &ComponentSpec) -> Result<ComponentDatabase> {
         let timeout = Duration::from_millis(spec.limits.timeout_ms);
-        Ok(self.backend.open(component, timeout).await?)
+        let calls = metrics()
+            .storage_calls
+            .get_or_create(&ComponentLabels {
+                component: component.to_owned(),
+            })
+            .clone();
+        Ok(ComponentDatabase {
+            db: self.backend.open(component, timeout).await?,
+            calls,
+        })
     }
 
     async fn ready(&self) -> Result<()> {
@@ -250,7 +267,7 @@ const WRITE_BESIDE_TRANSACTION: &str =
 /// database, and the instance's resource table with the count of its open
 /// transactions (a transaction is a resource that lives across calls).
 pub struct StorageView<'a> {
-    db: CapabilityView<'a, Arc<dyn Database>>,
+    db: CapabilityView<'a, ComponentDatabase>,
     table: &'a mut ResourceTable,
     open_transactions: &'a mut u32,
 }
@@ -263,10 +280,19 @@ impl HasData for StorageData {
 }
 
 impl StorageView<'_> {
+    /// The component's database, for one call that reaches it.
+    fn database(&self) -> wasmtime::Result<&Arc<dyn Database>> {
+        let granted = self.db.granted()?;
+        granted.calls.inc();
+        Ok(&granted.db)
+    }
+
+    /// An open transaction, for one call that reaches the database.
     fn transaction(
         &mut self,
         tx: &Resource<TransactionHandle>,
     ) -> wasmtime::Result<&mut TransactionHandle> {
+        self.db.granted()?.calls.inc();
         Ok(self.table.get_mut(tx)?)
     }
 }
@@ -277,7 +303,7 @@ impl wit::Host for StorageView<'_> {
         sql: String,
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<RowSet, Error>> {
-        Ok(self.db.granted()?.query(&sql, params).await)
+        Ok(self.database()?.query(&sql, params).await)
     }
 
     async fn execute(
@@ -288,14 +314,16 @@ impl wit::Host for StorageView<'_> {
         if *self.open_transactions > 0 {
             return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
         }
-        Ok(self.db.granted()?.execute(&sql, params).await)
+        Ok(self.database()?.execute(&sql, params).await)
     }
 
     async fn begin(&mut self) -> wasmtime::Result<Result<Resource<TransactionHandle>, Error>> {
         if *self.open_transactions > 0 {
             return Ok(Err(Error::InvalidQuery(WRITE_BESIDE_TRANSACTION.into())));
         }
-        let tx = match self.db.granted()?.begin().await {
+        // Not counted: a transaction reaches the database with its first
+        // statement.
+        let tx = match self.db.granted()?.db.begin().await {
             Ok(tx) => tx,
             Err(e) => return Ok(Err(e)),
         };
@@ -332,6 +360,7 @@ impl wit::HostTransaction for StorageView<'_> {
         &mut self,
         tx: Resource<TransactionHandle>,
     ) -> wasmtime::Result<Result<(), Error>> {
+        self.db.granted()?.calls.inc();
         let handle = self.table.delete(tx)?;
         *self.open_transactions -= 1;
         let result = handle.tx.commit().await;
