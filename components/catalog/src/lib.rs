@@ -44,10 +44,16 @@ impl Service for Catalog {
     }
 
     fn migrations() -> Vec<Migration> {
-        vec![Migration::new(
-            "0001_products",
-            include_str!("../migrations/0001_products.sql"),
-        )]
+        vec![
+            Migration::new(
+                "0001_products",
+                include_str!("../migrations/0001_products.sql"),
+            ),
+            Migration::new(
+                "0002_reservations_by_state",
+                include_str!("../migrations/0002_reservations_by_state.sql"),
+            ),
+        ]
     }
 
     fn on_message(message: messaging::Message) -> Result<(), String> {
