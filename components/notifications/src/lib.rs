@@ -170,21 +170,7 @@ fn notify(message: &messaging::Message) -> Result<()> {
         return Ok(());
     };
     let email = serde_json::json!({ "to": user.email, "subject": subject, "body": body });
-    let sent = outbound::send(
-        "POST",
-        &url,
-        &[
-            ("content-type", "application/json"),
-            ("idempotency-key", &message.id),
-        ],
-        email.to_string().as_bytes(),
-    )?;
-    if !(200..300).contains(&sent.status) {
-        return Err(Error::unavailable(format!(
-            "the email provider answered {}",
-            sent.status
-        )));
-    }
+    outbound::post_idempotent("email provider", &url, &message.id, &email)?;
     storage::execute(
         "UPDATE notifications SET status = 'sent' WHERE id = $1",
         params![&message.id],

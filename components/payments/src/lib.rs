@@ -165,21 +165,7 @@ fn provider(url: &str, order: &OrderCreated) -> Result<Outcome> {
         "amount_cents": order.total_cents,
         "currency": order.currency,
     });
-    let response = outbound::send(
-        "POST",
-        url,
-        &[
-            ("content-type", "application/json"),
-            ("idempotency-key", &order.order_id),
-        ],
-        body.to_string().as_bytes(),
-    )?;
-    if !(200..300).contains(&response.status) {
-        return Err(Error::unavailable(format!(
-            "the payment provider answered {}",
-            response.status
-        )));
-    }
+    let response = outbound::post_idempotent("payment provider", url, &order.order_id, &body)?;
     let reply: ProviderReply = serde_json::from_slice(&response.body).map_err(|e| {
         Error::unavailable(format!("the payment provider's answer is malformed: {e}"))
     })?;

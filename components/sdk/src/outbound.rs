@@ -106,6 +106,35 @@ pub fn send(
     })
 }
 
+/// POSTs `body` as JSON to `provider` (an email or payment service, say)
+/// with an `Idempotency-Key`, so that a provider asked twice for one thing
+/// (a redelivered event, a retry after a crash) does it once. An answer
+/// outside 2xx is an `unavailable` error naming the provider and status,
+/// which a message handler's retry takes up.
+pub fn post_idempotent(
+    provider: &str,
+    url: &str,
+    idempotency_key: &str,
+    body: &serde_json::Value,
+) -> Result<Response, Error> {
+    let response = send(
+        "POST",
+        url,
+        &[
+            ("content-type", "application/json"),
+            ("idempotency-key", idempotency_key),
+        ],
+        body.to_string().as_bytes(),
+    )?;
+    if !(200..300).contains(&response.status) {
+        return Err(Error::unavailable(format!(
+            "the {provider} answered {}",
+            response.status
+        )));
+    }
+    Ok(response)
+}
+
 fn denied_or_failed(url: &str, code: ErrorCode) -> Error {
     match code {
         ErrorCode::HttpRequestDenied => Error::new(
