@@ -411,6 +411,36 @@ mod tests {
         }
     }
 
+    /// An append wakes the fetches waiting on its event's partition, and
+    /// only those: a lost wake-up would leave a consumer idle for
+    /// `FETCH_MAX_WAIT` with an event to read.
+    #[tokio::test]
+    async fn an_append_wakes_the_waiters_of_its_partition_only() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let config = EmbeddedConfig {
+            durability: Durability::ProcessCrash,
+            partitions: 4,
+        };
+        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let e = event("k");
+        let partition = partition_of(&e, 4);
+        let mut waiters: Vec<_> = (0..4)
+            .map(|p| (p, log.appended("t", p).subscribe()))
+            .collect();
+        log.append(&[e], Durability::ProcessCrash).await.unwrap();
+        for (p, waiter) in &mut waiters {
+            assert_eq!(
+                waiter.has_changed().unwrap(),
+                *p == partition,
+                "partition {p}; the event went to {partition}"
+            );
+        }
+        assert_eq!(
+            log.fetch("t", partition, 0, 10, false).await.unwrap().len(),
+            1
+        );
+    }
+
     /// The log and the consumer offsets are two connections to one file:
     /// an append that meets the other's write lock waits for it instead of
     /// failing with "database is locked".
