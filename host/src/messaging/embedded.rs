@@ -417,14 +417,11 @@ mod tests {
     #[tokio::test]
     async fn an_append_wakes_the_waiters_of_its_partition_only() {
         let dir = tempfile::TempDir::new().unwrap();
-        let config = EmbeddedConfig {
-            durability: Durability::ProcessCrash,
-            partitions: 4,
-        };
+        let config = EmbeddedConfig::default();
         let log = EmbeddedLog::open(dir.path(), config).unwrap();
         let e = event("k");
-        let partition = partition_of(&e, 4);
-        let mut waiters: Vec<_> = (0..4)
+        let partition = partition_of(&e, config.partitions);
+        let mut waiters: Vec<_> = (0..config.partitions)
             .map(|p| (p, log.appended("t", p).subscribe()))
             .collect();
         log.append(&[e], Durability::ProcessCrash).await.unwrap();
