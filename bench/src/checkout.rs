@@ -265,6 +265,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
 
     let counted_before = saga_counts(&admins).await?;
     let cpu_before = host_cpu_seconds(&servers)?;
+    let sleeps_before = host_sleeps(&servers)?;
 
     // Load: each buyer on its own keep-alive connection.
     let placed = Arc::new(Mutex::new(Vec::<(String, usize, u64)>::new()));
@@ -318,6 +319,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
     }
     let load_ended = Instant::now();
     let load_cpu = host_cpu_seconds(&servers)? - cpu_before;
+    let load_sleeps = host_sleeps(&servers)?.saturating_sub(sleeps_before);
     let placed = std::mem::take(&mut *placed.lock().unwrap());
     let acknowledged: HashMap<String, u64> =
         placed.iter().map(|(id, _, at)| (id.clone(), *at)).collect();
@@ -437,11 +439,13 @@ async fn run(run: &Run<'_>) -> Result<()> {
         .map(|c| format!("{c} {:.1}", per_order(c)))
         .collect();
     println!(
-        "{:<34} per order: {:.2} ms of host CPU during the load ({:.2} cores); instances made: {}; \
-         events delivered {:.1}; calls between components {:.1}; storage calls {:.1}",
+        "{:<34} per order: {:.2} ms of host CPU during the load ({:.2} cores), {:.0} times a host \
+         thread went to sleep; instances made: {}; events delivered {:.1}; calls between \
+         components {:.1}; storage calls {:.1}",
         "",
         load_cpu * 1e3 / orders,
         load_cpu / load_ended.duration_since(load_started).as_secs_f64(),
+        load_sleeps as f64 / orders,
         instances.join(", "),
         per_order("delivered"),
         per_order("linked"),
@@ -471,6 +475,29 @@ fn host_cpu_seconds(servers: &[Server]) -> Result<f64> {
         }
     }
     Ok(ticks as f64 / TICKS)
+}
+
+/// How many times the hosts' threads have gone to sleep so far (their
+/// voluntary context switches, from /proc): each is a hand-off between
+/// threads, or a wait for I/O, and what wakes it costs more than most of
+/// the work a saga step does. Threads that ended are not counted, which
+/// under load (none idle long enough to end) changes nothing.
+fn host_sleeps(servers: &[Server]) -> Result<u64> {
+    let mut sleeps = 0;
+    for server in servers {
+        for task in std::fs::read_dir(format!("/proc/{}/task", server.0.id()))? {
+            // A thread that ended since the listing has no status: skipped.
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            sleeps += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("no voluntary_ctxt_switches in /proc/<pid>/task/<tid>/status")?;
+        }
+    }
+    Ok(sleeps)
 }
 
 /// The hosts' counts of the saga's work: instances made per component

@@ -12,6 +12,16 @@
 //! an append to its partition, up to [`FETCH_MAX_WAIT`], inside this backend
 //! (Kafka's broker does the same on its side).
 //!
+//! Consumers that keep up read from memory: each partition keeps its newest
+//! events ([`Tail`]), added once their append has committed. A fetch from
+//! an offset the tail covers never reaches SQLite, whose one connection
+//! every read, append and offset commit of the host would otherwise queue
+//! for, each a hand-off to a blocking thread and back. A consumer further
+//! behind (a rewind, a burst larger than the tail; after a restart, until
+//! its partition's first new event) reads the file as before. The cost
+//! is memory: at most [`TAIL_EVENTS`] events and [`TAIL_BYTES`] per
+//! partition that has had events since the log was opened.
+//!
 //! Durability, per the backend's `durability` setting: appends are committed
 //! before `append` returns, in WAL mode with `synchronous = NORMAL`
 //! (`process-crash`: an acknowledged publish survives a crash of the host
@@ -20,7 +30,7 @@
 //! than the setting (the outbox relay's) commits with `FULL`, which fsyncs
 //! the WAL and so every commit before it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,6 +60,16 @@ pub const KIND: BackendKind<dyn MessagingSettings> = BackendKind {
 /// at once, so this only bounds how long a consumer goes without looking
 /// at its stop signal's peers (a topic that grew, a rewind).
 const FETCH_MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// The most events a partition's [`Tail`] keeps: four fetches' worth
+/// (`delivery.rs` reads 64 at once), so a consumer a few batches behind
+/// still reads from memory.
+const TAIL_EVENTS: usize = 256;
+
+/// The most bytes ([`Envelope::size`]) a partition's [`Tail`] keeps,
+/// whatever its event count: one largest event (`MAX_EVENT_BYTES`) still
+/// fits, and 20 busy partitions (the shop's five topics) hold 5 MiB at most.
+const TAIL_BYTES: usize = 256 << 10;
 
 /// `[backends.messaging] kind = "embedded"`: a durable log in a SQLite file
 /// under the data directory.
@@ -102,9 +122,72 @@ pub struct EmbeddedLog {
     /// Per topic and partition, a counter bumped by every append to it,
     /// that waiting fetches watch. Per partition, not per topic: an event
     /// wakes only the consumers that can read it, not one per partition of
-    /// each subscriber, whose reads (through the log's one connection)
-    /// would find nothing.
+    /// each subscriber, whose reads would find nothing.
     appended: Mutex<HashMap<(String, u32), watch::Sender<u64>>>,
+    /// Per topic and partition, its newest committed events.
+    tails: Arc<Mutex<Tails>>,
+}
+
+/// The tails of the partitions that had events since the log was opened.
+struct Tails {
+    /// The first offset appended since the log was opened: a partition
+    /// without a tail yet has had no event from there on.
+    opened_at: u64,
+    of: HashMap<(String, u32), Tail>,
+}
+
+/// A partition's newest events, in offset order: every event of the
+/// partition from `covers` on.
+struct Tail {
+    covers: u64,
+    events: VecDeque<(u64, Envelope)>,
+    bytes: usize,
+}
+
+impl Tails {
+    /// Adds committed events, in offset order, dropping the oldest beyond
+    /// [`TAIL_EVENTS`] and [`TAIL_BYTES`].
+    fn add(&mut self, appended: Vec<(u64, u32, Envelope)>) {
+        for (offset, partition, event) in appended {
+            let opened_at = self.opened_at;
+            let tail = self
+                .of
+                .entry((event.topic.clone(), partition))
+                .or_insert_with(|| Tail {
+                    covers: opened_at,
+                    events: VecDeque::new(),
+                    bytes: 0,
+                });
+            tail.bytes += event.size();
+            tail.events.push_back((offset, event));
+            while tail.events.len() > TAIL_EVENTS
+                || (tail.bytes > TAIL_BYTES && tail.events.len() > 1)
+            {
+                let (dropped, event) = tail.events.pop_front().expect("not empty");
+                tail.bytes -= event.size();
+                tail.covers = dropped + 1;
+            }
+        }
+    }
+
+    /// Up to `max` events of the partition from offset `from`, if its tail
+    /// covers `from`.
+    fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Option<Vec<(u64, Envelope)>> {
+        let Some(tail) = self.of.get(&(topic.to_owned(), partition)) else {
+            return (from >= self.opened_at).then(Vec::new);
+        };
+        if from < tail.covers {
+            return None;
+        }
+        let first = tail.events.partition_point(|(offset, _)| *offset < from);
+        Some(tail.events.range(first..).take(max).cloned().collect())
+    }
 }
 
 impl EmbeddedLog {
@@ -153,11 +236,23 @@ impl EmbeddedLog {
             "CREATE INDEX IF NOT EXISTS events_by_partition ON events (topic, partition, seq);",
         )
         .with_context(|| format!("initialising {}", path.display()))?;
+        // AUTOINCREMENT numbers every new event above every event ever
+        // appended, deleted or not, and from 1: in a new log, every offset
+        // is covered.
+        let opened_at =
+            conn.query_row("SELECT COALESCE(MAX(seq) + 1, 0) FROM events", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .with_context(|| format!("reading the end of {}", path.display()))? as u64;
         Ok(EmbeddedLog {
             conn: SharedConnection::new(conn, "embedded message log"),
             config,
             topics: Mutex::default(),
             appended: Mutex::default(),
+            tails: Arc::new(Mutex::new(Tails {
+                opened_at,
+                of: HashMap::new(),
+            })),
         })
     }
 
@@ -171,6 +266,20 @@ impl EmbeddedLog {
     }
 
     async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Envelope)>> {
+        let in_tail = self.tails.lock().unwrap().read(topic, partition, from, max);
+        match in_tail {
+            Some(events) => Ok(events),
+            None => self.read_file(topic, partition, from, max).await,
+        }
+    }
+
+    async fn read_file(
         &self,
         topic: &str,
         partition: u32,
@@ -256,11 +365,14 @@ impl Broker for EmbeddedLog {
             ));
         }
         let (configured, wanted) = (self.config.durability, self.config.durability.max(at_least));
+        let tails = self.tails.clone();
         self.conn.with(move |c| {
             if wanted != configured {
                 c.pragma_update(None, "synchronous", synchronous(wanted))?;
             }
-            let appended = append_rows(c, rows);
+            // Added to the tails while the connection is held, so in offset
+            // order, and only once committed, so never read before that.
+            let appended = append_rows(c, rows).map(|appended| tails.lock().unwrap().add(appended));
             if wanted != configured {
                 // The append may have committed: an error here would make
                 // the caller append again (duplicates). Left stronger than
@@ -346,8 +458,14 @@ impl Broker for EmbeddedLog {
     }
 }
 
-fn append_rows(c: &mut Connection, rows: Vec<(Envelope, u32, String)>) -> rusqlite::Result<()> {
+/// Appends the events in one transaction; returns them with their offsets
+/// once committed.
+fn append_rows(
+    c: &mut Connection,
+    rows: Vec<(Envelope, u32, String)>,
+) -> rusqlite::Result<Vec<(u64, u32, Envelope)>> {
     let tx = c.transaction()?;
+    let mut appended = Vec::with_capacity(rows.len());
     for (e, partition, headers) in rows {
         tx.execute(
             "INSERT INTO events (topic, partition, id, key, payload, headers, published_at)
@@ -362,8 +480,10 @@ fn append_rows(c: &mut Connection, rows: Vec<(Envelope, u32, String)>) -> rusqli
                 e.published_at as i64
             ],
         )?;
+        appended.push((tx.last_insert_rowid() as u64, partition, e));
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(appended)
 }
 
 #[cfg(test)]
@@ -502,6 +622,102 @@ mod tests {
         drop(log);
         assert_eq!(open(1).partitions("t").await.unwrap(), 2, "never shrunk");
         assert_eq!(open(6).partitions("t").await.unwrap(), 6, "grown");
+    }
+
+    /// Whatever the tail holds, a read answers what the file holds: for
+    /// every offset, across the eviction of old events by count and by
+    /// size, and after a reopening, which starts with no tail.
+    #[tokio::test]
+    async fn reads_from_the_tail_answer_what_the_file_holds() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let config = EmbeddedConfig {
+            durability: Durability::ProcessCrash,
+            partitions: 1,
+        };
+        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let large = |key: &str| Envelope {
+            payload: vec![b'x'; 100 << 10],
+            ..event(key)
+        };
+        for i in 0..TAIL_EVENTS + 20 {
+            log.append(&[event(&format!("k{i}"))], Durability::ProcessCrash)
+                .await
+                .unwrap();
+        }
+        log.append(
+            &[large("a"), large("b"), large("c")],
+            Durability::ProcessCrash,
+        )
+        .await
+        .unwrap();
+        let offsets: Vec<u64> = log
+            .read_file("t", 0, 0, usize::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|(offset, _)| *offset)
+            .collect();
+        assert_eq!(offsets.len(), TAIL_EVENTS + 23);
+        let (kept, covers) = {
+            let tails = log.tails.lock().unwrap();
+            let tail = &tails.of[&("t".to_owned(), 0)];
+            (tail.events.len(), tail.covers)
+        };
+        assert_eq!(kept, 2, "two large events fit in TAIL_BYTES");
+        for from in [0].into_iter().chain(offsets.iter().copied()) {
+            assert_eq!(
+                log.read("t", 0, from, 64).await.unwrap(),
+                log.read_file("t", 0, from, 64).await.unwrap(),
+                "from {from} (the tail covers {covers} on)"
+            );
+        }
+        let end = offsets.last().unwrap() + 1;
+        assert!(log.read("t", 0, end, 64).await.unwrap().is_empty());
+        drop(log);
+        let reopened = EmbeddedLog::open(dir.path(), config).unwrap();
+        assert_eq!(
+            reopened.read("t", 0, 0, usize::MAX).await.unwrap().len(),
+            offsets.len()
+        );
+        assert!(reopened.read("t", 0, end, 64).await.unwrap().is_empty());
+    }
+
+    /// A consumer that keeps up does not queue behind the log's connection:
+    /// its fetch is answered while an append (here, any job) holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_from_the_tail_does_not_wait_for_the_connection() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap());
+        let e = event("k");
+        let partition = partition_of(&e, EmbeddedConfig::default().partitions);
+        log.append(&[e.clone()], Durability::ProcessCrash)
+            .await
+            .unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = tokio::sync::oneshot::channel();
+        let holder = tokio::spawn({
+            let log = log.clone();
+            async move {
+                log.conn
+                    .with(move |_| {
+                        held.send(()).unwrap();
+                        Ok(released.recv())
+                    })
+                    .await
+            }
+        });
+        holding.await.unwrap();
+        let fetched = tokio::time::timeout(
+            Duration::from_secs(10),
+            log.fetch("t", partition, 0, 10, true),
+        )
+        .await
+        .expect("the fetch waited for the connection")
+        .unwrap();
+        assert_eq!(fetched.len(), 1);
+        assert_eq!(fetched[0].1, e);
+        release.send(()).unwrap();
+        holder.await.unwrap().unwrap().unwrap();
     }
 
     /// A fetch that finds nothing waits for the next append and returns it.

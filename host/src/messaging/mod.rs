@@ -121,6 +121,19 @@ pub struct Envelope {
     pub published_at: u64,
 }
 
+impl Envelope {
+    /// What counts towards [`MAX_EVENT_BYTES`]: payload, key and headers.
+    pub fn size(&self) -> usize {
+        self.payload.len()
+            + self.key.as_ref().map_or(0, String::len)
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
 /// The largest event (payload, key and headers) a component may publish:
 /// under what a Kafka broker accepts in one record by default (1 MiB), with
 /// room for the envelope and a dead letter's headers.
@@ -524,25 +537,21 @@ impl Publisher {
         // `tracestate`.
         let mut headers = message.headers;
         telemetry::inject_pairs(trace, &mut headers);
-        let size = message.payload.len()
-            + message.key.as_ref().map_or(0, String::len)
-            + headers
-                .iter()
-                .map(|(n, v)| n.len() + v.len())
-                .sum::<usize>();
-        if size > MAX_EVENT_BYTES {
-            return Err(Error::Invalid(format!(
-                "the event is {size} bytes; at most {MAX_EVENT_BYTES} (payload, key and headers)"
-            )));
-        }
-        Ok(Envelope {
+        let event = Envelope {
             id: uuid::Uuid::new_v4().to_string(),
             topic: message.topic,
             key: message.key,
             payload: message.payload,
             headers,
             published_at: crate::now_millis(),
-        })
+        };
+        let size = event.size();
+        if size > MAX_EVENT_BYTES {
+            return Err(Error::Invalid(format!(
+                "the event is {size} bytes; at most {MAX_EVENT_BYTES} (payload, key and headers)"
+            )));
+        }
+        Ok(event)
     }
 }
 
