@@ -12,7 +12,9 @@
 //! account a guess is for, and only this component reads it. See
 //! [`LoginLimit`] for the default and its trade-off.
 //!
-//! Exports `agora:shop/users` so other services can look a user up.
+//! Exports `agora:shop/users` so other services can look a user up, and
+//! publishes each user's contact (`user.registered`, `user.updated` when
+//! the name changes) so that they can keep their own copy instead.
 //!
 //! Users who sign in at a trusted OpenID Connect provider (plugins.toml
 //! `[tokens.trusted_issuers]`) get a record of their own on first use
@@ -407,12 +409,29 @@ fn update_me(req: &Request) -> Result<Response> {
     let body: ProfileUpdate = req.json()?;
     if let Some(name) = body.name {
         let name = valid_name(&name)?;
+        let tx = storage::begin()?;
         for table in ["users", "external_users"] {
-            storage::execute(
+            tx.execute(
                 &format!("UPDATE {table} SET name = $1 WHERE id = $2"),
                 params![&name, &user.id],
             )?;
         }
+        // The whole contact, as `user.registered` has it: a subscriber
+        // that saw neither event yet keeps the newer whole.
+        let email = tx.query(
+            "SELECT email FROM users WHERE id = $1
+             UNION ALL SELECT COALESCE(email, '') FROM external_users WHERE id = $1",
+            params![&user.id],
+        )?;
+        if let Some(row) = email.first() {
+            let email: String = row.get("email")?;
+            tx.publish(
+                "user.updated",
+                Some(&user.id),
+                &serde_json::json!({ "user_id": user.id, "email": email, "name": name }),
+            )?;
+        }
+        tx.commit()?;
     }
     me(req)
 }

@@ -1,5 +1,11 @@
 //! notifications: an email for each account, order and payment event,
-//! looked up through `agora:shop/users`, with a delivery log per user.
+//! with a delivery log per user.
+//!
+//! Addresses come from identity's events (`user.registered`,
+//! `user.updated`), kept in `contacts`: a notification then needs neither
+//! an identity instance nor identity being up. A user whose events have not
+//! arrived yet (an order placed right after signing up; users from before
+//! this table) is looked up through `agora:shop/users` instead.
 //!
 //! One event, one notification, never two: the log is keyed by the event
 //! id, written before sending, and the event id goes to the email
@@ -40,6 +46,10 @@ impl Service for Notifications {
                 "0002_order_id",
                 include_str!("../migrations/0002_order_id.sql"),
             ),
+            Migration::new(
+                "0003_contacts",
+                include_str!("../migrations/0003_contacts.sql"),
+            ),
         ]
     }
 
@@ -77,6 +87,9 @@ const MAX_LISTED: i64 = 100;
 #[derive(Deserialize)]
 struct Event {
     user_id: String,
+    /// In identity's events: the user's contact.
+    email: Option<String>,
+    name: Option<String>,
     order_id: Option<String>,
     total_cents: Option<i64>,
     amount_cents: Option<i64>,
@@ -137,20 +150,35 @@ fn compose(topic: &str, event: &Event, name: &str) -> Result<(String, String, St
 }
 
 fn notify(message: &messaging::Message) -> Result<()> {
-    // A redelivered event that was handled needs no user lookup (which
-    // would fail it while identity is away).
-    let done = storage::query(
-        "SELECT status FROM notifications WHERE id = $1 AND status <> 'pending'",
-        params![&message.id],
-    )?;
-    if !done.is_empty() {
+    let event: Event = message.json().map_err(Error::bad_request)?;
+    if let (Some(email), Some(name)) = (&event.email, &event.name) {
+        keep_contact(&event.user_id, email, name, message.published_at)?;
+    }
+    if message.topic == "user.updated" {
         return Ok(());
     }
+    // A redelivered event that was handled needs no contact (whose lookup
+    // would fail it while identity is away).
+    let known = storage::query(
+        "SELECT (SELECT status FROM notifications WHERE id = $1 AND status <> 'pending') AS done,
+                (SELECT email FROM contacts WHERE user_id = $2) AS email,
+                (SELECT name FROM contacts WHERE user_id = $2) AS name",
+        params![&message.id, &event.user_id],
+    )?;
+    let known = known.first().ok_or_else(|| Error::internal("no row"))?;
+    if known.get::<Option<String>>("done")?.is_some() {
+        return Ok(());
+    }
+    let (email, name) = match (known.get("email")?, known.get("name")?) {
+        (Some(email), Some(name)) => (email, name),
+        _ => {
+            let user = users::get(&event.user_id)
+                .ok_or_else(|| Error::not_found(format!("no user {} to notify", event.user_id)))?;
+            (user.email, user.name)
+        }
+    };
     let webhook = config::get("webhook_url").filter(|u| !u.is_empty());
-    let event: Event = message.json().map_err(Error::bad_request)?;
-    let user = users::get(&event.user_id)
-        .ok_or_else(|| Error::not_found(format!("no user {} to notify", event.user_id)))?;
-    let (kind, subject, body) = compose(&message.topic, &event, &user.name)?;
+    let (kind, subject, body) = compose(&message.topic, &event, &name)?;
     // Without a provider the notification is logged in the one statement;
     // with one it is written `pending` first, so a send that fails or is
     // cut short is tried again, under the same idempotency key. A row left
@@ -164,16 +192,29 @@ fn notify(message: &messaging::Message) -> Result<()> {
         "INSERT INTO notifications (id, user_id, order_id, kind, channel, recipient, subject, body, status, created_at)
          VALUES ($1, $2, $3, $4, 'email', $5, $6, $7, $8, $9)
          ON CONFLICT (id) DO UPDATE SET status = excluded.status WHERE notifications.status = 'pending'",
-        params![&message.id, &user.id, event.order_id.as_deref(), &kind, &user.email, &subject, &body, first_status, now_millis()],
+        params![&message.id, &event.user_id, event.order_id.as_deref(), &kind, &email, &subject, &body, first_status, now_millis()],
     )?;
     let Some(url) = webhook else {
         return Ok(());
     };
-    let email = serde_json::json!({ "to": user.email, "subject": subject, "body": body });
+    let email = serde_json::json!({ "to": email, "subject": subject, "body": body });
     outbound::post_idempotent("email provider", &url, &message.id, &email)?;
     storage::execute(
         "UPDATE notifications SET status = 'sent' WHERE id = $1",
         params![&message.id],
+    )?;
+    Ok(())
+}
+
+/// Keeps a user's contact as of `as_of` (its event's publication time),
+/// unless a newer one is kept already.
+fn keep_contact(user_id: &str, email: &str, name: &str, as_of: u64) -> Result<()> {
+    storage::execute(
+        "INSERT INTO contacts (user_id, email, name, as_of) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id) DO UPDATE SET email = excluded.email, name = excluded.name,
+             as_of = excluded.as_of
+         WHERE contacts.as_of <= excluded.as_of",
+        params![user_id, email, name, as_of as i64],
     )?;
     Ok(())
 }
