@@ -319,7 +319,7 @@ async fn run(run: &Run<'_>) -> Result<()> {
     }
     let load_ended = Instant::now();
     let load_cpu = host_cpu_seconds(&servers)? - cpu_before;
-    let load_sleeps = host_sleeps(&servers)?.saturating_sub(sleeps_before);
+    let load_sleeps = sleeps_between(&sleeps_before, &host_sleeps(&servers)?);
     let placed = std::mem::take(&mut *placed.lock().unwrap());
     let acknowledged: HashMap<String, u64> =
         placed.iter().map(|(id, _, at)| (id.clone(), *at)).collect();
@@ -477,27 +477,40 @@ fn host_cpu_seconds(servers: &[Server]) -> Result<f64> {
     Ok(ticks as f64 / TICKS)
 }
 
-/// How many times the hosts' threads have gone to sleep so far (their
-/// voluntary context switches, from /proc): each is a hand-off between
-/// threads, or a wait for I/O, and what wakes it costs more than most of
-/// the work a saga step does. Threads that ended are not counted, which
-/// under load (none idle long enough to end) changes nothing.
-fn host_sleeps(servers: &[Server]) -> Result<u64> {
-    let mut sleeps = 0;
+/// How many times each of the hosts' threads has gone to sleep so far
+/// (its voluntary context switches, from /proc), by thread id: each is a
+/// hand-off between threads, or a wait for I/O, and what wakes it costs
+/// more than most of the work a saga step does.
+fn host_sleeps(servers: &[Server]) -> Result<HashMap<String, u64>> {
+    let mut sleeps = HashMap::new();
     for server in servers {
-        for task in std::fs::read_dir(format!("/proc/{}/task", server.0.id()))? {
+        let tasks = format!("/proc/{}/task", server.0.id());
+        for task in std::fs::read_dir(&tasks)? {
+            let task = task?;
             // A thread that ended since the listing has no status: skipped.
-            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
                 continue;
             };
-            sleeps += status
+            let count = status
                 .lines()
                 .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .context("no voluntary_ctxt_switches in /proc/<pid>/task/<tid>/status")?;
+            sleeps.insert(format!("{tasks}/{:?}", task.file_name()), count);
         }
     }
     Ok(sleeps)
+}
+
+/// The sleeps between two [`host_sleeps`]: of the threads alive at the
+/// end, those since the start (all, for a thread started since). A thread
+/// that ended in between is not counted, rather than taking its earlier
+/// sleeps out of the others'.
+fn sleeps_between(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(thread, n)| n.saturating_sub(before.get(thread).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// The hosts' counts of the saga's work: instances made per component

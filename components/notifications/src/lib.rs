@@ -151,8 +151,13 @@ fn compose(topic: &str, event: &Event, name: &str) -> Result<(String, String, St
 
 fn notify(message: &messaging::Message) -> Result<()> {
     let event: Event = message.json().map_err(Error::bad_request)?;
-    if let (Some(email), Some(name)) = (&event.email, &event.name) {
-        keep_contact(&event.user_id, email, name, message.published_at)?;
+    // Only identity's events say where a user's mail goes: whoever may
+    // publish an order or payment event must not redirect it.
+    let from_identity = matches!(message.topic.as_str(), "user.registered" | "user.updated");
+    if let (true, Some(email), Some(name)) = (from_identity, &event.email, &event.name) {
+        if !email.is_empty() {
+            keep_contact(&event.user_id, email, name, message.published_at)?;
+        }
     }
     if message.topic == "user.updated" {
         return Ok(());

@@ -20,7 +20,13 @@
 //! behind (a rewind, a burst larger than the tail; after a restart, until
 //! its partition's first new event) reads the file as before. The cost
 //! is memory: at most [`TAIL_EVENTS`] events and [`TAIL_BYTES`] per
-//! partition that has had events since the log was opened.
+//! partition, and [`ALL_TAILS_BYTES`] in all, however many topics a
+//! component publishes to.
+//!
+//! The tails hold only this process's appends, so the log is this
+//! process's alone: a second host opening the same data directory's log
+//! is refused (`log.lock`), rather than its events being missed. Hosts that
+//! share messaging share a broker (`kind = "kafka"`).
 //!
 //! Durability, per the backend's `durability` setting: appends are committed
 //! before `append` returns, in WAL mode with `synchronous = NORMAL`
@@ -66,10 +72,16 @@ const FETCH_MAX_WAIT: Duration = Duration::from_millis(500);
 /// still reads from memory.
 const TAIL_EVENTS: usize = 256;
 
-/// The most bytes ([`Envelope::size`]) a partition's [`Tail`] keeps,
-/// whatever its event count: one largest event (`MAX_EVENT_BYTES`) still
-/// fits, and 20 busy partitions (the shop's five topics) hold 5 MiB at most.
+/// The most bytes ([`cost`]) a partition's [`Tail`] keeps, whatever its
+/// event count: a few hundred of the shop's events, and a fifth of an
+/// event at the size limit (`MAX_EVENT_BYTES`), which is read from the file.
 const TAIL_BYTES: usize = 256 << 10;
+
+/// The most bytes all tails keep together: a component granted `*` can
+/// publish to any number of topics, each with tails of its own. 16 MiB
+/// holds 64 full tails (the shop has 20 partitions); past it, a partition
+/// keeps nothing new and its consumers read the file.
+const ALL_TAILS_BYTES: usize = 16 << 20;
 
 /// `[backends.messaging] kind = "embedded"`: a durable log in a SQLite file
 /// under the data directory.
@@ -126,6 +138,9 @@ pub struct EmbeddedLog {
     appended: Mutex<HashMap<(String, u32), watch::Sender<u64>>>,
     /// Per topic and partition, its newest committed events.
     tails: Arc<Mutex<Tails>>,
+    /// Held while the log is open: the tails are right only if this
+    /// process alone appends.
+    _lock: std::fs::File,
 }
 
 /// The tails of the partitions that had events since the log was opened.
@@ -134,6 +149,8 @@ struct Tails {
     /// without a tail yet has had no event from there on.
     opened_at: u64,
     of: HashMap<(String, u32), Tail>,
+    /// Of all tails, at most [`ALL_TAILS_BYTES`].
+    bytes: usize,
 }
 
 /// A partition's newest events, in offset order: every event of the
@@ -145,8 +162,9 @@ struct Tail {
 }
 
 impl Tails {
-    /// Adds committed events, in offset order, dropping the oldest beyond
-    /// [`TAIL_EVENTS`] and [`TAIL_BYTES`].
+    /// Adds committed events, in offset order, dropping the partition's
+    /// oldest beyond [`TAIL_EVENTS`], [`TAIL_BYTES`] and [`ALL_TAILS_BYTES`]
+    /// (the new event too, if it alone is beyond them).
     fn add(&mut self, appended: Vec<(u64, u32, Envelope)>) {
         for (offset, partition, event) in appended {
             let opened_at = self.opened_at;
@@ -158,13 +176,18 @@ impl Tails {
                     events: VecDeque::new(),
                     bytes: 0,
                 });
-            tail.bytes += event.size();
+            tail.bytes += cost(&event);
+            self.bytes += cost(&event);
             tail.events.push_back((offset, event));
             while tail.events.len() > TAIL_EVENTS
-                || (tail.bytes > TAIL_BYTES && tail.events.len() > 1)
+                || tail.bytes > TAIL_BYTES
+                || self.bytes > ALL_TAILS_BYTES
             {
-                let (dropped, event) = tail.events.pop_front().expect("not empty");
-                tail.bytes -= event.size();
+                let Some((dropped, event)) = tail.events.pop_front() else {
+                    break;
+                };
+                tail.bytes -= cost(&event);
+                self.bytes -= cost(&event);
                 tail.covers = dropped + 1;
             }
         }
@@ -190,9 +213,30 @@ impl Tails {
     }
 }
 
+/// What an event takes in a tail: its [`Envelope::size`], its id and
+/// topic, and about as much again for the entry itself.
+fn cost(event: &Envelope) -> usize {
+    event.size() + event.id.len() + event.topic.len() + 64
+}
+
 impl EmbeddedLog {
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock_path = dir.join("log.lock");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("creating {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "the embedded message log in {} is in use by another process (another host \
+                 with this data directory?); hosts that share messaging need a broker \
+                 (`[backends.messaging] kind = \"kafka\"`)",
+                dir.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()))
+            }
+        }
         let path = dir.join("log.db");
         // Local coordination keeps the consumer offsets in the same file.
         let conn = SharedConnection::open_file(&path)
@@ -252,7 +296,9 @@ impl EmbeddedLog {
             tails: Arc::new(Mutex::new(Tails {
                 opened_at,
                 of: HashMap::new(),
+                bytes: 0,
             })),
+            _lock: lock,
         })
     }
 
@@ -664,6 +710,10 @@ mod tests {
             (tail.events.len(), tail.covers)
         };
         assert_eq!(kept, 2, "two large events fit in TAIL_BYTES");
+        assert!(
+            covers > offsets[TAIL_EVENTS],
+            "the third large one pushed out the rest"
+        );
         for from in [0].into_iter().chain(offsets.iter().copied()) {
             assert_eq!(
                 log.read("t", 0, from, 64).await.unwrap(),
@@ -682,6 +732,54 @@ mod tests {
         assert!(reopened.read("t", 0, end, 64).await.unwrap().is_empty());
     }
 
+    /// However many topics a component publishes to, the tails stay within
+    /// ALL_TAILS_BYTES, and a partition left without one reads the file.
+    #[tokio::test]
+    async fn the_tails_of_many_topics_stay_within_their_budget() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let config = EmbeddedConfig {
+            durability: Durability::ProcessCrash,
+            partitions: 1,
+        };
+        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let topics = ALL_TAILS_BYTES / (200 << 10) + 8;
+        for t in 0..topics {
+            let event = Envelope {
+                topic: format!("t{t}"),
+                payload: vec![b'x'; 200 << 10],
+                ..event("k")
+            };
+            log.append(&[event], Durability::ProcessCrash)
+                .await
+                .unwrap();
+        }
+        let kept = log.tails.lock().unwrap().bytes;
+        assert!(kept <= ALL_TAILS_BYTES, "{kept} bytes kept");
+        assert!(kept > ALL_TAILS_BYTES / 2, "only {kept} bytes kept");
+        for t in 0..topics {
+            let events = log.read(&format!("t{t}"), 0, 0, 10).await.unwrap();
+            assert_eq!(events.len(), 1, "topic t{t}");
+            assert_eq!(events[0].1.payload.len(), 200 << 10);
+        }
+    }
+
+    /// The log is one process's: a second opening of it is refused while
+    /// the first is open, with a message that says why, and not after.
+    #[test]
+    fn a_second_opening_of_the_log_is_refused_while_it_is_open() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+        let refused = EmbeddedLog::open(dir.path(), EmbeddedConfig::default())
+            .err()
+            .expect("opened twice");
+        assert!(
+            refused.to_string().contains("in use by another process"),
+            "{refused:#}"
+        );
+        drop(log);
+        EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    }
+
     /// A consumer that keeps up does not queue behind the log's connection:
     /// its fetch is answered while an append (here, any job) holds it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -690,7 +788,7 @@ mod tests {
         let log = Arc::new(EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap());
         let e = event("k");
         let partition = partition_of(&e, EmbeddedConfig::default().partitions);
-        log.append(&[e.clone()], Durability::ProcessCrash)
+        log.append(std::slice::from_ref(&e), Durability::ProcessCrash)
             .await
             .unwrap();
         let (release, released) = std::sync::mpsc::channel::<()>();
