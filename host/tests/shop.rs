@@ -854,6 +854,42 @@ async fn notifications_keep_the_contacts_identity_publishes() {
     );
 }
 
+/// A user whose contact notifications has not received (here, it does not
+/// subscribe to identity's events) is looked up through identity instead,
+/// once per notification.
+#[tokio::test(flavor = "multi_thread")]
+async fn notifications_ask_identity_about_users_they_have_no_contact_for() {
+    let shop = Shop::start_with(|c| {
+        c.replace(
+            "subscribes = [\"user.registered\", \"user.updated\", \"order.created\", \"payment.succeeded\", \"payment.failed\"]",
+            "subscribes = [\"order.created\", \"payment.succeeded\", \"payment.failed\"]",
+        )
+    })
+    .await;
+    let (_, admin) = shop.user(ADMIN.0).await;
+    let (_, customer) = shop.user("ida@example.com").await;
+    let lamp = shop.product(&admin, "Lamp", 2500, 5).await;
+    shop.add_to_cart(&customer, &lamp, 1).await;
+    let order = shop
+        .call("POST", "/checkout", "/checkout", Some(&customer), None)
+        .await;
+    assert_eq!(order.status, 201, "{}", order.text());
+    let mut kinds = shop.notification_kinds(&customer, 2).await;
+    kinds.sort();
+    assert_eq!(kinds, ["order_received", "payment_received"]);
+    assert!(shop
+        .notifications(&customer)
+        .await
+        .iter()
+        .all(|n| n["recipient"] == "ida@example.com"
+            && n["body"].as_str().unwrap().starts_with("Hello Someone,")));
+    assert_eq!(
+        shop.link_calls("notifications", "identity", "agora:shop/users#get")
+            .await,
+        2.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_operation_is_served() {
     let shop = Shop::start().await;
