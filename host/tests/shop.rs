@@ -137,6 +137,18 @@ impl Shop {
         created.json()["id"].as_str().unwrap().to_owned()
     }
 
+    /// Checks the cart out and waits for its order to be paid; returns the
+    /// order's id.
+    async fn checkout_paid(&self, token: &str) -> String {
+        let order = self
+            .call("POST", "/checkout", "/checkout", Some(token), None)
+            .await;
+        assert_eq!(order.status, 201, "{}", order.text());
+        let id = order.json()["id"].as_str().unwrap().to_owned();
+        assert_eq!(self.order_settles(token, &id).await, "paid");
+        id
+    }
+
     async fn add_to_cart(&self, token: &str, product: &str, quantity: u32) {
         let body = json!({"product_id": product, "quantity": quantity});
         let added = self
@@ -816,12 +828,7 @@ async fn notifications_keep_the_contacts_identity_publishes() {
 
     let lamp = shop.product(&admin, "Lamp", 2500, 5).await;
     shop.add_to_cart(&customer, &lamp, 1).await;
-    let order = shop
-        .call("POST", "/checkout", "/checkout", Some(&customer), None)
-        .await;
-    assert_eq!(order.status, 201, "{}", order.text());
-    let order_id = order.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(shop.order_settles(&customer, &order_id).await, "paid");
+    shop.checkout_paid(&customer).await;
     shop.notification_kinds(&customer, 3).await;
     let mut greetings: Vec<(String, String, String)> = shop
         .notifications(&customer)
@@ -870,10 +877,7 @@ async fn notifications_ask_identity_about_users_they_have_no_contact_for() {
     let (_, customer) = shop.user("ida@example.com").await;
     let lamp = shop.product(&admin, "Lamp", 2500, 5).await;
     shop.add_to_cart(&customer, &lamp, 1).await;
-    let order = shop
-        .call("POST", "/checkout", "/checkout", Some(&customer), None)
-        .await;
-    assert_eq!(order.status, 201, "{}", order.text());
+    shop.checkout_paid(&customer).await;
     let mut kinds = shop.notification_kinds(&customer, 2).await;
     kinds.sort();
     assert_eq!(kinds, ["order_received", "payment_received"]);
@@ -1116,13 +1120,7 @@ async fn one_graphql_query_reads_the_whole_shop_with_one_call_per_service() {
         for (product, quantity) in cart {
             shop.add_to_cart(&customer, product, quantity).await;
         }
-        let order = shop
-            .call("POST", "/checkout", "/checkout", Some(&customer), None)
-            .await;
-        assert_eq!(order.status, 201, "{}", order.text());
-        let id = order.json()["id"].as_str().unwrap().to_owned();
-        assert_eq!(shop.order_settles(&customer, &id).await, "paid");
-        order_ids.push(id);
+        order_ids.push(shop.checkout_paid(&customer).await);
     }
     // The welcome, and each order's receipt and payment.
     shop.notification_kinds(&customer, 5).await;

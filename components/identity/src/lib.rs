@@ -418,12 +418,12 @@ fn update_me(req: &Request) -> Result<Response> {
         }
         // The whole contact, as `user.registered` has it: a subscriber
         // that saw neither event yet keeps the newer whole.
-        let email = tx.query(
+        let found = tx.query(
             "SELECT email FROM users WHERE id = $1
              UNION ALL SELECT COALESCE(email, '') FROM external_users WHERE id = $1",
             params![&user.id],
         )?;
-        if let Some(row) = email.first() {
+        if let Some(row) = found.first() {
             let email: String = row.get("email")?;
             tx.publish(
                 "user.updated",

@@ -357,12 +357,10 @@ impl HostIdentity {
     /// The identity kept in `data_dir`, if no other live process holds it;
     /// a fresh one otherwise (hosts sharing a data directory).
     fn claim(data_dir: &Path) -> Result<HostIdentity> {
-        use std::os::fd::AsRawFd;
         let lock_path = data_dir.join("coordination.lock");
         let lock = std::fs::File::create(&lock_path)
             .with_context(|| format!("creating {}", lock_path.display()))?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if lock.try_lock().is_err() {
             tracing::info!(dir = %data_dir.display(), "another host uses this data directory; this one gets an identity of its own");
             return Ok(HostIdentity::fresh());
         }

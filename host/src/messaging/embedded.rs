@@ -73,8 +73,9 @@ const FETCH_MAX_WAIT: Duration = Duration::from_millis(500);
 const TAIL_EVENTS: usize = 256;
 
 /// The most bytes ([`cost`]) a partition's [`Tail`] keeps, whatever its
-/// event count: a few hundred of the shop's events, and a fifth of an
-/// event at the size limit (`MAX_EVENT_BYTES`), which is read from the file.
+/// event count: a few hundred of the shop's events. An event at the size
+/// limit (`MAX_EVENT_BYTES`, plus its id and topic) does not fit, and is
+/// read from the file.
 const TAIL_BYTES: usize = 256 << 10;
 
 /// The most bytes all tails keep together: a component granted `*` can
@@ -176,8 +177,9 @@ impl Tails {
                     events: VecDeque::new(),
                     bytes: 0,
                 });
-            tail.bytes += cost(&event);
-            self.bytes += cost(&event);
+            let added = cost(&event);
+            tail.bytes += added;
+            self.bytes += added;
             tail.events.push_back((offset, event));
             while tail.events.len() > TAIL_EVENTS
                 || tail.bytes > TAIL_BYTES
@@ -186,8 +188,9 @@ impl Tails {
                 let Some((dropped, event)) = tail.events.pop_front() else {
                     break;
                 };
-                tail.bytes -= cost(&event);
-                self.bytes -= cost(&event);
+                let freed = cost(&event);
+                tail.bytes -= freed;
+                self.bytes -= freed;
                 tail.covers = dropped + 1;
             }
         }
@@ -543,6 +546,20 @@ mod tests {
             .unwrap()
     }
 
+    /// Every event of a topic in partition 0, whatever its key.
+    const ONE_PARTITION: EmbeddedConfig = EmbeddedConfig {
+        durability: Durability::ProcessCrash,
+        partitions: 1,
+    };
+
+    /// A new log of [`ONE_PARTITION`], in a directory that lasts as long
+    /// as the returned one.
+    fn one_partition_log() -> (tempfile::TempDir, EmbeddedLog) {
+        let dir = tempfile::TempDir::new().unwrap();
+        let log = EmbeddedLog::open(dir.path(), ONE_PARTITION).unwrap();
+        (dir, log)
+    }
+
     fn event(key: &str) -> Envelope {
         Envelope {
             id: key.into(),
@@ -609,12 +626,7 @@ mod tests {
     /// failing with "database is locked".
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_append_waits_for_a_lock_held_on_the_same_file() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let config = EmbeddedConfig {
-            durability: Durability::ProcessCrash,
-            partitions: 1,
-        };
-        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let (dir, log) = one_partition_log();
         let holder = Connection::open(dir.path().join("log.db")).unwrap();
         holder.execute_batch("BEGIN IMMEDIATE").unwrap();
         let released = std::thread::spawn(move || {
@@ -675,12 +687,7 @@ mod tests {
     /// size, and after a reopening, which starts with no tail.
     #[tokio::test]
     async fn reads_from_the_tail_answer_what_the_file_holds() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let config = EmbeddedConfig {
-            durability: Durability::ProcessCrash,
-            partitions: 1,
-        };
-        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let (dir, log) = one_partition_log();
         let large = |key: &str| Envelope {
             payload: vec![b'x'; 100 << 10],
             ..event(key)
@@ -724,7 +731,7 @@ mod tests {
         let end = offsets.last().unwrap() + 1;
         assert!(log.read("t", 0, end, 64).await.unwrap().is_empty());
         drop(log);
-        let reopened = EmbeddedLog::open(dir.path(), config).unwrap();
+        let reopened = EmbeddedLog::open(dir.path(), ONE_PARTITION).unwrap();
         assert_eq!(
             reopened.read("t", 0, 0, usize::MAX).await.unwrap().len(),
             offsets.len()
@@ -736,12 +743,7 @@ mod tests {
     /// ALL_TAILS_BYTES, and a partition left without one reads the file.
     #[tokio::test]
     async fn the_tails_of_many_topics_stay_within_their_budget() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let config = EmbeddedConfig {
-            durability: Durability::ProcessCrash,
-            partitions: 1,
-        };
-        let log = EmbeddedLog::open(dir.path(), config).unwrap();
+        let (_dir, log) = one_partition_log();
         let topics = ALL_TAILS_BYTES / (200 << 10) + 8;
         for t in 0..topics {
             let event = Envelope {
@@ -821,12 +823,8 @@ mod tests {
     /// A fetch that finds nothing waits for the next append and returns it.
     #[tokio::test]
     async fn a_waiting_fetch_returns_as_soon_as_an_event_arrives() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let config = EmbeddedConfig {
-            durability: Durability::ProcessCrash,
-            partitions: 1,
-        };
-        let log = Arc::new(EmbeddedLog::open(dir.path(), config).unwrap());
+        let (_dir, log) = one_partition_log();
+        let log = Arc::new(log);
         let waiting = tokio::spawn({
             let log = log.clone();
             async move { log.fetch("t", 0, 0, 10, true).await.unwrap() }
